@@ -1,0 +1,348 @@
+//! Message payloads: one variant per kind byte, borrowed from the frame so page data is never
+//! copied by decoding.
+
+use crate::{DecodeError, LINE_SIZE, PAGE_SIZE};
+
+/// Why a memory host refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// Granting the request would exceed the host's donated capacity.
+    OutOfCapacity,
+    /// The slab id names no slab of this host.
+    NoSuchSlab,
+    /// The page range lies outside the slab.
+    OutOfRange,
+    /// The request is not valid in this state (e.g. before the handshake).
+    BadRequest,
+    /// No protocol version in the client's range is spoken by the host.
+    VersionMismatch,
+    /// A code this build does not know (sent by a newer peer).
+    Other(u16),
+}
+
+impl ErrorCode {
+    fn to_u16(self) -> u16 {
+        match self {
+            Self::OutOfCapacity => 1,
+            Self::NoSuchSlab => 2,
+            Self::OutOfRange => 3,
+            Self::BadRequest => 4,
+            Self::VersionMismatch => 5,
+            Self::Other(c) => c,
+        }
+    }
+
+    fn from_u16(c: u16) -> Self {
+        match c {
+            1 => Self::OutOfCapacity,
+            2 => Self::NoSuchSlab,
+            3 => Self::OutOfRange,
+            4 => Self::BadRequest,
+            5 => Self::VersionMismatch,
+            c => Self::Other(c),
+        }
+    }
+}
+
+/// A memory host's accounting, as reported by [`Message::Stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HostStats {
+    /// Bytes the host donates.
+    pub capacity_bytes: u64,
+    /// Bytes granted to slabs.
+    pub used_bytes: u64,
+    /// Live slabs.
+    pub slabs: u64,
+    /// Connected clients.
+    pub clients: u64,
+}
+
+/// One protocol message. Requests go client -> host; each gets exactly one reply with the
+/// same request id (`HelloOk`, `SlabAllocated`, `Pages`, `Ok`, `Stats` or `Error`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message<'a> {
+    /// Opens a session: the client speaks versions `min_version..=max_version`.
+    Hello {
+        /// Oldest version the client speaks.
+        min_version: u8,
+        /// Newest version the client speaks.
+        max_version: u8,
+    },
+    /// The host accepts, choosing `version`.
+    HelloOk {
+        /// The version both sides use from now on.
+        version: u8,
+        /// The host's total donated capacity.
+        capacity_bytes: u64,
+    },
+    /// Reserve `bytes` (a multiple of the page size) of host memory as a new slab.
+    AllocSlab {
+        /// Size of the slab.
+        bytes: u64,
+    },
+    /// The new slab's id.
+    SlabAllocated {
+        /// Host-unique slab id.
+        slab_id: u64,
+    },
+    /// Release a slab and its memory.
+    FreeSlab {
+        /// The slab to free.
+        slab_id: u64,
+    },
+    /// Read `count` pages starting at `first_page` of a slab.
+    ReadPages {
+        /// The slab.
+        slab_id: u64,
+        /// First page index within the slab.
+        first_page: u64,
+        /// Number of pages.
+        count: u32,
+    },
+    /// Page contents answering `ReadPages`.
+    Pages {
+        /// First page index (echoed, so replies are self-describing).
+        first_page: u64,
+        /// `count * PAGE_SIZE` bytes.
+        data: &'a [u8],
+    },
+    /// Overwrite whole pages.
+    WritePages {
+        /// The slab.
+        slab_id: u64,
+        /// First page index.
+        first_page: u64,
+        /// A whole number of pages.
+        data: &'a [u8],
+    },
+    /// Overwrite some 64-byte lines of one page, atomically with respect to readers.
+    WriteLines {
+        /// The slab.
+        slab_id: u64,
+        /// Page index within the slab.
+        page: u64,
+        /// Bit `i` set: line `i` follows, in ascending order.
+        line_mask: u64,
+        /// `popcount(line_mask) * LINE_SIZE` bytes.
+        lines: &'a [u8],
+    },
+    /// Success with nothing to return.
+    Ok,
+    /// Ask for the host's accounting.
+    GetStats,
+    /// The host's accounting.
+    Stats(HostStats),
+    /// The request failed.
+    Error {
+        /// Machine-readable reason.
+        code: ErrorCode,
+        /// Human-readable detail.
+        message: &'a str,
+    },
+}
+
+const KINDS: [&str; 13] = [
+    "Hello",
+    "HelloOk",
+    "AllocSlab",
+    "SlabAllocated",
+    "FreeSlab",
+    "ReadPages",
+    "Pages",
+    "WritePages",
+    "WriteLines",
+    "Ok",
+    "GetStats",
+    "Stats",
+    "Error",
+];
+
+/// Name of a kind byte, or `None` when it names no message.
+pub(crate) fn kind_name(kind: u8) -> Option<&'static str> {
+    KINDS.get(usize::from(kind).checked_sub(1)?).copied()
+}
+
+/// Reads fixed-size fields from a payload, failing (never panicking) when it runs short.
+struct Reader<'a> {
+    kind: &'static str,
+    rest: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.rest.len() < n {
+            return Err(DecodeError::Malformed { kind: self.kind, why: "payload too short" });
+        }
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    /// The remaining bytes; the payload is consumed.
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.rest)
+    }
+    fn finish(&self) -> Result<(), DecodeError> {
+        if self.rest.is_empty() {
+            Ok(())
+        } else {
+            Err(DecodeError::Malformed { kind: self.kind, why: "trailing bytes" })
+        }
+    }
+}
+
+fn whole_pages(kind: &'static str, data: &[u8]) -> Result<(), DecodeError> {
+    if data.is_empty() || data.len() % PAGE_SIZE != 0 {
+        return Err(DecodeError::Malformed { kind, why: "data is not a whole number of pages" });
+    }
+    Ok(())
+}
+
+impl<'a> Message<'a> {
+    /// The kind byte of this message.
+    pub fn kind(&self) -> u8 {
+        match self {
+            Self::Hello { .. } => 1,
+            Self::HelloOk { .. } => 2,
+            Self::AllocSlab { .. } => 3,
+            Self::SlabAllocated { .. } => 4,
+            Self::FreeSlab { .. } => 5,
+            Self::ReadPages { .. } => 6,
+            Self::Pages { .. } => 7,
+            Self::WritePages { .. } => 8,
+            Self::WriteLines { .. } => 9,
+            Self::Ok => 10,
+            Self::GetStats => 11,
+            Self::Stats(_) => 12,
+            Self::Error { .. } => 13,
+        }
+    }
+
+    pub(crate) fn payload_len_hint(&self) -> usize {
+        match self {
+            Self::Pages { data, .. } | Self::WritePages { data, .. } => 16 + data.len(),
+            Self::WriteLines { lines, .. } => 24 + lines.len(),
+            Self::Error { message, .. } => 2 + message.len(),
+            _ => 32,
+        }
+    }
+
+    /// Appends this message's payload to `out`.
+    pub fn encode_payload(&self, out: &mut Vec<u8>) {
+        match *self {
+            Self::Hello { min_version, max_version } => out.extend_from_slice(&[min_version, max_version]),
+            Self::HelloOk { version, capacity_bytes } => {
+                out.push(version);
+                out.extend_from_slice(&capacity_bytes.to_le_bytes());
+            }
+            Self::AllocSlab { bytes } => out.extend_from_slice(&bytes.to_le_bytes()),
+            Self::SlabAllocated { slab_id } | Self::FreeSlab { slab_id } => {
+                out.extend_from_slice(&slab_id.to_le_bytes());
+            }
+            Self::ReadPages { slab_id, first_page, count } => {
+                out.extend_from_slice(&slab_id.to_le_bytes());
+                out.extend_from_slice(&first_page.to_le_bytes());
+                out.extend_from_slice(&count.to_le_bytes());
+            }
+            Self::Pages { first_page, data } => {
+                out.extend_from_slice(&first_page.to_le_bytes());
+                out.extend_from_slice(data);
+            }
+            Self::WritePages { slab_id, first_page, data } => {
+                out.extend_from_slice(&slab_id.to_le_bytes());
+                out.extend_from_slice(&first_page.to_le_bytes());
+                out.extend_from_slice(data);
+            }
+            Self::WriteLines { slab_id, page, line_mask, lines } => {
+                encode_write_lines_prefix(out, slab_id, page, line_mask);
+                out.extend_from_slice(lines);
+            }
+            Self::Ok | Self::GetStats => {}
+            Self::Stats(s) => {
+                for v in [s.capacity_bytes, s.used_bytes, s.slabs, s.clients] {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            Self::Error { code, message } => {
+                out.extend_from_slice(&code.to_u16().to_le_bytes());
+                out.extend_from_slice(message.as_bytes());
+            }
+        }
+    }
+
+    /// Decodes a payload of the given kind. Total: never panics.
+    pub fn decode(kind: u8, payload: &'a [u8]) -> Result<Self, DecodeError> {
+        let name = kind_name(kind).ok_or(DecodeError::UnknownKind(kind))?;
+        let mut r = Reader { kind: name, rest: payload };
+        let msg = match kind {
+            1 => Self::Hello { min_version: r.u8()?, max_version: r.u8()? },
+            2 => Self::HelloOk { version: r.u8()?, capacity_bytes: r.u64()? },
+            3 => Self::AllocSlab { bytes: r.u64()? },
+            4 => Self::SlabAllocated { slab_id: r.u64()? },
+            5 => Self::FreeSlab { slab_id: r.u64()? },
+            6 => Self::ReadPages { slab_id: r.u64()?, first_page: r.u64()?, count: r.u32()? },
+            7 => {
+                let first_page = r.u64()?;
+                let data = r.rest();
+                whole_pages(name, data)?;
+                Self::Pages { first_page, data }
+            }
+            8 => {
+                let slab_id = r.u64()?;
+                let first_page = r.u64()?;
+                let data = r.rest();
+                whole_pages(name, data)?;
+                Self::WritePages { slab_id, first_page, data }
+            }
+            9 => {
+                let slab_id = r.u64()?;
+                let page = r.u64()?;
+                let line_mask = r.u64()?;
+                let lines = r.rest();
+                if lines.len() != line_mask.count_ones() as usize * LINE_SIZE || line_mask == 0 {
+                    return Err(DecodeError::Malformed {
+                        kind: name,
+                        why: "line data does not match the line mask",
+                    });
+                }
+                Self::WriteLines { slab_id, page, line_mask, lines }
+            }
+            10 => Self::Ok,
+            11 => Self::GetStats,
+            12 => Self::Stats(HostStats {
+                capacity_bytes: r.u64()?,
+                used_bytes: r.u64()?,
+                slabs: r.u64()?,
+                clients: r.u64()?,
+            }),
+            13 => {
+                let code = ErrorCode::from_u16(r.u16()?);
+                let message = std::str::from_utf8(r.rest())
+                    .map_err(|_| DecodeError::Malformed { kind: name, why: "message is not UTF-8" })?;
+                Self::Error { code, message }
+            }
+            _ => return Err(DecodeError::UnknownKind(kind)),
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+/// Appends the fixed part of a `WriteLines` payload; the caller appends the lines (or sends
+/// them from memory with `writev`).
+pub fn encode_write_lines_prefix(out: &mut Vec<u8>, slab_id: u64, page: u64, line_mask: u64) {
+    out.extend_from_slice(&slab_id.to_le_bytes());
+    out.extend_from_slice(&page.to_le_bytes());
+    out.extend_from_slice(&line_mask.to_le_bytes());
+}
