@@ -1,0 +1,527 @@
+//! Our own thin bindings over Linux userfaultfd and `PAGEMAP_SCAN`.
+//!
+//! Why not the `userfaultfd` crate: it lacks write-protect-on-copy, `WP_ASYNC` and
+//! `PAGEMAP_SCAN`, and needs libclang to build. This crate mirrors the kernel ABI by hand
+//! (`ioctls.rs`), detects features at run time from `UFFDIO_API`, and turns errno values into
+//! domain outcomes at the wrapper (`EEXIST` from a copy is [`CopyOutcome::AlreadyPresent`],
+//! and the faulting thread is woken, which skipping wedges a thread once in millions).
+//!
+//! Registering a range is the unsafe step (the kernel will hand its faults to us, and a page
+//! of it may be replaced under the caller); copy, write-protect and wake are safe methods
+//! because they only act on ranges that were registered.
+
+mod ioctls;
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use ioctls::*;
+use thiserror::Error;
+
+/// The page size this crate assumes (x86-64 and arm64 with 4 KiB pages).
+pub const PAGE_SIZE: usize = 4096;
+
+/// Optional userfaultfd features (`UFFD_FEATURE_*`), as the kernel reports and grants them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Features(u64);
+
+impl Features {
+    /// Write-protect faults are reported (`UFFD_FEATURE_PAGEFAULT_FLAG_WP`).
+    pub const PAGEFAULT_FLAG_WP: Self = Self(1 << 0);
+    /// Fault messages carry the faulting thread id.
+    pub const THREAD_ID: Self = Self(1 << 8);
+    /// `UFFDIO_WRITEPROTECT` also protects never-populated PTEs (Linux 6.4+).
+    pub const WP_UNPOPULATED: Self = Self(1 << 13);
+    /// Write-protect faults are resolved by the kernel, which records them for
+    /// `PAGEMAP_SCAN` (Linux 6.7+).
+    pub const WP_ASYNC: Self = Self(1 << 15);
+
+    /// No optional feature.
+    pub const fn empty() -> Self {
+        Self(0)
+    }
+    /// Whether every feature in `other` is in `self`.
+    pub const fn contains(self, other: Self) -> bool {
+        self.0 & other.0 == other.0
+    }
+    /// The union of two sets.
+    #[must_use]
+    pub const fn union(self, other: Self) -> Self {
+        Self(self.0 | other.0)
+    }
+    /// The raw `UFFD_FEATURE_*` bits.
+    pub const fn bits(self) -> u64 {
+        self.0
+    }
+}
+
+/// What a failed userfaultfd operation means, with what to do about it where we know.
+#[derive(Debug, Error)]
+pub enum UffdError {
+    /// The kernel was built without userfaultfd.
+    #[error("this kernel has no userfaultfd (needs Linux >= 5.7 built with CONFIG_USERFAULTFD)")]
+    Unsupported,
+    /// The caller may not create a userfaultfd that handles kernel-mode faults.
+    #[error(
+        "not permitted to use userfaultfd: run as root, or grant read-write access to \
+         /dev/userfaultfd (e.g. `chmod 0666 /dev/userfaultfd` or a udev rule), or set \
+         `sysctl vm.unprivileged_userfaultfd=1`"
+    )]
+    NotPermitted,
+    /// `UFFDIO_API` failed.
+    #[error("userfaultfd API handshake failed (requested features {requested:#x})")]
+    Api {
+        /// The feature bits asked for.
+        requested: u64,
+        /// The errno.
+        #[source]
+        source: io::Error,
+    },
+    /// The kernel lacks a feature this operation needs.
+    #[error("this kernel's userfaultfd lacks {0} (a newer kernel is needed for it)")]
+    MissingFeature(&'static str),
+    /// Registering a range failed.
+    #[error("UFFDIO_REGISTER of {len:#x} bytes at {addr:#x} failed")]
+    Register {
+        /// Start of the range.
+        addr: usize,
+        /// Length of the range.
+        len: usize,
+        /// The errno.
+        #[source]
+        source: io::Error,
+    },
+    /// An ioctl on a registered range failed.
+    #[error("{op} of {len:#x} bytes at {addr:#x} failed")]
+    Ioctl {
+        /// Which ioctl.
+        op: &'static str,
+        /// Start of the range.
+        addr: usize,
+        /// Length of the range.
+        len: usize,
+        /// The errno.
+        #[source]
+        source: io::Error,
+    },
+    /// The process that owned the registered memory is gone (`ESRCH`/`ENOMEM` from a copy).
+    #[error("the address space behind the userfaultfd is gone")]
+    Closed,
+    /// Reading fault messages failed.
+    #[error("reading userfaultfd events failed")]
+    Read(#[source] io::Error),
+}
+
+/// Which faults a registered range reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegisterMode {
+    /// Report accesses to pages that are not present.
+    pub missing: bool,
+    /// Report writes to write-protected pages.
+    pub write_protect: bool,
+}
+
+/// Result of a [`Uffd::copy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyOutcome {
+    /// The page was installed.
+    Installed,
+    /// Someone else installed it first; the waiters were woken.
+    AlreadyPresent,
+}
+
+/// One event read from the userfaultfd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A thread faulted at `addr` (page-aligned here) and sleeps until woken.
+    PageFault {
+        /// Page-aligned faulting address.
+        addr: usize,
+        /// The access was a write.
+        write: bool,
+        /// The fault is a write-protect fault (the page is present).
+        write_protect: bool,
+        /// Faulting thread id, when `THREAD_ID` was granted (else 0).
+        tid: u32,
+    },
+    /// An event kind we did not ask for (the raw `UFFD_EVENT_*` code).
+    Other(u8),
+}
+
+/// An open userfaultfd with its negotiated features.
+#[derive(Debug)]
+pub struct Uffd {
+    fd: OwnedFd,
+    features: Features,
+}
+
+fn last_err() -> io::Error {
+    io::Error::last_os_error()
+}
+
+/// Opens a raw userfaultfd: `/dev/userfaultfd` first (permission by file mode), then the
+/// syscall (permission by capability or sysctl).
+fn open_raw() -> Result<OwnedFd, UffdError> {
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+    if let Ok(dev) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/userfaultfd") {
+        // SAFETY: USERFAULTFD_IOC_NEW takes its flags by value and returns a new fd or -1.
+        let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) };
+        if fd >= 0 {
+            // SAFETY: the kernel just returned this fd to us; nobody else owns it.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
+    // SAFETY: userfaultfd(2) takes flags by value and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+    if fd < 0 {
+        return Err(match last_err().raw_os_error() {
+            Some(libc::ENOSYS) => UffdError::Unsupported,
+            Some(libc::EPERM | libc::EACCES) => UffdError::NotPermitted,
+            _ => UffdError::Api { requested: 0, source: last_err() },
+        });
+    }
+    let fd = RawFd::try_from(fd).expect("fds fit in c_int");
+    // SAFETY: the kernel just returned this fd to us; nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn api(fd: &OwnedFd, requested: Features) -> Result<Features, UffdError> {
+    let mut api = UffdioApi { api: UFFD_API, features: requested.bits(), ioctls: 0 };
+    // SAFETY: `api` is a valid, writable uffdio_api that outlives the call.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, &mut api) };
+    if rc < 0 {
+        return Err(UffdError::Api { requested: requested.bits(), source: last_err() });
+    }
+    Ok(Features(api.features))
+}
+
+impl Uffd {
+    /// The optional features this kernel offers (probed on a throwaway descriptor, since
+    /// `UFFDIO_API` may be called only once per descriptor).
+    pub fn available_features() -> Result<Features, UffdError> {
+        api(&open_raw()?, Features::empty())
+    }
+
+    /// Opens a non-blocking userfaultfd and asks for `requested` features, failing with
+    /// [`UffdError::MissingFeature`] if the kernel lacks one.
+    pub fn open(requested: Features) -> Result<Self, UffdError> {
+        let available = Self::available_features()?;
+        if !available.contains(requested) {
+            let missing = requested.bits() & !available.bits();
+            let name = if missing & Features::WP_ASYNC.bits() != 0 {
+                "UFFD_FEATURE_WP_ASYNC (Linux 6.7+)"
+            } else if missing & Features::WP_UNPOPULATED.bits() != 0 {
+                "UFFD_FEATURE_WP_UNPOPULATED (Linux 6.4+)"
+            } else if missing & Features::PAGEFAULT_FLAG_WP.bits() != 0 {
+                "write-protect support (Linux 5.7+)"
+            } else {
+                "a requested feature"
+            };
+            return Err(UffdError::MissingFeature(name));
+        }
+        let fd = open_raw()?;
+        let features = api(&fd, requested)?;
+        Ok(Self { fd, features })
+    }
+
+    /// The features granted to this descriptor.
+    pub fn features(&self) -> Features {
+        self.features
+    }
+
+    /// Registers `[addr, addr + len)` so its faults are reported to this descriptor.
+    ///
+    /// # Safety
+    ///
+    /// The range must be a private anonymous mapping owned by the caller for as long as it
+    /// stays registered, and the caller must serve its faults: an unserved fault blocks the
+    /// faulting thread forever, and copies through this descriptor replace its pages.
+    pub unsafe fn register(&self, addr: usize, len: usize, mode: RegisterMode) -> Result<(), UffdError> {
+        let mut reg = UffdioRegister {
+            range: UffdioRange { start: addr as u64, len: len as u64 },
+            mode: if mode.missing { UFFDIO_REGISTER_MODE_MISSING } else { 0 }
+                | if mode.write_protect { UFFDIO_REGISTER_MODE_WP } else { 0 },
+            ioctls: 0,
+        };
+        // SAFETY: `reg` is a valid uffdio_register that outlives the call; the caller vouches
+        // for the range.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER as _, &mut reg) };
+        if rc < 0 {
+            return Err(UffdError::Register { addr, len, source: last_err() });
+        }
+        Ok(())
+    }
+
+    /// Stops reporting faults for a range (before it is unmapped or handed back).
+    pub fn unregister(&self, addr: usize, len: usize) -> Result<(), UffdError> {
+        let mut range = UffdioRange { start: addr as u64, len: len as u64 };
+        // SAFETY: `range` is a valid uffdio_range; unregistering never touches memory.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER as _, &mut range) };
+        self.check("UFFDIO_UNREGISTER", rc, addr, len)
+    }
+
+    fn check(&self, op: &'static str, rc: libc::c_int, addr: usize, len: usize) -> Result<(), UffdError> {
+        if rc >= 0 {
+            return Ok(());
+        }
+        let source = last_err();
+        match source.raw_os_error() {
+            Some(libc::ESRCH | libc::ENOMEM) => Err(UffdError::Closed),
+            _ => Err(UffdError::Ioctl { op, addr, len, source }),
+        }
+    }
+
+    /// Atomically installs `src` (a whole number of pages) at the page-aligned `dst` of a
+    /// registered range, write-protected if `write_protect`, and wakes threads waiting there
+    /// unless `wake` is false.
+    pub fn copy(
+        &self,
+        dst: usize,
+        src: &[u8],
+        write_protect: bool,
+        wake: bool,
+    ) -> Result<CopyOutcome, UffdError> {
+        debug_assert!(dst % PAGE_SIZE == 0 && src.len() % PAGE_SIZE == 0);
+        let mut done = 0;
+        while done < src.len() {
+            let mut copy = UffdioCopy {
+                dst: (dst + done) as u64,
+                src: src[done..].as_ptr() as u64,
+                len: (src.len() - done) as u64,
+                mode: if write_protect { UFFDIO_COPY_MODE_WP } else { 0 }
+                    | if wake { 0 } else { UFFDIO_COPY_MODE_DONTWAKE },
+                copy: 0,
+            };
+            // SAFETY: `copy` is valid for the call; `src` is readable for `len` bytes; the
+            // destination is in a range registered through the unsafe `register`.
+            let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY as _, &mut copy) };
+            if rc < 0 {
+                match last_err().raw_os_error() {
+                    Some(libc::EEXIST) => {
+                        // The page is there already: waiters must still be woken.
+                        self.wake(dst, src.len())?;
+                        return Ok(CopyOutcome::AlreadyPresent);
+                    }
+                    // A partial copy: the kernel reports how much it did in `copy`.
+                    Some(libc::EAGAIN) if copy.copy > 0 => {}
+                    _ => self.check("UFFDIO_COPY", rc, dst + done, src.len() - done)?,
+                }
+            }
+            let copied = usize::try_from(copy.copy).unwrap_or(0);
+            if rc >= 0 && copied == 0 {
+                break;
+            }
+            done += copied;
+        }
+        Ok(CopyOutcome::Installed)
+    }
+
+    /// Sets (`protect`) or clears write protection on a range of present pages. Clearing it
+    /// wakes threads blocked on a write-protect fault there unless `wake` is false.
+    pub fn write_protect(&self, addr: usize, len: usize, protect: bool, wake: bool) -> Result<(), UffdError> {
+        let mut wp = UffdioWriteprotect {
+            range: UffdioRange { start: addr as u64, len: len as u64 },
+            mode: if protect { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 }
+                | if wake { 0 } else { UFFDIO_WRITEPROTECT_MODE_DONTWAKE },
+        };
+        // SAFETY: `wp` is a valid uffdio_writeprotect; changing protection never writes memory.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WRITEPROTECT as _, &mut wp) };
+        self.check("UFFDIO_WRITEPROTECT", rc, addr, len)
+    }
+
+    /// Wakes threads that fault in a range (after it was served some other way).
+    pub fn wake(&self, addr: usize, len: usize) -> Result<(), UffdError> {
+        let mut range = UffdioRange { start: addr as u64, len: len as u64 };
+        // SAFETY: `range` is a valid uffdio_range; waking never touches memory.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE as _, &mut range) };
+        self.check("UFFDIO_WAKE", rc, addr, len)
+    }
+
+    /// Reads as many pending events as fit in `out`, without blocking. Returns how many were
+    /// read (0 when none is pending).
+    pub fn read_events(&self, out: &mut [Event]) -> Result<usize, UffdError> {
+        const BATCH: usize = 64;
+        let mut raw = [UffdMsg::default(); BATCH];
+        let want = out.len().min(BATCH);
+        // SAFETY: `raw` is writable for `want` messages; read(2) writes at most that many bytes.
+        let n = unsafe {
+            libc::read(self.fd.as_raw_fd(), raw.as_mut_ptr().cast(), want * std::mem::size_of::<UffdMsg>())
+        };
+        if n < 0 {
+            let err = last_err();
+            return match err.raw_os_error() {
+                Some(libc::EAGAIN) => Ok(0),
+                _ => Err(UffdError::Read(err)),
+            };
+        }
+        let count = n.unsigned_abs() / std::mem::size_of::<UffdMsg>();
+        for (slot, msg) in out.iter_mut().zip(&raw[..count]) {
+            *slot = if msg.event == UFFD_EVENT_PAGEFAULT {
+                Event::PageFault {
+                    addr: usize::try_from(msg.pf_address).expect("addresses fit usize") & !(PAGE_SIZE - 1),
+                    write: msg.pf_flags & UFFD_PAGEFAULT_FLAG_WRITE != 0,
+                    write_protect: msg.pf_flags & UFFD_PAGEFAULT_FLAG_WP != 0,
+                    tid: msg.pf_ptid,
+                }
+            } else {
+                Event::Other(msg.event)
+            };
+        }
+        Ok(count)
+    }
+}
+
+impl AsFd for Uffd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl AsRawFd for Uffd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// Finds pages written since they were last write-protected, through `PAGEMAP_SCAN` on
+/// `/proc/self/pagemap` (Linux 6.7+, with a `WP_ASYNC` userfaultfd on the range).
+#[derive(Debug)]
+pub struct PagemapScanner {
+    pagemap: File,
+    regions: Vec<PageRegion>,
+}
+
+impl PagemapScanner {
+    /// Opens this process's pagemap.
+    pub fn open() -> io::Result<Self> {
+        Ok(Self { pagemap: File::open("/proc/self/pagemap")?, regions: vec![PageRegion::default(); 512] })
+    }
+
+    /// Calls `found(start, end)` for each run of present pages in `[start, end)` written since
+    /// their last protection; with `reprotect`, atomically write-protects them again so the
+    /// next scan sees only newer writes.
+    pub fn scan_written(
+        &mut self,
+        start: usize,
+        end: usize,
+        reprotect: bool,
+        mut found: impl FnMut(usize, usize),
+    ) -> Result<(), UffdError> {
+        let mut cursor = start;
+        while cursor < end {
+            let mut arg = PmScanArg {
+                size: std::mem::size_of::<PmScanArg>() as u64,
+                flags: if reprotect { PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC } else { 0 },
+                start: cursor as u64,
+                end: end as u64,
+                vec: self.regions.as_mut_ptr() as u64,
+                vec_len: self.regions.len() as u64,
+                category_mask: PAGE_IS_WRITTEN | PAGE_IS_PRESENT,
+                return_mask: PAGE_IS_WRITTEN | PAGE_IS_PRESENT,
+                ..PmScanArg::default()
+            };
+            // SAFETY: `arg` is valid; `vec` points at `vec_len` writable page_regions that
+            // outlive the call.
+            let rc = unsafe { libc::ioctl(self.pagemap.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg) };
+            if rc < 0 {
+                return Err(UffdError::Ioctl {
+                    op: "PAGEMAP_SCAN",
+                    addr: cursor,
+                    len: end - cursor,
+                    source: last_err(),
+                });
+            }
+            let n = usize::try_from(rc).expect("non-negative");
+            for r in &self.regions[..n] {
+                found(r.start as usize, r.end as usize);
+            }
+            let walked = usize::try_from(arg.walk_end).expect("addresses fit usize");
+            if walked <= cursor {
+                break;
+            }
+            cursor = walked;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(len: usize) -> usize {
+        // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        p as usize
+    }
+
+    fn need_uffd() -> Uffd {
+        Uffd::open(Features::empty()).unwrap_or_else(|e| panic!("userfaultfd is needed for this test: {e}"))
+    }
+
+    /// A fault from another thread is reported, served by a copy, and the reader sees the
+    /// copied bytes.
+    #[test]
+    fn missing_fault_is_served_by_copy() {
+        let uffd = need_uffd();
+        let base = map(4 * PAGE_SIZE);
+        // SAFETY: the mapping is ours and we serve its faults below.
+        unsafe { uffd.register(base, 4 * PAGE_SIZE, RegisterMode { missing: true, write_protect: false }) }
+            .unwrap();
+        let reader = std::thread::spawn(move || {
+            // SAFETY: the page is mapped; the read blocks until the handler installs it.
+            unsafe { std::ptr::read_volatile((base + 2 * PAGE_SIZE + 5) as *const u8) }
+        });
+        let mut events = [Event::Other(0); 4];
+        let fault = loop {
+            let n = uffd.read_events(&mut events).unwrap();
+            if n > 0 {
+                break events[0];
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        };
+        let Event::PageFault { addr, write, write_protect, .. } = fault else { panic!("{fault:?}") };
+        assert_eq!(addr, base + 2 * PAGE_SIZE);
+        assert!(!write && !write_protect);
+        let page = vec![0xA5u8; PAGE_SIZE];
+        assert_eq!(uffd.copy(addr, &page, false, true).unwrap(), CopyOutcome::Installed);
+        assert_eq!(reader.join().unwrap(), 0xA5);
+        // A second copy onto the same page is reported, not an error.
+        assert_eq!(uffd.copy(addr, &page, false, true).unwrap(), CopyOutcome::AlreadyPresent);
+    }
+
+    /// A page installed write-protected reports the first write, and unprotecting lets it in.
+    #[test]
+    fn write_protected_copy_reports_first_write() {
+        let uffd = need_uffd();
+        let base = map(PAGE_SIZE);
+        // SAFETY: the mapping is ours and we serve its faults below.
+        unsafe { uffd.register(base, PAGE_SIZE, RegisterMode { missing: true, write_protect: true }) }
+            .unwrap();
+        uffd.copy(base, &vec![1u8; PAGE_SIZE], true, true).unwrap();
+        let writer = std::thread::spawn(move || {
+            // SAFETY: the page is mapped and present; the write blocks until unprotected.
+            unsafe { std::ptr::write_volatile((base + 7) as *mut u8, 9) };
+        });
+        let mut events = [Event::Other(0); 1];
+        while uffd.read_events(&mut events).unwrap() == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(matches!(events[0], Event::PageFault { write: true, write_protect: true, .. }));
+        uffd.write_protect(base, PAGE_SIZE, false, true).unwrap();
+        writer.join().unwrap();
+        // SAFETY: the page is present and no other thread writes it any more.
+        assert_eq!(unsafe { std::ptr::read_volatile((base + 7) as *const u8) }, 9);
+    }
+}
