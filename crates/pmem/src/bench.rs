@@ -30,7 +30,7 @@ pub struct TxBenchOptions {
     /// Commit asynchronously, keeping up to 32 commits in flight per thread, so that even one
     /// thread shares syncs (default false: each transaction waits until durable).
     pub async_commit: bool,
-    /// Workload seed.
+    /// Seed of the offsets (values also mix in the clock, so reruns change bytes).
     pub seed: u64,
 }
 
@@ -159,6 +159,8 @@ fn worker(
     count: Option<u64>,
 ) -> Result<u64, PmemError> {
     let mut rng = SplitMix64::new(mix(opts.seed, thread));
+    // Values differ from run to run: a rerun on the same pool must really change bytes.
+    let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     let lines = (region.len() / 64) as u64;
     let mut in_flight = std::collections::VecDeque::new();
     let mut done = 0u64;
@@ -173,7 +175,7 @@ fn worker(
         let tx = |mem: &mut [u8]| {
             for _ in 0..opts.updates_per_tx {
                 let at = usize::try_from(rng.below(lines) * 64).expect("inside region");
-                let v = rng.next_u64().to_le_bytes();
+                let v = (rng.next_u64() ^ nonce).to_le_bytes();
                 for (i, b) in mem[at..at + opts.update_bytes].iter_mut().enumerate() {
                     *b = v[i % 8];
                 }
