@@ -17,7 +17,7 @@
 
 mod message;
 
-pub use message::{encode_write_lines_prefix, ErrorCode, HostStats, Message};
+pub use message::{encode_write_lines_prefix, ErrorCode, HostStats, Message, HELLO_LOW_LATENCY};
 
 use thiserror::Error;
 
@@ -216,7 +216,7 @@ mod tests {
     fn every_message_roundtrips() {
         let page = vec![7u8; PAGE_SIZE];
         let lines = vec![9u8; 3 * LINE_SIZE];
-        roundtrip(Message::Hello { min_version: 1, max_version: 3 });
+        roundtrip(Message::Hello { min_version: 1, max_version: 3, flags: HELLO_LOW_LATENCY });
         roundtrip(Message::HelloOk { version: 1, capacity_bytes: 8 << 30 });
         roundtrip(Message::AllocSlab { bytes: 64 << 20 });
         roundtrip(Message::SlabAllocated { slab_id: 7 });

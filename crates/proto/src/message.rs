@@ -3,6 +3,9 @@
 
 use crate::{DecodeError, LINE_SIZE, PAGE_SIZE};
 
+/// [`Message::Hello`] flag: busy-poll this connection while it is active.
+pub const HELLO_LOW_LATENCY: u8 = 1;
+
 /// Why a memory host refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
@@ -67,6 +70,9 @@ pub enum Message<'a> {
         min_version: u8,
         /// Newest version the client speaks.
         max_version: u8,
+        /// Bit 0 ([`HELLO_LOW_LATENCY`]): the host should busy-poll this connection for a short
+        /// while after each reply instead of sleeping, trading a core for latency.
+        flags: u8,
     },
     /// The host accepts, choosing `version`.
     HelloOk {
@@ -241,7 +247,9 @@ impl<'a> Message<'a> {
     /// Appends this message's payload to `out`.
     pub fn encode_payload(&self, out: &mut Vec<u8>) {
         match *self {
-            Self::Hello { min_version, max_version } => out.extend_from_slice(&[min_version, max_version]),
+            Self::Hello { min_version, max_version, flags } => {
+                out.extend_from_slice(&[min_version, max_version, flags]);
+            }
             Self::HelloOk { version, capacity_bytes } => {
                 out.push(version);
                 out.extend_from_slice(&capacity_bytes.to_le_bytes());
@@ -286,7 +294,7 @@ impl<'a> Message<'a> {
         let name = kind_name(kind).ok_or(DecodeError::UnknownKind(kind))?;
         let mut r = Reader { kind: name, rest: payload };
         let msg = match kind {
-            1 => Self::Hello { min_version: r.u8()?, max_version: r.u8()? },
+            1 => Self::Hello { min_version: r.u8()?, max_version: r.u8()?, flags: r.u8()? },
             2 => Self::HelloOk { version: r.u8()?, capacity_bytes: r.u64()? },
             3 => Self::AllocSlab { bytes: r.u64()? },
             4 => Self::SlabAllocated { slab_id: r.u64()? },

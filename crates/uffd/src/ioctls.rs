@@ -78,6 +78,16 @@ pub(crate) struct UffdMsg {
 }
 const _: () = assert!(std::mem::size_of::<UffdMsg>() == 32);
 
+/// `struct uffdio_poison` (Linux 6.6+).
+#[repr(C)]
+#[derive(Debug, Default)]
+pub(crate) struct UffdioPoison {
+    pub range: UffdioRange,
+    pub mode: u64,
+    pub updated: i64,
+}
+const _: () = assert!(std::mem::size_of::<UffdioPoison>() == 32);
+
 /// `struct pm_scan_arg` from `<linux/fs.h>` (Linux 6.7+).
 #[repr(C)]
 #[derive(Debug, Default)]
@@ -121,6 +131,8 @@ pub(crate) const UFFDIO_WAKE: u64 = ioc(IOC_READ, UFFDIO, 0x02, 16);
 pub(crate) const UFFDIO_COPY: u64 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x03, 40);
 /// `UFFDIO_WRITEPROTECT = _IOWR(0xAA, 0x06, struct uffdio_writeprotect)`.
 pub(crate) const UFFDIO_WRITEPROTECT: u64 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x06, 24);
+/// `UFFDIO_POISON = _IOWR(0xAA, 0x08, struct uffdio_poison)`.
+pub(crate) const UFFDIO_POISON: u64 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x08, 32);
 /// `PAGEMAP_SCAN = _IOWR('f', 16, struct pm_scan_arg)`.
 pub(crate) const PAGEMAP_SCAN: u64 = ioc(IOC_READ | IOC_WRITE, b'f' as u64, 16, 96);
 
@@ -132,6 +144,7 @@ const _: () = assert!(UFFDIO_WAKE == 0x8010_aa02);
 const _: () = assert!(UFFDIO_COPY == 0xc028_aa03);
 const _: () = assert!(UFFDIO_WRITEPROTECT == 0xc018_aa06);
 const _: () = assert!(USERFAULTFD_IOC_NEW == 0xaa00);
+const _: () = assert!(UFFDIO_POISON == 0xc020_aa08);
 const _: () = assert!(PAGEMAP_SCAN == 0xc060_6610);
 
 pub(crate) const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;

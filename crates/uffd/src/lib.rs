@@ -33,6 +33,8 @@ impl Features {
     pub const THREAD_ID: Self = Self(1 << 8);
     /// `UFFDIO_WRITEPROTECT` also protects never-populated PTEs (Linux 6.4+).
     pub const WP_UNPOPULATED: Self = Self(1 << 13);
+    /// `UFFDIO_POISON` is available (Linux 6.6+).
+    pub const POISON: Self = Self(1 << 14);
     /// Write-protect faults are resolved by the kernel, which records them for
     /// `PAGEMAP_SCAN` (Linux 6.7+).
     pub const WP_ASYNC: Self = Self(1 << 15);
@@ -318,16 +320,40 @@ impl Uffd {
     }
 
     /// Sets (`protect`) or clears write protection on a range of present pages. Clearing it
-    /// wakes threads blocked on a write-protect fault there unless `wake` is false.
+    /// wakes threads blocked on a write-protect fault there unless `wake` is false; `wake`
+    /// does not matter when protecting.
     pub fn write_protect(&self, addr: usize, len: usize, protect: bool, wake: bool) -> Result<(), UffdError> {
         let mut wp = UffdioWriteprotect {
             range: UffdioRange { start: addr as u64, len: len as u64 },
-            mode: if protect { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 }
-                | if wake { 0 } else { UFFDIO_WRITEPROTECT_MODE_DONTWAKE },
+            // The kernel rejects DONTWAKE together with WP (protecting wakes nobody anyway).
+            mode: if protect {
+                UFFDIO_WRITEPROTECT_MODE_WP
+            } else if wake {
+                0
+            } else {
+                UFFDIO_WRITEPROTECT_MODE_DONTWAKE
+            },
         };
         // SAFETY: `wp` is a valid uffdio_writeprotect; changing protection never writes memory.
         let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WRITEPROTECT as _, &mut wp) };
         self.check("UFFDIO_WRITEPROTECT", rc, addr, len)
+    }
+
+    /// Marks missing pages of a range as lost: a thread touching them gets `SIGBUS` instead
+    /// of waiting forever, and waiters are woken to take it. Needs `UFFD_FEATURE_POISON`
+    /// (Linux 6.6+).
+    pub fn poison(&self, addr: usize, len: usize) -> Result<(), UffdError> {
+        let mut poison =
+            UffdioPoison { range: UffdioRange { start: addr as u64, len: len as u64 }, mode: 0, updated: 0 };
+        // SAFETY: `poison` is a valid uffdio_poison; the range was registered through the
+        // unsafe `register`, and poisoning only fills missing PTEs with markers.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_POISON as _, &mut poison) };
+        match self.check("UFFDIO_POISON", rc, addr, len) {
+            Err(UffdError::Ioctl { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {
+                self.wake(addr, len)
+            }
+            other => other,
+        }
     }
 
     /// Wakes threads that fault in a range (after it was served some other way).

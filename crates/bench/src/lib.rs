@@ -1,0 +1,488 @@
+//! Benchmark workloads over a clustermem region.
+//!
+//! Every workload first fills its region with known data under the same local-memory limit,
+//! so that the measured phase really reads from the hosts; the figures cover the measured
+//! phase only (`setup_s` reports the fill). Every workload then verifies its result against
+//! a computation that never touches the region (checksums kept outside it, a sortedness and
+//! permutation check), and the report says whether it matched.
+
+mod lru;
+mod progress;
+mod rng;
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use clustermem_runtime::{Histogram, PolicyKind, Region, Runtime, RuntimeConfig, RuntimeError, PAGE_SIZE};
+use progress::Progress;
+use rng::{mix, Rng, Zipf};
+use serde::Serialize;
+use thiserror::Error;
+
+/// u64 words in a page.
+const WORDS_PER_PAGE: usize = PAGE_SIZE / 8;
+
+/// The workloads `clustermem bench` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// Read every word of the region in order.
+    SeqRead,
+    /// Overwrite every word of the region in order.
+    SeqWrite,
+    /// Read-modify-write one word of a uniformly random page per operation.
+    Random,
+    /// As `Random`, with pages drawn from a Zipf(0.99) distribution.
+    Zipf,
+    /// Sort the region's u64 values in place (as in the Fastswap suite).
+    Quicksort,
+}
+
+impl Workload {
+    /// Every workload, for `--help` and errors.
+    pub const ALL: [(&'static str, Workload); 5] = [
+        ("seq-read", Self::SeqRead),
+        ("seq-write", Self::SeqWrite),
+        ("random", Self::Random),
+        ("zipf", Self::Zipf),
+        ("quicksort", Self::Quicksort),
+    ];
+
+    /// The workload's name on the command line.
+    pub fn name(self) -> &'static str {
+        Self::ALL.iter().find(|(_, w)| *w == self).map(|(n, _)| *n).expect("listed")
+    }
+}
+
+impl std::str::FromStr for Workload {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL.iter().find(|(n, _)| *n == s).map(|(_, w)| *w).ok_or_else(|| {
+            let names: Vec<_> = Self::ALL.iter().map(|(n, _)| *n).collect();
+            format!("unknown workload {s:?} (expected one of: {})", names.join(", "))
+        })
+    }
+}
+
+/// How to run a benchmark.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// What to run.
+    pub workload: Workload,
+    /// Region size in bytes.
+    pub size_bytes: u64,
+    /// Local-memory limit in bytes.
+    pub local_mem_bytes: u64,
+    /// Memory hosts; empty for the embedded host.
+    pub hosts: Vec<String>,
+    /// Operations in the measured phase (`None`: the workload's default).
+    pub ops: Option<u64>,
+    /// Threads running the measured phase.
+    pub threads: usize,
+    /// Busy-poll while faults are outstanding.
+    pub low_latency: bool,
+    /// Eviction policy.
+    pub policy: PolicyKind,
+    /// Seed for data and access streams.
+    pub seed: u64,
+    /// Draw a progress bar on stderr for long phases.
+    pub progress: bool,
+}
+
+/// Why a benchmark could not run.
+#[derive(Debug, Error)]
+pub enum BenchError {
+    /// The runtime failed.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// The options do not make sense.
+    #[error("{0}")]
+    Options(String),
+}
+
+/// What a benchmark measured. Serialised as the one JSON object of `bench --json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Workload name.
+    pub workload: &'static str,
+    /// Region size.
+    pub size_bytes: u64,
+    /// Local-memory limit.
+    pub local_mem_bytes: u64,
+    /// Hosts used (the embedded host's address when none was given).
+    pub hosts: Vec<String>,
+    /// Whether the hosts were the embedded one.
+    pub embedded_host: bool,
+    /// Threads in the measured phase.
+    pub threads: usize,
+    /// Low-latency (busy-polling) mode.
+    pub low_latency: bool,
+    /// Eviction policy.
+    pub policy: String,
+    /// Operations in the measured phase (pages for the sequential workloads, read-modify-writes
+    /// for random and zipf, elements for quicksort).
+    pub ops: u64,
+    /// Time to fill the region before measuring.
+    pub setup_s: f64,
+    /// Measured phase wall time.
+    pub wall_s: f64,
+    /// Operations per second.
+    pub ops_per_s: f64,
+    /// Microseconds per operation.
+    pub us_per_op: f64,
+    /// All faults the handler served in the measured phase.
+    pub faults: u64,
+    /// Faults served from a host.
+    pub remote_faults: u64,
+    /// Faults on never-written pages, served locally.
+    pub zero_faults: u64,
+    /// First writes to clean resident pages.
+    pub write_faults: u64,
+    /// Median latency of a remote fault. Seen by the application (an operation that took a
+    /// fault, timed around it) for random and zipf; the handler's service time otherwise.
+    pub fault_p50_us: f64,
+    /// 99th percentile, as `fault_p50_us`.
+    pub fault_p99_us: f64,
+    /// `app` or `handler`: where `fault_p50_us` was measured.
+    pub fault_latency_source: &'static str,
+    /// Median time from reading a fault to installing its page, in the handler.
+    pub service_p50_us: f64,
+    /// 99th percentile of the service time.
+    pub service_p99_us: f64,
+    /// Pages fetched from hosts.
+    pub pages_fetched: u64,
+    /// Pages evicted.
+    pub pages_evicted: u64,
+    /// Dirty pages written back.
+    pub pages_written_back: u64,
+    /// Bytes fetched.
+    pub bytes_fetched: u64,
+    /// Bytes sent for write-back, frame headers included.
+    pub bytes_written_back: u64,
+    /// Fraction of operations served without a remote fault (random and zipf).
+    pub hit_rate: Option<f64>,
+    /// Hit rate of an exact LRU cache of the same size on the same access trace (zipf).
+    pub lru_hit_rate: Option<f64>,
+    /// The result matched the independent computation.
+    pub verified: bool,
+    /// What did not match, when `verified` is false.
+    pub verify_error: Option<String>,
+}
+
+/// Runs one benchmark: start a runtime, fill, measure, verify.
+pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
+    if opts.size_bytes < PAGE_SIZE as u64 || opts.size_bytes % 8 != 0 {
+        return Err(BenchError::Options(format!(
+            "--size must be at least one page, got {}",
+            opts.size_bytes
+        )));
+    }
+    if opts.threads == 0 {
+        return Err(BenchError::Options("--threads must be at least 1".into()));
+    }
+    if opts.workload == Workload::Quicksort && opts.threads != 1 {
+        return Err(BenchError::Options("quicksort runs on one thread; drop --threads".into()));
+    }
+    let size =
+        usize::try_from(opts.size_bytes).map_err(|_| BenchError::Options("--size too large".into()))?;
+    let runtime = Runtime::start(RuntimeConfig {
+        hosts: opts.hosts.clone(),
+        local_mem_bytes: opts.local_mem_bytes,
+        low_latency: opts.low_latency,
+        policy: opts.policy,
+        ..RuntimeConfig::default()
+    })?;
+    let region = runtime.map(size)?;
+    let words = region.len() / 8;
+    let pages = region.len() / PAGE_SIZE;
+    let progress = Progress::new(opts.progress);
+
+    let t = Instant::now();
+    fill(&region, opts.seed, opts.threads, &progress);
+    let setup_s = t.elapsed().as_secs_f64();
+    let stats = runtime.stats();
+    stats.reset();
+    let stats = &*stats;
+    let app_faults = Histogram::default();
+
+    let default_ops = match opts.workload {
+        Workload::SeqRead | Workload::SeqWrite => pages as u64,
+        Workload::Random | Workload::Zipf => (pages as u64 * 2).clamp(10_000, 2_000_000),
+        Workload::Quicksort => words as u64,
+    };
+    let ops = opts.ops.unwrap_or(default_ops);
+    let mut trace = Vec::new();
+    // Workloads call `end` between their measured phase and their verification.
+    let measured = std::cell::OnceCell::new();
+    let end = || {
+        let _ = measured.set((Instant::now(), stats.snapshot()));
+        progress.finish();
+    };
+    let t = Instant::now();
+    let outcome = match opts.workload {
+        Workload::SeqRead => seq_read(&region, opts, ops, &progress, &end),
+        Workload::SeqWrite => seq_write(&region, opts, ops, &progress, &end),
+        Workload::Random | Workload::Zipf => {
+            rmw(&region, opts, ops, &progress, &end, &runtime, &app_faults, &mut trace)
+        }
+        Workload::Quicksort => quicksort(region, opts.seed, &progress, &end),
+    };
+    end();
+    let (t_end, snap) = *measured.get().expect("set by end()");
+    let wall_s = (t_end - t).as_secs_f64();
+    let verify_error = outcome.err();
+
+    let remote_faults = snap.remote_faults;
+    let (hit_rate, lru_hit_rate) = match opts.workload {
+        Workload::Random | Workload::Zipf if ops > 0 => {
+            let hit = 1.0 - remote_faults as f64 / ops as f64;
+            let capacity = usize::try_from(opts.local_mem_bytes / PAGE_SIZE as u64).unwrap_or(usize::MAX);
+            let lru = (opts.workload == Workload::Zipf).then(|| lru::hit_rate(&trace, pages, capacity));
+            (Some(hit), lru)
+        }
+        _ => (None, None),
+    };
+    let app_measured = app_faults.count() > 0;
+    let (fault_p50_us, fault_p99_us) = if app_measured {
+        (app_faults.quantile_us(0.5), app_faults.quantile_us(0.99))
+    } else {
+        (snap.service_p50_us, snap.service_p99_us)
+    };
+    Ok(BenchReport {
+        workload: opts.workload.name(),
+        size_bytes: opts.size_bytes,
+        local_mem_bytes: opts.local_mem_bytes,
+        hosts: runtime.hosts().to_vec(),
+        embedded_host: opts.hosts.is_empty(),
+        threads: opts.threads,
+        low_latency: opts.low_latency,
+        policy: format!("{:?}", opts.policy).to_lowercase(),
+        ops,
+        setup_s,
+        wall_s,
+        ops_per_s: ops as f64 / wall_s,
+        us_per_op: wall_s * 1e6 / ops.max(1) as f64,
+        faults: snap.faults(),
+        remote_faults,
+        zero_faults: snap.zero_faults,
+        write_faults: snap.write_faults,
+        fault_p50_us,
+        fault_p99_us,
+        fault_latency_source: if app_measured { "app" } else { "handler" },
+        service_p50_us: snap.service_p50_us,
+        service_p99_us: snap.service_p99_us,
+        pages_fetched: snap.pages_fetched,
+        pages_evicted: snap.pages_evicted,
+        pages_written_back: snap.pages_written_back,
+        bytes_fetched: snap.bytes_fetched,
+        bytes_written_back: snap.bytes_written_back,
+        hit_rate,
+        lru_hit_rate,
+        verified: verify_error.is_none(),
+        verify_error,
+    })
+}
+
+/// The value word `i` holds after the fill.
+fn fill_value(seed: u64, i: usize) -> u64 {
+    mix(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+/// Splits `0..n` into `threads` contiguous chunks and runs `f(chunk)` on each, in parallel.
+fn parallel_chunks(n: usize, threads: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    let per = n.div_ceil(threads);
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let range = (t * per).min(n)..((t + 1) * per).min(n);
+            let f = &f;
+            s.spawn(move || f(range));
+        }
+    });
+}
+
+fn fill(region: &Region<'_>, seed: u64, threads: usize, progress: &Progress) {
+    let words = region.as_atomic_u64s();
+    progress.phase("fill", words.len() as u64);
+    parallel_chunks(words.len(), threads, |range| {
+        for i in range {
+            words[i].store(fill_value(seed, i), Relaxed);
+            if i % WORDS_PER_PAGE == 0 {
+                progress.advance(WORDS_PER_PAGE as u64);
+            }
+        }
+    });
+}
+
+/// Reads `ops` pages in order (wrapping), summing words; checks the sum.
+fn seq_read(
+    region: &Region<'_>,
+    opts: &BenchOptions,
+    ops: u64,
+    progress: &Progress,
+    end: &dyn Fn(),
+) -> Result<(), String> {
+    let words = region.as_atomic_u64s();
+    let pages = words.len() / WORDS_PER_PAGE;
+    progress.phase("seq-read", ops);
+    let total = std::sync::atomic::AtomicU64::new(0);
+    let ops = usize::try_from(ops).expect("fits");
+    parallel_chunks(ops, opts.threads, |range| {
+        let mut sum = 0u64;
+        for op in range {
+            let page = op % pages;
+            for w in &words[page * WORDS_PER_PAGE..(page + 1) * WORDS_PER_PAGE] {
+                sum = sum.wrapping_add(w.load(Relaxed));
+            }
+            progress.advance(1);
+        }
+        total.fetch_add(sum, Relaxed);
+    });
+    end();
+    let expected = (0..ops)
+        .flat_map(|op| {
+            let page = op % pages;
+            page * WORDS_PER_PAGE..(page + 1) * WORDS_PER_PAGE
+        })
+        .fold(0u64, |s, i| s.wrapping_add(fill_value(opts.seed, i)));
+    let got = total.load(Relaxed);
+    if got == expected {
+        Ok(())
+    } else {
+        Err(format!("seq-read checksum {got:#x}, expected {expected:#x}"))
+    }
+}
+
+/// Overwrites `ops` pages in order (wrapping) with a second pattern, then reads the region
+/// back (not timed) and checks every word.
+fn seq_write(
+    region: &Region<'_>,
+    opts: &BenchOptions,
+    ops: u64,
+    progress: &Progress,
+    end: &dyn Fn(),
+) -> Result<(), String> {
+    let words = region.as_atomic_u64s();
+    let pages = words.len() / WORDS_PER_PAGE;
+    let seed2 = !opts.seed;
+    progress.phase("seq-write", ops);
+    let ops = usize::try_from(ops).expect("fits");
+    parallel_chunks(ops, opts.threads, |range| {
+        for op in range {
+            let page = op % pages;
+            for i in page * WORDS_PER_PAGE..(page + 1) * WORDS_PER_PAGE {
+                words[i].store(fill_value(seed2, i), Relaxed);
+            }
+            progress.advance(1);
+        }
+    });
+    end();
+    let written = ops.min(pages) * WORDS_PER_PAGE;
+    for (i, w) in words.iter().enumerate() {
+        let expected = if i < written { fill_value(seed2, i) } else { fill_value(opts.seed, i) };
+        let got = w.load(Relaxed);
+        if got != expected {
+            return Err(format!("word {i} holds {got:#x}, expected {expected:#x}"));
+        }
+    }
+    Ok(())
+}
+
+/// `ops` read-modify-writes of one word of a random (uniform or Zipf) page; each thread keeps
+/// a count of increments per page outside the region, and the page sums are checked after.
+fn rmw(
+    region: &Region<'_>,
+    opts: &BenchOptions,
+    ops: u64,
+    progress: &Progress,
+    end: &dyn Fn(),
+    runtime: &Runtime,
+    app_faults: &Histogram,
+    trace: &mut Vec<u32>,
+) -> Result<(), String> {
+    let words = region.as_atomic_u64s();
+    let pages = words.len() / WORDS_PER_PAGE;
+    let zipf = (opts.workload == Workload::Zipf).then(|| Zipf::new(pages as u64, 0.99));
+    progress.phase(opts.workload.name(), ops);
+    let remote = &runtime.stats().remote_faults;
+    let per_thread = ops.div_ceil(opts.threads as u64);
+    let record_trace = opts.workload == Workload::Zipf;
+    let results: Vec<(Vec<u32>, Vec<u32>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..opts.threads)
+            .map(|t| {
+                let zipf = zipf.as_ref();
+                s.spawn(move || {
+                    let mut rng = Rng::new(opts.seed ^ (t as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407));
+                    let mut counts = vec![0u32; pages];
+                    let mut trace = Vec::new();
+                    let n = per_thread.min(ops.saturating_sub(per_thread * t as u64));
+                    for _ in 0..n {
+                        let page = match zipf {
+                            Some(z) => z.sample_scattered(&mut rng),
+                            None => rng.below(pages as u64),
+                        } as usize;
+                        let word = page * WORDS_PER_PAGE + rng.below(WORDS_PER_PAGE as u64) as usize;
+                        let before = remote.load(Relaxed);
+                        let start = Instant::now();
+                        words[word].fetch_add(1, Relaxed);
+                        if remote.load(Relaxed) != before {
+                            app_faults.record(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
+                        }
+                        counts[page] += 1;
+                        if record_trace {
+                            trace.push(u32::try_from(page).expect("page indices fit u32"));
+                        }
+                        progress.advance(1);
+                    }
+                    (counts, trace)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("worker panicked")).collect()
+    });
+    end();
+    let mut counts = vec![0u64; pages];
+    for (c, t) in results {
+        for (total, n) in counts.iter_mut().zip(c) {
+            *total += u64::from(n);
+        }
+        trace.extend(t);
+    }
+    for (page, &n) in counts.iter().enumerate() {
+        let range = page * WORDS_PER_PAGE..(page + 1) * WORDS_PER_PAGE;
+        let expected = range.clone().fold(n, |s, i| s.wrapping_add(fill_value(opts.seed, i)));
+        let got = words[range].iter().fold(0u64, |s, w| s.wrapping_add(w.load(Relaxed)));
+        if got != expected {
+            return Err(format!("page {page}: sum {got:#x}, expected {expected:#x} after {n} increments"));
+        }
+    }
+    Ok(())
+}
+
+/// Sorts the region's words in place, then checks order and that the multiset is unchanged.
+fn quicksort(mut region: Region<'_>, seed: u64, progress: &Progress, end: &dyn Fn()) -> Result<(), String> {
+    let bytes = region.as_mut_slice();
+    // SAFETY: the region is page-aligned, so there is no unaligned prefix, and every bit
+    // pattern is a valid u64.
+    let (head, values, _) = unsafe { bytes.align_to_mut::<u64>() };
+    assert!(head.is_empty(), "regions are page-aligned");
+    progress.phase("quicksort", 1);
+    values.sort_unstable();
+    progress.advance(1);
+    end();
+    for i in 1..values.len() {
+        if values[i - 1] > values[i] {
+            return Err(format!("not sorted at {i}: {} > {}", values[i - 1], values[i]));
+        }
+    }
+    // An order-independent fingerprint of the multiset, computed without the region for the
+    // expected side.
+    let fingerprint = |it: &mut dyn Iterator<Item = u64>| {
+        it.fold((0u64, 0u64), |(a, b), v| (a.wrapping_add(mix(v)), b ^ mix(v ^ 0x5555)))
+    };
+    let got = fingerprint(&mut values.iter().copied());
+    let expected = fingerprint(&mut (0..values.len()).map(|i| fill_value(seed, i)));
+    if got == expected {
+        Ok(())
+    } else {
+        Err("sorted values are not a permutation of the input".into())
+    }
+}

@@ -1,0 +1,238 @@
+//! `clustermem`: pool memory across machines.
+//!
+//! `clustermem host` donates this machine's RAM; `clustermem bench` maps a region backed by
+//! hosts (or by an embedded host, when none is given) and measures a workload on it.
+
+mod size;
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use clustermem_bench::{BenchOptions, BenchReport, Workload};
+use clustermem_host::MemoryHost;
+use clustermem_runtime::PolicyKind;
+use size::{parse_size, parse_size_or_percent};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "clustermem",
+    version,
+    about = "Pool memory across machines: memory hosts donate RAM, compute hosts page it in over TCP",
+    long_about = "Pool memory across machines.\n\n\
+        Memory hosts (`clustermem host`) donate RAM. A compute host maps regions whose pages live \
+        on those hosts; a touched page that is not local faults (userfaultfd), is fetched over TCP \
+        and installed, and a bound on local memory evicts cold pages, writing back dirty ones.\n\n\
+        Start here:\n  clustermem bench random --size 1G --local-mem 25%     (embedded host, no set-up)\n  \
+        clustermem host --listen 0.0.0.0:7070 --capacity 8G    (on each memory host)\n  \
+        clustermem bench zipf --hosts 10.0.0.2:7070,10.0.0.3:7070 --size 4G --local-mem 1G\n\n\
+        Needs Linux >= 5.7 and permission to use userfaultfd (root, access to /dev/userfaultfd, \
+        or sysctl vm.unprivileged_userfaultfd=1)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Donate this machine's memory: serve slabs to compute hosts until SIGINT/SIGTERM.
+    Host(HostArgs),
+    /// Map a region, run a workload on it under a local-memory limit, verify, report figures.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+struct HostArgs {
+    /// Address to listen on (use a specific interface address in production).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: String,
+    /// Memory to donate (e.g. 8G, 512M); requests beyond it are refused.
+    #[arg(long, value_parser = parse_size)]
+    capacity: u64,
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// seq-read | seq-write | random (uniform read-modify-write) | zipf (skewed) | quicksort
+    #[arg(value_parser = |s: &str| s.parse::<Workload>())]
+    workload: Workload,
+    /// Region size (e.g. 512M, 2G, 1GiB, or bytes).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    size: u64,
+    /// Local-memory limit: a size, or a percentage of --size (e.g. 25%).
+    #[arg(long, default_value = "25%")]
+    local_mem: String,
+    /// Memory hosts, comma-separated host:port. None: an embedded host on loopback.
+    #[arg(long, value_delimiter = ',')]
+    hosts: Vec<String>,
+    /// Operations in the measured phase (default: one pass for seq-*, 2x pages for random/zipf).
+    #[arg(long)]
+    ops: Option<u64>,
+    /// Threads in the measured phase (and the fill).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Busy-poll while faults are outstanding (lower latency, one core busy during faults;
+    /// never spins when idle).
+    #[arg(long)]
+    low_latency: bool,
+    /// Eviction policy: s3fifo (keeps hot pages; default) or fifo.
+    #[arg(long, default_value = "s3fifo", value_parser = |s: &str| s.parse::<PolicyKind>())]
+    policy: PolicyKind,
+    /// Seed for data and access streams.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print exactly one JSON object on stdout instead of a summary.
+    #[arg(long)]
+    json: bool,
+}
+
+static SIGNALLED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_terminate(_: libc::c_int) {
+    SIGNALLED.store(true, Ordering::Release);
+}
+
+extern "C" fn on_sigbus(_: libc::c_int) {
+    let msg = b"clustermem: a region page was lost (its memory host failed; see above); exiting\n";
+    // SAFETY: write(2) and _exit(2) are async-signal-safe; `msg` is a static buffer.
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), msg.len());
+        libc::_exit(3);
+    }
+}
+
+fn install_handler(signal: libc::c_int, handler: extern "C" fn(libc::c_int)) {
+    // SAFETY: installs a handler that only touches an atomic or calls async-signal-safe
+    // functions.
+    unsafe { libc::signal(signal, handler as libc::sighandler_t) };
+}
+
+fn run_host(args: &HostArgs) -> Result<()> {
+    let host = MemoryHost::bind(args.listen.as_str(), args.capacity)?;
+    let flag = host.shutdown_flag();
+    install_handler(libc::SIGINT, on_terminate);
+    install_handler(libc::SIGTERM, on_terminate);
+    std::thread::spawn(move || {
+        while !SIGNALLED.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        flag.store(true, Ordering::Release);
+    });
+    eprintln!(
+        "clustermem host: serving {} on {} (SIGINT/SIGTERM to stop)",
+        human_bytes(args.capacity),
+        host.local_addr()
+    );
+    host.serve()?;
+    eprintln!("clustermem host: stopped");
+    Ok(())
+}
+
+fn run_bench(args: &BenchArgs) -> Result<bool> {
+    let local_mem = parse_size_or_percent(&args.local_mem, args.size).map_err(anyhow::Error::msg)?;
+    if local_mem < 4096 {
+        bail!("--local-mem {} is less than one page", args.local_mem);
+    }
+    clustermem_runtime::check_userfaultfd()?;
+    install_handler(libc::SIGBUS, on_sigbus);
+    let opts = BenchOptions {
+        workload: args.workload,
+        size_bytes: args.size,
+        local_mem_bytes: local_mem,
+        hosts: args.hosts.clone(),
+        ops: args.ops,
+        threads: args.threads,
+        low_latency: args.low_latency,
+        policy: args.policy,
+        seed: args.seed,
+        progress: !args.json,
+    };
+    let report = clustermem_bench::run(&opts).context("benchmark failed")?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_summary(&report);
+    }
+    if let Some(e) = &report.verify_error {
+        eprintln!("clustermem bench: VERIFICATION FAILED: {e}");
+    }
+    Ok(report.verified)
+}
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
+}
+
+fn print_summary(r: &BenchReport) {
+    let hosts =
+        if r.embedded_host { format!("embedded host {}", r.hosts.join(",")) } else { r.hosts.join(",") };
+    println!(
+        "{} on {} region, {} local ({hosts}), {} thread(s){}",
+        r.workload,
+        human_bytes(r.size_bytes),
+        human_bytes(r.local_mem_bytes),
+        r.threads,
+        if r.low_latency { ", low-latency" } else { "" }
+    );
+    println!("  setup (fill)   {:.2} s", r.setup_s);
+    println!(
+        "  measured       {} ops in {:.3} s: {:.0} ops/s, {:.2} us/op",
+        r.ops, r.wall_s, r.ops_per_s, r.us_per_op
+    );
+    println!(
+        "  faults         {} ({} remote, {} zero-fill, {} first-write)",
+        r.faults, r.remote_faults, r.zero_faults, r.write_faults
+    );
+    println!(
+        "  fault latency  p50 {:.1} us, p99 {:.1} us (seen by the {}); handler service p50 {:.1} us",
+        r.fault_p50_us,
+        r.fault_p99_us,
+        if r.fault_latency_source == "app" { "application" } else { "handler" },
+        r.service_p50_us
+    );
+    println!(
+        "  traffic        {} pages fetched ({}), {} evicted, {} written back ({})",
+        r.pages_fetched,
+        human_bytes(r.bytes_fetched),
+        r.pages_evicted,
+        r.pages_written_back,
+        human_bytes(r.bytes_written_back)
+    );
+    if let Some(h) = r.hit_rate {
+        match r.lru_hit_rate {
+            Some(lru) => println!(
+                "  hit rate       {:.1}% (exact LRU on the same trace: {:.1}%)",
+                h * 100.0,
+                lru * 100.0
+            ),
+            None => println!("  hit rate       {:.1}%", h * 100.0),
+        }
+    }
+    println!("  verified       {}", if r.verified { "yes" } else { "NO" });
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match &cli.command {
+        Command::Host(args) => run_host(args).map(|()| true),
+        Command::Bench(args) => run_bench(args),
+    };
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(2),
+        Err(e) => {
+            eprintln!("clustermem: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

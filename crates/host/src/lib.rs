@@ -1,0 +1,313 @@
+//! The clustermem memory host: donates RAM to the cluster as slabs and serves page reads and
+//! writes to compute hosts over TCP.
+//!
+//! One thread per client connection: a connection's requests are answered in order (clients
+//! rely on it: a read queued after a write sees the write), replies are batched into one send
+//! while more requests are already buffered, and a misbehaving client (bad frames, a dropped
+//! connection) loses only its own connection. A client's slabs are freed when it disconnects:
+//! regions are not persistent, and a crashed client must not leak a host's memory.
+
+mod store;
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use clustermem_net::{FrameReader, FrameWriter, RecvError};
+use clustermem_proto::{ErrorCode, Message, HELLO_LOW_LATENCY, MAX_VERSION, MIN_VERSION};
+use store::{Refusal, Slab, Store};
+use thiserror::Error;
+
+/// How long a low-latency connection busy-polls for its next request after a reply.
+const SPIN_WINDOW: Duration = Duration::from_micros(200);
+/// How often blocked threads look at the shutdown flag.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
+
+/// Why a memory host could not start or stopped.
+#[derive(Debug, Error)]
+pub enum HostError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The address asked for.
+        addr: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Accepting connections failed.
+    #[error("accept failed")]
+    Accept(#[source] io::Error),
+}
+
+/// A memory host bound to its address, ready to serve.
+#[derive(Debug)]
+pub struct MemoryHost {
+    listener: TcpListener,
+    store: Arc<Store>,
+    shutdown: Arc<AtomicBool>,
+}
+
+impl MemoryHost {
+    /// Binds `addr` and prepares to donate `capacity_bytes`.
+    pub fn bind(addr: impl ToSocketAddrs + std::fmt::Debug, capacity_bytes: u64) -> Result<Self, HostError> {
+        let bind_err = |source| HostError::Bind { addr: format!("{addr:?}"), source };
+        let listener = TcpListener::bind(&addr).map_err(bind_err)?;
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        Ok(Self {
+            listener,
+            store: Arc::new(Store::new(capacity_bytes)),
+            shutdown: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// The address clients connect to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    /// The flag that stops [`MemoryHost::serve`] when set (e.g. from a signal handler).
+    pub fn shutdown_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.shutdown)
+    }
+
+    /// Serves clients until the shutdown flag is set, then closes every connection.
+    pub fn serve(self) -> Result<(), HostError> {
+        let mut workers: Vec<JoinHandle<()>> = Vec::new();
+        while !self.shutdown.load(Ordering::Acquire) {
+            match self.listener.accept() {
+                Ok((stream, peer)) => {
+                    let store = Arc::clone(&self.store);
+                    let shutdown = Arc::clone(&self.shutdown);
+                    let spawned = std::thread::Builder::new()
+                        .name(format!("host-conn-{peer}"))
+                        .spawn(move || serve_client(stream, &store, &shutdown));
+                    match spawned {
+                        Ok(handle) => workers.push(handle),
+                        Err(e) => eprintln!("clustermem host: cannot start a thread for {peer}: {e}"),
+                    }
+                    workers.retain(|w| !w.is_finished());
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let ms = i32::try_from(SHUTDOWN_POLL.as_millis()).expect("small");
+                    clustermem_net::wait_readable(self.listener.as_raw_fd(), ms)
+                        .map_err(HostError::Accept)?;
+                }
+                Err(e) if is_transient_accept_error(&e) => {
+                    eprintln!("clustermem host: accept: {e} (continuing)");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(HostError::Accept(e)),
+            }
+        }
+        for w in workers {
+            let _ = w.join();
+        }
+        Ok(())
+    }
+
+    /// Serves on a background thread; the host stops when the returned handle is dropped.
+    pub fn spawn(self) -> RunningHost {
+        let addr = self.local_addr();
+        let shutdown = self.shutdown_flag();
+        let thread = std::thread::Builder::new()
+            .name("memory-host".into())
+            .spawn(move || {
+                if let Err(e) = self.serve() {
+                    eprintln!("clustermem: embedded memory host stopped: {e}");
+                }
+            })
+            .expect("spawning the embedded host thread");
+        RunningHost { addr, shutdown, thread: Some(thread) }
+    }
+}
+
+fn is_transient_accept_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::ECONNABORTED)
+    ) || e.kind() == io::ErrorKind::Interrupted
+}
+
+/// A memory host serving on a background thread (the embedded host of a client command).
+#[derive(Debug)]
+pub struct RunningHost {
+    addr: SocketAddr,
+    shutdown: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RunningHost {
+    /// The address clients connect to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for RunningHost {
+    fn drop(&mut self) {
+        self.shutdown.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One client's session: the slabs it owns and a cache of slab lookups, so the hot path takes
+/// no lock on the host-wide slab table.
+struct Session<'a> {
+    store: &'a Store,
+    owned: HashSet<u64>,
+    cache: HashMap<u64, Arc<Slab>>,
+    low_latency: bool,
+    greeted: bool,
+}
+
+impl Session<'_> {
+    fn slab(&mut self, id: u64) -> Result<&Arc<Slab>, Refusal> {
+        if !self.cache.contains_key(&id) {
+            let slab =
+                self.store.get(id).ok_or((ErrorCode::NoSuchSlab, format!("no slab {id} on this host")))?;
+            self.cache.insert(id, slab);
+        }
+        Ok(&self.cache[&id])
+    }
+
+    /// Answers one request into `out`. Returns false when the connection must close.
+    fn handle(&mut self, id: u64, msg: &Message<'_>, out: &mut FrameWriter) -> bool {
+        if !self.greeted {
+            return self.hello(id, msg, out);
+        }
+        let result = match *msg {
+            Message::AllocSlab { bytes } => self.store.alloc(bytes).map(|(slab_id, slab)| {
+                self.owned.insert(slab_id);
+                self.cache.insert(slab_id, slab);
+                out.push(id, &Message::SlabAllocated { slab_id });
+            }),
+            Message::FreeSlab { slab_id } => {
+                if self.owned.remove(&slab_id) && self.store.free(slab_id) {
+                    self.cache.remove(&slab_id);
+                    out.push(id, &Message::Ok);
+                    Ok(())
+                } else {
+                    Err((ErrorCode::NoSuchSlab, format!("this client owns no slab {slab_id}")))
+                }
+            }
+            Message::ReadPages { slab_id, first_page, count } => self.slab(slab_id).and_then(|slab| {
+                let slab = Arc::clone(slab);
+                let start = out.begin_frame();
+                out.payload().extend_from_slice(&first_page.to_le_bytes());
+                match slab.read_pages(first_page, u64::from(count), out.payload()) {
+                    Ok(()) => {
+                        out.finish_frame(start, Message::Pages { first_page, data: &[] }.kind(), id);
+                        Ok(())
+                    }
+                    Err(refusal) => {
+                        out.payload().truncate(start);
+                        Err(refusal)
+                    }
+                }
+            }),
+            Message::WritePages { slab_id, first_page, data } => self
+                .slab(slab_id)
+                .and_then(|s| s.write_pages(first_page, data))
+                .map(|()| out.push(id, &Message::Ok)),
+            Message::WriteLines { slab_id, page, line_mask, lines } => self
+                .slab(slab_id)
+                .and_then(|s| s.write_lines(page, line_mask, lines))
+                .map(|()| out.push(id, &Message::Ok)),
+            Message::GetStats => {
+                out.push(id, &Message::Stats(self.store.stats()));
+                Ok(())
+            }
+            _ => Err((ErrorCode::BadRequest, format!("{msg:?} is not a request"))),
+        };
+        if let Err((code, text)) = result {
+            out.push(id, &Message::Error { code, message: &text });
+        }
+        true
+    }
+
+    fn hello(&mut self, id: u64, msg: &Message<'_>, out: &mut FrameWriter) -> bool {
+        let Message::Hello { min_version, max_version, flags } = *msg else {
+            out.push(id, &Message::Error { code: ErrorCode::BadRequest, message: "expected Hello first" });
+            return false;
+        };
+        let version = max_version.min(MAX_VERSION);
+        if version < min_version.max(MIN_VERSION) {
+            let text = format!(
+                "client speaks versions {min_version}..={max_version}, host speaks {MIN_VERSION}..={MAX_VERSION}"
+            );
+            out.push(id, &Message::Error { code: ErrorCode::VersionMismatch, message: &text });
+            return false;
+        }
+        self.greeted = true;
+        self.low_latency = flags & HELLO_LOW_LATENCY != 0;
+        out.push(id, &Message::HelloOk { version, capacity_bytes: self.store.capacity_bytes() });
+        true
+    }
+}
+
+fn serve_client(stream: TcpStream, store: &Store, shutdown: &AtomicBool) {
+    let peer = stream.peer_addr().map_or_else(|_| "?".to_string(), |a| a.to_string());
+    let _ = stream.set_nodelay(true);
+    let mut reader = match FrameReader::new(stream) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("clustermem host: {peer}: {e}");
+            return;
+        }
+    };
+    store.clients.fetch_add(1, Ordering::Relaxed);
+    let mut session =
+        Session { store, owned: HashSet::new(), cache: HashMap::new(), low_latency: false, greeted: false };
+    let mut out = FrameWriter::new();
+    let mut last_request = Instant::now();
+    loop {
+        // Send replies once the requests already here are answered: one send for a batch.
+        if !out.is_empty() && !reader.has_buffered_frame() {
+            if let Err(e) = out.flush_to(reader.stream()) {
+                eprintln!("clustermem host: {peer}: send failed: {e}");
+                break;
+            }
+        }
+        if shutdown.load(Ordering::Acquire) {
+            break;
+        }
+        let spin_until = session.low_latency.then(|| last_request + SPIN_WINDOW);
+        let outcome = reader.recv(spin_until, Some(Instant::now() + SHUTDOWN_POLL));
+        match outcome {
+            Ok((id, msg)) => {
+                last_request = Instant::now();
+                if !session.handle(id, &msg, &mut out) {
+                    let _ = out.flush_to(reader.stream());
+                    break;
+                }
+            }
+            Err(RecvError::TimedOut(_)) => {}
+            Err(RecvError::Closed) => break,
+            Err(RecvError::Decode(e)) => {
+                // Framing is lost: say why and close this connection only.
+                let text = format!("malformed frame: {e}");
+                eprintln!("clustermem host: {peer}: {text}; closing the connection");
+                out.push(0, &Message::Error { code: ErrorCode::BadRequest, message: &text });
+                let _ = out.flush_to(reader.stream());
+                break;
+            }
+            Err(e) => {
+                eprintln!("clustermem host: {peer}: {e}");
+                break;
+            }
+        }
+    }
+    for slab_id in session.owned {
+        store.free(slab_id);
+    }
+    store.clients.fetch_sub(1, Ordering::Relaxed);
+    let _ = reader.stream().shutdown(std::net::Shutdown::Both);
+}

@@ -1,0 +1,272 @@
+//! The memory a host donates: slabs of anonymous memory with capacity accounting.
+//!
+//! A slab is one `MAP_NORESERVE` anonymous mapping, so a granted but never-written page costs
+//! nothing until it is written. Capacity is accounted by what is granted, not what is touched,
+//! so a host never promises more than it donated. Writes take a per-page stripe lock, so a
+//! reader sees a page before or after a `WriteLines` frame, never half of it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use clustermem_proto::{ErrorCode, HostStats, LINE_SIZE, PAGE_SIZE};
+
+/// Largest slab one request may ask for (1 TiB): a sanity bound against garbage sizes.
+const MAX_SLAB_BYTES: u64 = 1 << 40;
+/// Lock stripes per slab; page `p` uses stripe `p % LOCK_STRIPES`.
+const LOCK_STRIPES: usize = 1024;
+
+/// A refused request: the code for the wire and a sentence for the person reading it.
+pub(crate) type Refusal = (ErrorCode, String);
+
+/// One granted slab of memory.
+pub(crate) struct Slab {
+    base: *mut u8,
+    len: usize,
+    locks: Box<[RwLock<()>]>,
+}
+
+// SAFETY: `base` points at a private mapping owned by this slab alone until drop; every access
+// to its bytes goes through the methods below under the page's stripe lock, so concurrent use
+// from several connection threads is data-race free.
+unsafe impl Send for Slab {}
+// SAFETY: as above: shared access is serialised per page by `locks`.
+unsafe impl Sync for Slab {}
+
+impl std::fmt::Debug for Slab {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slab").field("base", &self.base).field("len", &self.len).finish()
+    }
+}
+
+impl Slab {
+    fn new(len: usize) -> Result<Self, Refusal> {
+        // SAFETY: a fresh private anonymous mapping; it aliases nothing.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err((
+                ErrorCode::OutOfCapacity,
+                format!("host could not map {len} bytes: {}", std::io::Error::last_os_error()),
+            ));
+        }
+        let locks = (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect();
+        Ok(Self { base: base.cast(), len, locks })
+    }
+
+    fn pages(&self) -> u64 {
+        (self.len / PAGE_SIZE) as u64
+    }
+
+    fn check_range(&self, first_page: u64, count: u64) -> Result<usize, Refusal> {
+        match first_page.checked_add(count) {
+            Some(end) if count > 0 && end <= self.pages() => Ok(usize::try_from(first_page).expect("< len")),
+            _ => Err((
+                ErrorCode::OutOfRange,
+                format!("pages {first_page}+{count} outside a slab of {} pages", self.pages()),
+            )),
+        }
+    }
+
+    fn page_ptr(&self, page: usize) -> *mut u8 {
+        // SAFETY: callers checked `page < pages()`, so the offset stays inside the mapping.
+        unsafe { self.base.add(page * PAGE_SIZE) }
+    }
+
+    fn stripe(&self, page: usize) -> &RwLock<()> {
+        &self.locks[page % LOCK_STRIPES]
+    }
+
+    /// Appends `count` pages from `first_page` to `out`.
+    pub(crate) fn read_pages(&self, first_page: u64, count: u64, out: &mut Vec<u8>) -> Result<(), Refusal> {
+        let first = self.check_range(first_page, count)?;
+        for page in first..first + count as usize {
+            let _guard = self.stripe(page).read().unwrap_or_else(|e| e.into_inner());
+            // SAFETY: the page lies inside the mapping (checked) and its writers are excluded
+            // by the stripe lock held here.
+            out.extend_from_slice(unsafe { std::slice::from_raw_parts(self.page_ptr(page), PAGE_SIZE) });
+        }
+        Ok(())
+    }
+
+    /// Overwrites whole pages from `first_page` with `data`.
+    pub(crate) fn write_pages(&self, first_page: u64, data: &[u8]) -> Result<(), Refusal> {
+        let first = self.check_range(first_page, (data.len() / PAGE_SIZE) as u64)?;
+        for (i, src) in data.chunks_exact(PAGE_SIZE).enumerate() {
+            let page = first + i;
+            let _guard = self.stripe(page).write().unwrap_or_else(|e| e.into_inner());
+            // SAFETY: the page lies inside the mapping (checked); the stripe lock excludes
+            // every other reader and writer of it.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.page_ptr(page), PAGE_SIZE) };
+        }
+        Ok(())
+    }
+
+    /// Overwrites the lines of `page` named by `line_mask` with `lines`, in ascending order.
+    pub(crate) fn write_lines(&self, page: u64, line_mask: u64, lines: &[u8]) -> Result<(), Refusal> {
+        let page = self.check_range(page, 1)?;
+        debug_assert_eq!(lines.len(), line_mask.count_ones() as usize * LINE_SIZE, "checked by the decoder");
+        let _guard = self.stripe(page).write().unwrap_or_else(|e| e.into_inner());
+        let mut mask = line_mask;
+        for src in lines.chunks_exact(LINE_SIZE) {
+            let line = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            // SAFETY: `line < 64`, so the 64 bytes lie inside the checked page; the stripe
+            // lock excludes every other reader and writer of it.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    src.as_ptr(),
+                    self.page_ptr(page).add(line * LINE_SIZE),
+                    LINE_SIZE,
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Slab {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`len` are the mapping made in `new`; no reference to it outlives the
+        // slab (all access is through `&self` methods).
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}
+
+/// All slabs of one host and the accounting of its capacity.
+#[derive(Debug)]
+pub(crate) struct Store {
+    capacity_bytes: u64,
+    used_bytes: AtomicU64,
+    next_id: AtomicU64,
+    slabs: Mutex<HashMap<u64, Arc<Slab>>>,
+    pub(crate) clients: AtomicU64,
+}
+
+impl Store {
+    pub(crate) fn new(capacity_bytes: u64) -> Self {
+        Self {
+            capacity_bytes,
+            used_bytes: AtomicU64::new(0),
+            next_id: AtomicU64::new(1),
+            slabs: Mutex::new(HashMap::new()),
+            clients: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn capacity_bytes(&self) -> u64 {
+        self.capacity_bytes
+    }
+
+    /// Grants a slab of `bytes`, or refuses if that would exceed the capacity.
+    pub(crate) fn alloc(&self, bytes: u64) -> Result<(u64, Arc<Slab>), Refusal> {
+        if bytes == 0 || bytes % PAGE_SIZE as u64 != 0 || bytes > MAX_SLAB_BYTES {
+            return Err((
+                ErrorCode::BadRequest,
+                format!(
+                    "slab size {bytes} must be a non-zero multiple of {PAGE_SIZE} up to {MAX_SLAB_BYTES}"
+                ),
+            ));
+        }
+        let reserved = self.used_bytes.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+            used.checked_add(bytes).filter(|&total| total <= self.capacity_bytes)
+        });
+        if let Err(used) = reserved {
+            return Err((
+                ErrorCode::OutOfCapacity,
+                format!(
+                    "host is full: {} of {} bytes free, {bytes} asked",
+                    self.capacity_bytes - used,
+                    self.capacity_bytes
+                ),
+            ));
+        }
+        let slab = match Slab::new(usize::try_from(bytes).expect("bounded by MAX_SLAB_BYTES")) {
+            Ok(slab) => Arc::new(slab),
+            Err(refusal) => {
+                self.used_bytes.fetch_sub(bytes, Ordering::AcqRel);
+                return Err(refusal);
+            }
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.slabs.lock().unwrap_or_else(|e| e.into_inner()).insert(id, Arc::clone(&slab));
+        Ok((id, slab))
+    }
+
+    /// Frees a slab; its memory goes back once no request still holds it.
+    pub(crate) fn free(&self, id: u64) -> bool {
+        let removed = self.slabs.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        if let Some(slab) = removed {
+            self.used_bytes.fetch_sub(slab.len as u64, Ordering::AcqRel);
+            true
+        } else {
+            false
+        }
+    }
+
+    pub(crate) fn get(&self, id: u64) -> Option<Arc<Slab>> {
+        self.slabs.lock().unwrap_or_else(|e| e.into_inner()).get(&id).cloned()
+    }
+
+    pub(crate) fn stats(&self) -> HostStats {
+        HostStats {
+            capacity_bytes: self.capacity_bytes,
+            used_bytes: self.used_bytes.load(Ordering::Acquire),
+            slabs: self.slabs.lock().unwrap_or_else(|e| e.into_inner()).len() as u64,
+            clients: self.clients.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capacity_is_enforced_and_returned_on_free() {
+        let store = Store::new(8 * PAGE_SIZE as u64);
+        let (a, _) = store.alloc(6 * PAGE_SIZE as u64).unwrap();
+        let err = store.alloc(4 * PAGE_SIZE as u64).unwrap_err();
+        assert_eq!(err.0, ErrorCode::OutOfCapacity);
+        assert!(err.1.contains("8192 of 32768 bytes free"), "{}", err.1);
+        assert!(store.free(a));
+        assert!(!store.free(a));
+        store.alloc(8 * PAGE_SIZE as u64).unwrap();
+        assert_eq!(store.stats().used_bytes, 8 * PAGE_SIZE as u64);
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        let store = Store::new(1 << 30);
+        for bytes in [0, 100, MAX_SLAB_BYTES + PAGE_SIZE as u64] {
+            assert_eq!(store.alloc(bytes).unwrap_err().0, ErrorCode::BadRequest, "{bytes}");
+        }
+    }
+
+    #[test]
+    fn pages_and_lines_read_back() {
+        let store = Store::new(1 << 20);
+        let (_, slab) = store.alloc(4 * PAGE_SIZE as u64).unwrap();
+        let mut out = Vec::new();
+        slab.read_pages(0, 4, &mut out).unwrap();
+        assert!(out.iter().all(|&b| b == 0), "fresh slabs read as zeros");
+        slab.write_pages(1, &[7u8; 2 * PAGE_SIZE]).unwrap();
+        let lines: Vec<u8> = (0..2 * LINE_SIZE).map(|i| (i / LINE_SIZE) as u8 + 1).collect();
+        slab.write_lines(2, (1 << 0) | (1 << 63), &lines).unwrap();
+        out.clear();
+        slab.read_pages(2, 1, &mut out).unwrap();
+        assert!(out[..LINE_SIZE].iter().all(|&b| b == 1));
+        assert!(out[LINE_SIZE..PAGE_SIZE - LINE_SIZE].iter().all(|&b| b == 7));
+        assert!(out[PAGE_SIZE - LINE_SIZE..].iter().all(|&b| b == 2));
+        assert_eq!(slab.read_pages(3, 2, &mut out).unwrap_err().0, ErrorCode::OutOfRange);
+        assert_eq!(slab.read_pages(u64::MAX, 2, &mut out).unwrap_err().0, ErrorCode::OutOfRange);
+    }
+}

@@ -1,0 +1,731 @@
+//! The fault handler: one thread that owns every page table, policy and host connection of a
+//! runtime, so the fault path takes no lock.
+//!
+//! Data flows one way: fault -> page state -> request on the page's host link -> reply ->
+//! `UFFDIO_COPY` (which wakes the faulting thread) -> eviction if over the local limit.
+//! Faults from many threads are pipelined: the handler reads every pending fault, sends every
+//! fetch, then installs replies as they come, so N threads get N fetches in flight.
+//!
+//! Page life cycle (flags in [`PageState`]):
+//! - not resident: reads as zeros locally (never written back) or from its host (`ON_HOST`);
+//! - `FETCHING`: a fetch is in flight; further faults on it just wait for the install;
+//! - resident clean: installed write-protected, so the first store faults and marks it dirty;
+//! - resident `DIRTY`: writable; evicting it write-protects first (a racing writer then waits
+//!   in the fault queue), queues the write-back from the page itself, then drops it.
+//!   Requests on a link are answered in order, so a later fetch of it sees the write.
+//! - `LOST`: its host died; a touch gets `SIGBUS` (poisoned), never a silent zero page.
+
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clustermem_net::{FrameReader, RecvError};
+use clustermem_proto::{Message, PAGE_SIZE};
+use clustermem_uffd::{Event, RegisterMode, Uffd};
+
+use crate::policy::{EvictionPolicy, PageKey};
+use crate::stats::RuntimeStats;
+use crate::transport::{Link, Pending};
+use crate::RuntimeError;
+
+/// Per-page flags, one byte a page.
+struct PageState;
+impl PageState {
+    const ON_HOST: u8 = 1;
+    const RESIDENT: u8 = 2;
+    const DIRTY: u8 = 4;
+    const FETCHING: u8 = 8;
+    const LOST: u8 = 16;
+}
+
+/// How long a low-latency handler keeps busy-polling after its last fault.
+const SPIN_WINDOW: Duration = Duration::from_micros(100);
+
+/// Requests from `Runtime`/`Region` handles to the handler thread.
+pub(crate) enum Command {
+    AddRegion {
+        base: usize,
+        len: usize,
+        reply: Sender<Result<u32, RuntimeError>>,
+        error: Arc<Mutex<Option<String>>>,
+    },
+    RemoveRegion {
+        id: u32,
+        reply: Sender<()>,
+    },
+    Flush {
+        id: u32,
+        reply: Sender<Result<(), RuntimeError>>,
+    },
+    Shutdown,
+}
+
+/// Where a slab of a region lives.
+#[derive(Debug, Clone, Copy)]
+struct SlabRef {
+    host: usize,
+    slab_id: u64,
+    bytes: u64,
+}
+
+struct RegionState {
+    base: usize,
+    pages: Vec<u8>,
+    slabs: Vec<SlabRef>,
+    slab_pages: usize,
+    error: Arc<Mutex<Option<String>>>,
+    /// Lost pages not yet named in `error`.
+    lost: usize,
+}
+
+impl RegionState {
+    fn addr(&self, page: usize) -> usize {
+        self.base + page * PAGE_SIZE
+    }
+    fn slab_of(&self, page: usize) -> (SlabRef, u64) {
+        (self.slabs[page / self.slab_pages], (page % self.slab_pages) as u64)
+    }
+    fn record_loss(&mut self, page: usize, why: &str) {
+        self.pages[page] |= PageState::LOST;
+        self.lost += 1;
+        let mut error = self.error.lock().unwrap_or_else(|e| e.into_inner());
+        *error = Some(format!("{} page(s) lost, latest at {:#x}: {why}", self.lost, self.addr(page)));
+    }
+}
+
+/// Static configuration of a handler.
+pub(crate) struct HandlerConfig {
+    pub capacity_pages: usize,
+    pub low_latency: bool,
+    pub slab_bytes: usize,
+    pub request_timeout: Duration,
+}
+
+/// Everything but the readers, so a reply borrowed from a reader can be applied to it.
+struct Core {
+    uffd: Arc<Uffd>,
+    config: HandlerConfig,
+    regions: HashMap<u32, RegionState>,
+    /// (base, end, id), sorted by base, for address lookup.
+    ranges: Vec<(usize, usize, u32)>,
+    next_region: u32,
+    policy: Box<dyn EvictionPolicy>,
+    resident: usize,
+    stats: Arc<RuntimeStats>,
+    links: Vec<Link>,
+    zero_page: Box<[u8]>,
+    /// Flushes waiting for their barriers: id -> (barriers left, reply).
+    flushes: HashMap<u64, (usize, Sender<Result<(), RuntimeError>>)>,
+    next_barrier: u64,
+    poison_supported: bool,
+}
+
+/// An error with its causes, for log lines.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+fn key(region: u32, page: usize) -> PageKey {
+    (u64::from(region) << 40) | page as u64
+}
+
+fn unkey(k: PageKey) -> (u32, usize) {
+    (u32::try_from(k >> 40).expect("24-bit region ids"), usize::try_from(k & ((1 << 40) - 1)).expect("fits"))
+}
+
+/// The handler thread's state.
+pub(crate) struct Handler {
+    core: Core,
+    readers: Vec<FrameReader>,
+    commands: Receiver<Command>,
+    wakeup_fd: i32,
+}
+
+impl Handler {
+    pub(crate) fn new(
+        uffd: Arc<Uffd>,
+        config: HandlerConfig,
+        policy: Box<dyn EvictionPolicy>,
+        stats: Arc<RuntimeStats>,
+        connections: Vec<(Link, FrameReader)>,
+        commands: Receiver<Command>,
+        wakeup_fd: i32,
+    ) -> Self {
+        let poison_supported = uffd.features().contains(clustermem_uffd::Features::POISON);
+        let (links, readers) = connections.into_iter().unzip();
+        Self {
+            core: Core {
+                uffd,
+                config,
+                regions: HashMap::new(),
+                ranges: Vec::new(),
+                next_region: 1,
+                policy,
+                resident: 0,
+                stats,
+                links,
+                zero_page: vec![0u8; PAGE_SIZE].into_boxed_slice(),
+                flushes: HashMap::new(),
+                next_barrier: 0,
+                poison_supported,
+            },
+            readers,
+            commands,
+            wakeup_fd,
+        }
+    }
+
+    /// Runs until a `Shutdown` command (or every handle is gone).
+    pub(crate) fn run(mut self) {
+        let mut events = [Event::Other(0); 64];
+        let mut last_fault = Instant::now() - SPIN_WINDOW;
+        loop {
+            let mut progress = false;
+            match self.core.uffd.read_events(&mut events) {
+                Ok(n) => {
+                    for ev in &events[..n] {
+                        self.core.on_event(*ev);
+                    }
+                    if n > 0 {
+                        progress = true;
+                        last_fault = Instant::now();
+                    }
+                }
+                Err(e) => {
+                    eprintln!("clustermem: fault handler cannot read userfaultfd: {e}");
+                    return;
+                }
+            }
+            match self.commands.try_recv() {
+                Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => return,
+                Ok(cmd) => {
+                    self.drain_wakeup();
+                    self.on_command(cmd);
+                    progress = true;
+                }
+                Err(TryRecvError::Empty) => {}
+            }
+            self.flush_links();
+            progress |= self.poll_replies();
+            self.check_timeouts();
+            if progress {
+                continue;
+            }
+            let fetching = self.core.links.iter().any(|l| !l.pending.is_empty() && l.dead.is_none());
+            if self.core.config.low_latency && (fetching || last_fault.elapsed() < SPIN_WINDOW) {
+                std::hint::spin_loop();
+                continue;
+            }
+            self.sleep();
+        }
+    }
+
+    fn drain_wakeup(&self) {
+        let mut buf = 0u64;
+        // SAFETY: reads 8 bytes into a local u64 from our non-blocking eventfd.
+        unsafe { libc::read(self.wakeup_fd, std::ptr::addr_of_mut!(buf).cast(), 8) };
+    }
+
+    /// Sleeps until a fault, a command or a reply arrives.
+    fn sleep(&self) {
+        let mut fds = vec![
+            libc::pollfd { fd: self.core.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: self.wakeup_fd, events: libc::POLLIN, revents: 0 },
+        ];
+        for (link, reader) in self.core.links.iter().zip(&self.readers) {
+            if !link.pending.is_empty() && link.dead.is_none() {
+                fds.push(libc::pollfd { fd: reader.stream().as_raw_fd(), events: libc::POLLIN, revents: 0 });
+            }
+        }
+        let timeout_ms = if fds.len() > 2 { 100 } else { 1000 };
+        // SAFETY: `fds` is a valid array of pollfds for the duration of the call.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    }
+
+    fn flush_links(&mut self) {
+        for h in 0..self.core.links.len() {
+            let link = &mut self.core.links[h];
+            if link.writer.is_empty() || link.dead.is_some() {
+                continue;
+            }
+            if let Err(e) = link.writer.flush_to(self.readers[h].stream()) {
+                let why = format!("send to {} failed: {e}", link.addr);
+                self.core.host_died(h, &why);
+            }
+        }
+    }
+
+    /// Applies every reply already received. Returns whether any was.
+    fn poll_replies(&mut self) -> bool {
+        let mut any = false;
+        for h in 0..self.readers.len() {
+            while !self.core.links[h].pending.is_empty() && self.core.links[h].dead.is_none() {
+                let past = Some(Instant::now() - Duration::from_nanos(1));
+                match self.readers[h].recv(None, past) {
+                    Ok((id, msg)) => {
+                        any = true;
+                        self.core.on_reply(h, id, &msg);
+                    }
+                    Err(RecvError::TimedOut(_)) => break,
+                    Err(e) => {
+                        let why = format!("host {} failed: {e}", self.core.links[h].addr);
+                        self.core.host_died(h, &why);
+                    }
+                }
+            }
+        }
+        any
+    }
+
+    fn check_timeouts(&mut self) {
+        let timeout = self.core.config.request_timeout;
+        for h in 0..self.core.links.len() {
+            let link = &self.core.links[h];
+            if link.dead.is_some() {
+                continue;
+            }
+            if let Some((_, Pending::Fetch { started, .. })) = link.pending.front() {
+                if started.elapsed() > timeout {
+                    let why = format!("host {} did not answer within {timeout:?}", link.addr);
+                    self.core.host_died(h, &why);
+                }
+            }
+        }
+    }
+
+    /// Sends `msg` to host `h` and waits for its reply, applying replies to earlier requests
+    /// on the way. For rare control requests (slab allocation), not the fault path.
+    fn call(&mut self, h: usize, msg: &Message<'_>) -> Result<OwnedReply, String> {
+        if let Some(why) = &self.core.links[h].dead {
+            return Err(why.clone());
+        }
+        self.core.links[h].send(msg, Pending::Ignore);
+        let want = self.core.links[h].pending.back().map(|(id, _)| *id).expect("just sent");
+        self.flush_links();
+        let deadline = Instant::now() + self.core.config.request_timeout;
+        loop {
+            if let Some(why) = &self.core.links[h].dead {
+                return Err(why.clone());
+            }
+            match self.readers[h].recv(None, Some(deadline)) {
+                Ok((id, reply)) if id == want => {
+                    self.core.links[h].pending.pop_front();
+                    return Ok(OwnedReply::from(&reply));
+                }
+                Ok((id, reply)) => self.core.on_reply(h, id, &reply),
+                Err(e) => {
+                    let why = format!("host {} failed: {e}", self.core.links[h].addr);
+                    self.core.host_died(h, &why);
+                }
+            }
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::AddRegion { base, len, reply, error } => {
+                let result = self.add_region(base, len, error);
+                let _ = reply.send(result);
+            }
+            Command::RemoveRegion { id, reply } => {
+                self.core.remove_region(id);
+                let _ = reply.send(());
+            }
+            Command::Flush { id, reply } => self.core.flush(id, reply),
+            Command::Shutdown => unreachable!("handled by the loop"),
+        }
+    }
+
+    fn add_region(
+        &mut self,
+        base: usize,
+        len: usize,
+        error: Arc<Mutex<Option<String>>>,
+    ) -> Result<u32, RuntimeError> {
+        let pages = len / PAGE_SIZE;
+        let slab_pages = (self.core.config.slab_bytes / PAGE_SIZE).min(pages).max(1);
+        let mut slabs = Vec::new();
+        let mut failure = None;
+        for first in (0..pages).step_by(slab_pages) {
+            let bytes = ((pages - first).min(slab_pages) * PAGE_SIZE) as u64;
+            // Greedy placement: the live host with the most unallocated capacity.
+            let host =
+                (0..self.core.links.len()).filter(|&h| self.core.links[h].dead.is_none()).max_by_key(|&h| {
+                    let l = &self.core.links[h];
+                    l.capacity_bytes.saturating_sub(l.allocated_bytes)
+                });
+            let Some(host) = host else {
+                failure = Some(RuntimeError::NoLiveHost);
+                break;
+            };
+            match self.call(host, &Message::AllocSlab { bytes }) {
+                Ok(OwnedReply::SlabAllocated(slab_id)) => {
+                    self.core.links[host].allocated_bytes += bytes;
+                    slabs.push(SlabRef { host, slab_id, bytes });
+                }
+                Ok(OwnedReply::Error(message)) => {
+                    let addr = self.core.links[host].addr.to_string();
+                    failure = Some(RuntimeError::HostRefused { addr, message });
+                    break;
+                }
+                Ok(OwnedReply::Other(reply)) => {
+                    failure = Some(RuntimeError::Protocol(format!("unexpected reply to AllocSlab: {reply}")));
+                    break;
+                }
+                Err(why) => {
+                    failure = Some(RuntimeError::HostFailed(why));
+                    break;
+                }
+            }
+        }
+        if let Some(err) = failure {
+            for s in slabs {
+                self.core.free_slab(s);
+            }
+            return Err(err);
+        }
+        let id = self.core.next_region;
+        self.core.next_region += 1;
+        self.core.regions.insert(
+            id,
+            RegionState { base, pages: vec![0; pages], slabs: slabs.clone(), slab_pages, error, lost: 0 },
+        );
+        let mode = RegisterMode { missing: true, write_protect: true };
+        // SAFETY: `Region::new` made this private anonymous mapping for this runtime alone and
+        // keeps it mapped until `RemoveRegion` has unregistered it; this thread serves its
+        // faults from now on.
+        if let Err(e) = unsafe { self.core.uffd.register(base, len, mode) } {
+            self.core.regions.remove(&id);
+            for s in slabs {
+                self.core.free_slab(s);
+            }
+            return Err(RuntimeError::Uffd(e));
+        }
+        let pos = self.core.ranges.partition_point(|r| r.0 < base);
+        self.core.ranges.insert(pos, (base, base + len, id));
+        Ok(id)
+    }
+}
+
+/// A reply copied out of the reader's buffer, for control requests.
+#[derive(Debug)]
+enum OwnedReply {
+    SlabAllocated(u64),
+    Error(String),
+    Other(String),
+}
+
+impl From<&Message<'_>> for OwnedReply {
+    fn from(m: &Message<'_>) -> Self {
+        match m {
+            Message::SlabAllocated { slab_id } => Self::SlabAllocated(*slab_id),
+            Message::Error { message, .. } => Self::Error((*message).to_string()),
+            other => Self::Other(format!("{other:?}")),
+        }
+    }
+}
+
+impl Core {
+    fn lookup(&self, addr: usize) -> Option<(u32, usize)> {
+        let pos = self.ranges.partition_point(|r| r.0 <= addr);
+        let &(base, end, id) = self.ranges.get(pos.checked_sub(1)?)?;
+        (addr < end).then(|| (id, (addr - base) / PAGE_SIZE))
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        let Event::PageFault { addr, write, write_protect, .. } = ev else { return };
+        let started = Instant::now();
+        let Some((id, page)) = self.lookup(addr) else {
+            // Not ours (a region being removed): wake, the thread will refault elsewhere.
+            let _ = self.uffd.wake(addr, PAGE_SIZE);
+            return;
+        };
+        let region = self.regions.get_mut(&id).expect("ranges and regions agree");
+        let state = region.pages[page];
+        if state & PageState::LOST != 0 {
+            self.poison(addr);
+        } else if state & PageState::RESIDENT != 0 {
+            if write_protect && state & PageState::DIRTY == 0 {
+                region.pages[page] |= PageState::DIRTY;
+                self.policy.touch(key(id, page));
+                self.stats.write_faults.fetch_add(1, Relaxed);
+                if let Err(e) = self.uffd.write_protect(addr, PAGE_SIZE, false, true) {
+                    eprintln!("clustermem: cannot unprotect {addr:#x}: {}", chain(&e));
+                }
+            } else {
+                // Already served (the fault raced an install): just wake.
+                let _ = self.uffd.wake(addr, PAGE_SIZE);
+            }
+        } else if state & PageState::FETCHING != 0 {
+            // The install of the fetch in flight wakes this thread too.
+        } else if state & PageState::ON_HOST != 0 {
+            let (slab, slab_page) = region.slab_of(page);
+            region.pages[page] |= PageState::FETCHING;
+            let link = &mut self.links[slab.host];
+            if let Some(why) = link.dead.clone() {
+                region.pages[page] &= !PageState::FETCHING;
+                region.record_loss(page, &why);
+                self.poison(addr);
+                return;
+            }
+            link.send(
+                &Message::ReadPages { slab_id: slab.slab_id, first_page: slab_page, count: 1 },
+                Pending::Fetch { region: id, page, write, started },
+            );
+        } else {
+            // Never written back: the host copy is zeros, so no network trip.
+            self.stats.zero_faults.fetch_add(1, Relaxed);
+            let zeros = std::mem::take(&mut self.zero_page);
+            self.install(id, page, &zeros, write);
+            self.zero_page = zeros;
+        }
+    }
+
+    fn poison(&self, addr: usize) {
+        let result = if self.poison_supported {
+            self.uffd.poison(addr, PAGE_SIZE)
+        } else {
+            Err(clustermem_uffd::UffdError::MissingFeature("UFFDIO_POISON (Linux 6.6+)"))
+        };
+        if let Err(e) = result {
+            // Without poison the thread cannot be failed from here; it stays blocked rather
+            // than read a wrong page. Say so loudly.
+            eprintln!(
+                "clustermem: a page at {addr:#x} is lost and cannot be poisoned ({}); the thread touching it stays blocked",
+                chain(&e)
+            );
+        }
+    }
+
+    /// Installs `data` as page `page` of region `id`; dirty if it was a write fault.
+    fn install(&mut self, id: u32, page: usize, data: &[u8], write: bool) {
+        let Some(region) = self.regions.get_mut(&id) else { return };
+        let addr = region.addr(page);
+        region.pages[page] &= !PageState::FETCHING;
+        region.pages[page] |= PageState::RESIDENT | if write { PageState::DIRTY } else { 0 };
+        match self.uffd.copy(addr, data, !write, true) {
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("clustermem: cannot install page at {addr:#x}: {}", chain(&e));
+                region.pages[page] &= !(PageState::RESIDENT | PageState::DIRTY);
+                return;
+            }
+        }
+        self.policy.insert(key(id, page));
+        self.resident += 1;
+        while self.resident > self.config.capacity_pages {
+            let Some(victim) = self.policy.evict() else { break };
+            if !self.evict(victim) {
+                // Over the limit for now rather than spin on a page that cannot leave.
+                break;
+            }
+        }
+    }
+
+    /// Gives one resident page back: write-protect, write back if dirty, drop. Returns false
+    /// if the page could not be evicted (it stays resident and tracked).
+    fn evict(&mut self, victim: PageKey) -> bool {
+        let (id, page) = unkey(victim);
+        let Some(region) = self.regions.get_mut(&id) else { return true };
+        let addr = region.addr(page);
+        let state = region.pages[page];
+        debug_assert!(state & PageState::RESIDENT != 0);
+        if state & PageState::DIRTY != 0 {
+            // Write-protect first: a writer racing the write-back now waits in the fault
+            // queue, and sees the page refetched with its store still to make.
+            if let Err(e) = self.uffd.write_protect(addr, PAGE_SIZE, true, true) {
+                eprintln!("clustermem: cannot write-protect {addr:#x} for eviction: {}", chain(&e));
+                self.policy.insert(victim);
+                return false;
+            }
+            self.write_back(id, page);
+        }
+        let region = self.regions.get_mut(&id).expect("checked above");
+        // SAFETY: the page lies in a mapping this runtime owns; dropping it only makes the next
+        // touch fault back to us.
+        let rc = unsafe { libc::madvise(addr as *mut libc::c_void, PAGE_SIZE, libc::MADV_DONTNEED) };
+        debug_assert_eq!(rc, 0);
+        region.pages[page] &= !(PageState::RESIDENT | PageState::DIRTY);
+        self.resident -= 1;
+        self.stats.pages_evicted.fetch_add(1, Relaxed);
+        true
+    }
+
+    /// Queues the write-back of a resident, write-protected page of region `id`.
+    fn write_back(&mut self, id: u32, page: usize) {
+        let region = self.regions.get_mut(&id).expect("caller checked");
+        let addr = region.addr(page);
+        let (slab, slab_page) = region.slab_of(page);
+        let link = &mut self.links[slab.host];
+        if let Some(why) = link.dead.clone() {
+            region.record_loss(page, &why);
+            return;
+        }
+        let mut prefix = [0u8; 16];
+        prefix[..8].copy_from_slice(&slab.slab_id.to_le_bytes());
+        prefix[8..].copy_from_slice(&slab_page.to_le_bytes());
+        // SAFETY: the page is resident and write-protected, so it is readable and no store
+        // changes it while it is copied into the send buffer.
+        let data = unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) };
+        let kind = Message::WritePages { slab_id: 0, first_page: 0, data: &[] }.kind();
+        let bytes = link.send_parts(kind, &prefix, data, Pending::WriteBack { region: id, page });
+        self.stats.pages_written_back.fetch_add(1, Relaxed);
+        self.stats.bytes_written_back.fetch_add(bytes, Relaxed);
+        region.pages[page] |= PageState::ON_HOST;
+    }
+
+    fn on_reply(&mut self, h: usize, id: u64, msg: &Message<'_>) {
+        let Some((want, pending)) = self.links[h].pending.pop_front() else {
+            self.host_died(h, "host sent a reply nobody asked for");
+            return;
+        };
+        if want != id {
+            self.host_died(h, &format!("host answered request {id}, expected {want}"));
+            return;
+        }
+        match (pending, msg) {
+            (Pending::Fetch { region, page, write, started }, Message::Pages { data, .. }) => {
+                self.stats.remote_faults.fetch_add(1, Relaxed);
+                self.stats.pages_fetched.fetch_add(1, Relaxed);
+                self.stats.bytes_fetched.fetch_add(data.len() as u64, Relaxed);
+                self.install(region, page, &data[..PAGE_SIZE], write);
+                self.stats
+                    .fault_service
+                    .record(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
+            }
+            (Pending::WriteBack { .. }, Message::Ok) | (Pending::Ignore, _) => {}
+            (Pending::Barrier(token), _) => {
+                if let Some(entry) = self.flushes.get_mut(&token) {
+                    entry.0 -= 1;
+                    if entry.0 == 0 {
+                        let (_, reply) = self.flushes.remove(&token).expect("present");
+                        let _ = reply.send(Ok(()));
+                    }
+                }
+            }
+            (Pending::Fetch { region, page, .. } | Pending::WriteBack { region, page }, reply) => {
+                let why = format!("host {} refused: {reply:?}", self.links[h].addr);
+                if let Some(r) = self.regions.get_mut(&region) {
+                    r.pages[page] &= !PageState::FETCHING;
+                    r.record_loss(page, &why);
+                    let addr = r.addr(page);
+                    self.poison(addr);
+                }
+            }
+        }
+    }
+
+    /// Marks host `h` dead: its pending fetches and write-backs are lost, and the pages
+    /// waiting on them are poisoned so no thread hangs.
+    fn host_died(&mut self, h: usize, why: &str) {
+        if self.links[h].dead.is_some() {
+            return;
+        }
+        eprintln!("clustermem: {why}");
+        self.links[h].dead = Some(why.to_string());
+        self.links[h].writer = clustermem_net::FrameWriter::new();
+        for (_, pending) in std::mem::take(&mut self.links[h].pending) {
+            match pending {
+                Pending::Fetch { region, page, .. } | Pending::WriteBack { region, page } => {
+                    if let Some(r) = self.regions.get_mut(&region) {
+                        r.pages[page] &= !PageState::FETCHING;
+                        r.record_loss(page, why);
+                        let addr = r.addr(page);
+                        if r.pages[page] & PageState::RESIDENT == 0 {
+                            self.poison(addr);
+                        }
+                    }
+                }
+                Pending::Barrier(token) => {
+                    if let Some((_, reply)) = self.flushes.remove(&token) {
+                        let _ = reply.send(Err(RuntimeError::HostFailed(why.to_string())));
+                    }
+                }
+                Pending::Ignore => {}
+            }
+        }
+        // Pages of this host that are not resident are gone too.
+        for r in self.regions.values_mut() {
+            for page in 0..r.pages.len() {
+                let s = r.pages[page];
+                if s & PageState::ON_HOST != 0 && s & PageState::RESIDENT == 0 && r.slab_of(page).0.host == h
+                {
+                    r.record_loss(page, why);
+                }
+            }
+        }
+    }
+
+    fn free_slab(&mut self, s: SlabRef) {
+        let link = &mut self.links[s.host];
+        link.allocated_bytes -= s.bytes;
+        if link.dead.is_none() {
+            link.send(&Message::FreeSlab { slab_id: s.slab_id }, Pending::Ignore);
+        }
+    }
+
+    fn remove_region(&mut self, id: u32) {
+        let Some(region) = self.regions.remove(&id) else { return };
+        let len = region.pages.len() * PAGE_SIZE;
+        if let Err(e) = self.uffd.unregister(region.base, len) {
+            eprintln!("clustermem: unregistering region {id}: {}", chain(&e));
+        }
+        self.ranges.retain(|r| r.2 != id);
+        for (page, &s) in region.pages.iter().enumerate() {
+            if s & PageState::RESIDENT != 0 {
+                self.policy.remove(key(id, page));
+                self.resident -= 1;
+            }
+        }
+        for s in region.slabs {
+            self.free_slab(s);
+        }
+    }
+
+    /// Writes back every dirty page of region `id` (they stay resident, clean) and replies
+    /// once every host has acknowledged.
+    fn flush(&mut self, id: u32, reply: Sender<Result<(), RuntimeError>>) {
+        let Some(region) = self.regions.get(&id) else {
+            let _ = reply.send(Err(RuntimeError::Protocol(format!("no region {id}"))));
+            return;
+        };
+        let dirty: Vec<usize> =
+            (0..region.pages.len()).filter(|&p| region.pages[p] & PageState::DIRTY != 0).collect();
+        for page in dirty {
+            let region = self.regions.get_mut(&id).expect("checked");
+            let addr = region.addr(page);
+            if let Err(e) = self.uffd.write_protect(addr, PAGE_SIZE, true, true) {
+                let _ = reply.send(Err(RuntimeError::Uffd(e)));
+                return;
+            }
+            self.write_back(id, page);
+            self.regions.get_mut(&id).expect("checked").pages[page] &= !PageState::DIRTY;
+        }
+        if let Some(err) = self.regions[&id].error.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            let _ = reply.send(Err(RuntimeError::HostFailed(err)));
+            return;
+        }
+        self.next_barrier += 1;
+        let token = self.next_barrier;
+        let mut barriers = 0;
+        for link in self.links.iter_mut().filter(|l| l.dead.is_none()) {
+            link.send(&Message::GetStats, Pending::Barrier(token));
+            barriers += 1;
+        }
+        if barriers == 0 {
+            let _ = reply.send(Err(RuntimeError::NoLiveHost));
+        } else {
+            self.flushes.insert(token, (barriers, reply));
+        }
+    }
+}

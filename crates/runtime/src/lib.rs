@@ -1,0 +1,354 @@
+//! The clustermem compute-side runtime: regions of virtual memory whose pages live on memory
+//! hosts, demand-paged over TCP with userfaultfd under a bound on local memory.
+//!
+//! ```no_run
+//! use clustermem_runtime::{Runtime, RuntimeConfig};
+//!
+//! // No hosts given: an embedded memory host on loopback serves the pages.
+//! let runtime = Runtime::start(RuntimeConfig { local_mem_bytes: 64 << 20, ..Default::default() })?;
+//! let mut region = runtime.map(1 << 30)?; // 1 GiB, 64 MiB of it resident at most
+//! region.as_mut_slice()[123_456_789] = 42;
+//! region.flush()?; // written back and acknowledged
+//! assert_eq!(region.as_slice()[123_456_789], 42);
+//! # Ok::<(), clustermem_runtime::RuntimeError>(())
+//! ```
+//!
+//! One [`Runtime`] has one userfaultfd and one fault-handler thread (see `handler.rs`) that
+//! owns every page table, the eviction policy and the host connections: the fault path takes
+//! no lock. Its regions share one local-memory budget.
+
+mod handler;
+pub mod policy;
+mod stats;
+mod transport;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use clustermem_host::{MemoryHost, RunningHost};
+use clustermem_uffd::{Features, Uffd, UffdError};
+use thiserror::Error;
+
+pub use clustermem_proto::PAGE_SIZE;
+pub use policy::PolicyKind;
+pub use stats::{Histogram, RuntimeStats, StatsSnapshot};
+
+/// What went wrong in the runtime, with what to do about it where we know.
+#[derive(Debug, Error)]
+pub enum RuntimeError {
+    /// userfaultfd is missing, not permitted, or lacks a feature.
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    /// A memory host could not be reached.
+    #[error("memory host {addr} unreachable: {why}")]
+    HostUnreachable {
+        /// The address tried.
+        addr: String,
+        /// Why it failed.
+        why: String,
+    },
+    /// A memory host refused a request (e.g. it is full).
+    #[error("memory host {addr} refused: {message}")]
+    HostRefused {
+        /// The host.
+        addr: String,
+        /// The host's explanation.
+        message: String,
+    },
+    /// A memory host died or broke the protocol while serving.
+    #[error("memory host failed: {0}")]
+    HostFailed(String),
+    /// Every host is dead.
+    #[error("no live memory host is left")]
+    NoLiveHost,
+    /// The peer broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// A bad argument.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The embedded memory host could not start.
+    #[error("cannot start the embedded memory host")]
+    EmbeddedHost(#[from] clustermem_host::HostError),
+    /// The fault handler thread is gone.
+    #[error("the fault handler has stopped")]
+    HandlerGone,
+    /// The system refused memory or a thread.
+    #[error("{what}")]
+    Os {
+        /// What was attempted.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How a runtime is set up.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Memory hosts (`host:port`). Empty: start an embedded host on loopback.
+    pub hosts: Vec<String>,
+    /// Bound on resident region memory, in bytes (at least one page).
+    pub local_mem_bytes: u64,
+    /// Busy-poll while faults are outstanding (and briefly after), trading a core for latency.
+    pub low_latency: bool,
+    /// Eviction policy.
+    pub policy: PolicyKind,
+    /// Size of the slabs a region is spread over.
+    pub slab_bytes: usize,
+    /// A host that leaves a request unanswered this long is declared dead.
+    pub request_timeout: Duration,
+    /// Capacity of the embedded host, when no hosts are given.
+    pub embedded_capacity_bytes: u64,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            hosts: Vec::new(),
+            local_mem_bytes: 256 << 20,
+            low_latency: false,
+            policy: PolicyKind::default(),
+            slab_bytes: 64 << 20,
+            request_timeout: Duration::from_secs(10),
+            embedded_capacity_bytes: 64 << 30,
+        }
+    }
+}
+
+/// A running runtime: its fault handler and (if no hosts were given) its embedded host.
+#[derive(Debug)]
+pub struct Runtime {
+    commands: Sender<handler::Command>,
+    wakeup_fd: i32,
+    thread: Option<JoinHandle<()>>,
+    stats: Arc<RuntimeStats>,
+    hosts: Vec<String>,
+    // Dropped after the handler has stopped (field order), so its connections close first.
+    _embedded: Option<RunningHost>,
+}
+
+impl Runtime {
+    /// Opens a userfaultfd, connects to the hosts (or starts the embedded one) and starts the
+    /// fault handler.
+    pub fn start(config: RuntimeConfig) -> Result<Self, RuntimeError> {
+        if config.local_mem_bytes < PAGE_SIZE as u64 {
+            return Err(RuntimeError::Config(format!(
+                "local memory of {} bytes is less than one page",
+                config.local_mem_bytes
+            )));
+        }
+        // Poison (6.6+) lets a lost page fail its thread with SIGBUS instead of hanging it.
+        let available = Uffd::available_features()?;
+        let poison = if available.contains(Features::POISON) { Features::POISON } else { Features::empty() };
+        let uffd = Arc::new(Uffd::open(Features::PAGEFAULT_FLAG_WP.union(poison))?);
+        let (embedded, hosts) = if config.hosts.is_empty() {
+            let host = MemoryHost::bind("127.0.0.1:0", config.embedded_capacity_bytes)?.spawn();
+            let addr = host.addr().to_string();
+            (Some(host), vec![addr])
+        } else {
+            (None, config.hosts.clone())
+        };
+        let connections = hosts
+            .iter()
+            .map(|addr| transport::connect(addr, config.low_latency))
+            .collect::<Result<Vec<_>, _>>()?;
+        let stats = Arc::new(RuntimeStats::default());
+        let (tx, rx) = mpsc::channel();
+        // SAFETY: eventfd(2) with valid flags; returns a new fd or -1.
+        let wakeup_fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if wakeup_fd < 0 {
+            return Err(RuntimeError::Os { what: "eventfd", source: std::io::Error::last_os_error() });
+        }
+        let handler = handler::Handler::new(
+            uffd,
+            handler::HandlerConfig {
+                capacity_pages: usize::try_from(config.local_mem_bytes / PAGE_SIZE as u64)
+                    .unwrap_or(usize::MAX),
+                low_latency: config.low_latency,
+                slab_bytes: config.slab_bytes.max(PAGE_SIZE),
+                request_timeout: config.request_timeout,
+            },
+            config
+                .policy
+                .build(usize::try_from(config.local_mem_bytes / PAGE_SIZE as u64).unwrap_or(usize::MAX)),
+            Arc::clone(&stats),
+            connections,
+            rx,
+            wakeup_fd,
+        );
+        let thread = std::thread::Builder::new()
+            .name("uffd-handler".into())
+            .spawn(move || handler.run())
+            .map_err(|source| RuntimeError::Os { what: "spawning the fault handler", source })?;
+        Ok(Self { commands: tx, wakeup_fd, thread: Some(thread), stats, hosts, _embedded: embedded })
+    }
+
+    fn command(&self, cmd: handler::Command) -> Result<(), RuntimeError> {
+        self.commands.send(cmd).map_err(|_| RuntimeError::HandlerGone)?;
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a local u64 to our eventfd.
+        unsafe { libc::write(self.wakeup_fd, std::ptr::addr_of!(one).cast(), 8) };
+        Ok(())
+    }
+
+    /// Maps a region of `len` bytes (rounded up to whole pages) backed by the hosts.
+    pub fn map(&self, len: usize) -> Result<Region<'_>, RuntimeError> {
+        if len == 0 {
+            return Err(RuntimeError::Config("a region needs at least one byte".into()));
+        }
+        let len = len.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        if len / PAGE_SIZE >= 1 << 40 {
+            return Err(RuntimeError::Config(format!("region of {len} bytes is too large")));
+        }
+        // SAFETY: a fresh private anonymous mapping; it aliases nothing.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(RuntimeError::Os {
+                what: "mmap of the region",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // Transparent huge pages would make the kernel fill 2 MiB at once behind our back.
+        // SAFETY: advice on the mapping just made.
+        unsafe { libc::madvise(base, len, libc::MADV_NOHUGEPAGE) };
+        let error = Arc::new(Mutex::new(None));
+        let (reply, rx) = mpsc::channel();
+        let added = self
+            .command(handler::Command::AddRegion {
+                base: base as usize,
+                len,
+                reply,
+                error: Arc::clone(&error),
+            })
+            .and_then(|()| rx.recv().map_err(|_| RuntimeError::HandlerGone)?);
+        match added {
+            Ok(id) => Ok(Region { runtime: self, id, base: base.cast(), len, error }),
+            Err(e) => {
+                // SAFETY: the mapping made above; the handler did not keep it.
+                unsafe { libc::munmap(base, len) };
+                Err(e)
+            }
+        }
+    }
+
+    /// Counters of this runtime (live; reset them between phases with `reset`).
+    pub fn stats(&self) -> &RuntimeStats {
+        &self.stats
+    }
+
+    /// The memory hosts in use (the embedded host's loopback address when none was given).
+    pub fn hosts(&self) -> &[String] {
+        &self.hosts
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        let _ = self.command(handler::Command::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        // SAFETY: our eventfd, closed once, after the handler that read it has stopped.
+        unsafe { libc::close(self.wakeup_fd) };
+    }
+}
+
+/// A region of memory whose pages live on memory hosts. Read and write it as ordinary memory;
+/// it is unmapped and its host memory freed on drop.
+#[derive(Debug)]
+pub struct Region<'rt> {
+    runtime: &'rt Runtime,
+    id: u32,
+    base: *mut u8,
+    len: usize,
+    error: Arc<Mutex<Option<String>>>,
+}
+
+// SAFETY: the region's memory is an ordinary mapping owned by this handle; the handler thread
+// only installs and drops pages through the kernel, which keeps concurrent access coherent.
+unsafe impl Send for Region<'_> {}
+// SAFETY: shared access hands out `&[u8]`/atomics only; mutation needs `&mut self`.
+unsafe impl Sync for Region<'_> {}
+
+impl Region<'_> {
+    /// Length in bytes (a whole number of pages).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the region is empty (never: regions have at least one page).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Start address.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.base
+    }
+
+    /// The region as bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `base..base+len` is mapped for the life of `self`; faults are served.
+        unsafe { std::slice::from_raw_parts(self.base, self.len) }
+    }
+
+    /// The region as mutable bytes.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as `as_slice`, and `&mut self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.base, self.len) }
+    }
+
+    /// The region as 64-bit atomics, for sharing between threads.
+    pub fn as_atomic_u64s(&self) -> &[AtomicU64] {
+        // SAFETY: page-aligned, mapped for the life of `self`, and AtomicU64 has the size and
+        // alignment of u64; all access through the slice is atomic.
+        unsafe { std::slice::from_raw_parts(self.base.cast::<AtomicU64>(), self.len / 8) }
+    }
+
+    /// Writes every dirty page back and returns once the hosts have acknowledged it.
+    pub fn flush(&self) -> Result<(), RuntimeError> {
+        let (reply, rx) = mpsc::channel();
+        self.runtime.command(handler::Command::Flush { id: self.id, reply })?;
+        rx.recv().map_err(|_| RuntimeError::HandlerGone)?
+    }
+
+    /// The first data loss this region suffered (a host died with pages of it), if any.
+    pub fn error(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Drop for Region<'_> {
+    fn drop(&mut self) {
+        let (reply, rx) = mpsc::channel();
+        if self.runtime.command(handler::Command::RemoveRegion { id: self.id, reply }).is_ok() {
+            let _ = rx.recv();
+        }
+        // SAFETY: the handler has unregistered the range; we own the mapping.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}
+
+/// Whether the process may use userfaultfd, with the reason if not: for a clear error before
+/// any work starts.
+pub fn check_userfaultfd() -> Result<(), RuntimeError> {
+    let available = Uffd::available_features()?;
+    if !available.contains(Features::PAGEFAULT_FLAG_WP) {
+        return Err(UffdError::MissingFeature("write-protect support (Linux 5.7+)").into());
+    }
+    Ok(())
+}

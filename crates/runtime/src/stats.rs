@@ -1,0 +1,196 @@
+//! Counters and latency histograms a runtime keeps, readable from any thread without locks.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// A log-linear latency histogram: 16 sub-buckets per power of two of nanoseconds, so any
+/// percentile is reported within ~6%. Recording is two relaxed atomic adds.
+#[derive(Debug)]
+pub struct Histogram {
+    buckets: Box<[AtomicU64]>,
+}
+
+const SUB_BITS: u32 = 4;
+const SUB: usize = 1 << SUB_BITS;
+const BUCKETS: usize = 64 * SUB;
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self { buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect() }
+    }
+}
+
+impl Histogram {
+    fn index(ns: u64) -> usize {
+        if ns < SUB as u64 {
+            return usize::try_from(ns).expect("small");
+        }
+        let log = 63 - ns.leading_zeros();
+        let sub = (ns >> (log - SUB_BITS)) as usize & (SUB - 1);
+        (log - SUB_BITS + 1) as usize * SUB + sub
+    }
+
+    /// Lower bound of bucket `i`, in nanoseconds.
+    fn lower(i: usize) -> u64 {
+        if i < SUB {
+            return i as u64;
+        }
+        let log = (i / SUB) as u32 + SUB_BITS - 1;
+        (1u64 << log) | (((i % SUB) as u64) << (log - SUB_BITS))
+    }
+
+    /// Records one sample.
+    pub fn record(&self, ns: u64) {
+        self.buckets[Self::index(ns).min(BUCKETS - 1)].fetch_add(1, Relaxed);
+    }
+
+    /// Samples recorded.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Relaxed)).sum()
+    }
+
+    /// The `q` quantile (0..=1) in microseconds, or 0 with no samples. Reports the middle of
+    /// the bucket the quantile falls in.
+    pub fn quantile_us(&self, q: f64) -> f64 {
+        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return 0.0;
+        }
+        let rank = ((total as f64 * q).ceil() as u64).clamp(1, total);
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                let lo = Self::lower(i);
+                let hi = if i + 1 < BUCKETS { Self::lower(i + 1) } else { lo };
+                return (lo + hi) as f64 / 2.0 / 1000.0;
+            }
+        }
+        unreachable!("rank <= total")
+    }
+
+    /// Clears all samples.
+    pub fn reset(&self) {
+        for b in self.buckets.iter() {
+            b.store(0, Relaxed);
+        }
+    }
+}
+
+/// What a runtime has done, counted since start (or the last [`RuntimeStats::reset`]).
+#[derive(Debug, Default)]
+pub struct RuntimeStats {
+    /// Missing-page faults served from a memory host.
+    pub remote_faults: AtomicU64,
+    /// Missing-page faults on never-written pages, served locally with zeros.
+    pub zero_faults: AtomicU64,
+    /// Write-protect faults (first write to a clean resident page).
+    pub write_faults: AtomicU64,
+    /// Pages fetched from memory hosts.
+    pub pages_fetched: AtomicU64,
+    /// Pages evicted from local memory.
+    pub pages_evicted: AtomicU64,
+    /// Evicted or flushed pages that were dirty and written back.
+    pub pages_written_back: AtomicU64,
+    /// Payload bytes received for fetched pages.
+    pub bytes_fetched: AtomicU64,
+    /// Bytes sent to write pages back, frame headers included.
+    pub bytes_written_back: AtomicU64,
+    /// Time from reading a remote fault to installing its page, in the handler.
+    pub fault_service: Histogram,
+}
+
+impl RuntimeStats {
+    /// Zeroes every counter (e.g. between a benchmark's fill and its measured phase).
+    pub fn reset(&self) {
+        for c in [
+            &self.remote_faults,
+            &self.zero_faults,
+            &self.write_faults,
+            &self.pages_fetched,
+            &self.pages_evicted,
+            &self.pages_written_back,
+            &self.bytes_fetched,
+            &self.bytes_written_back,
+        ] {
+            c.store(0, Relaxed);
+        }
+        self.fault_service.reset();
+    }
+
+    /// The counters now, as plain numbers.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            remote_faults: self.remote_faults.load(Relaxed),
+            zero_faults: self.zero_faults.load(Relaxed),
+            write_faults: self.write_faults.load(Relaxed),
+            pages_fetched: self.pages_fetched.load(Relaxed),
+            pages_evicted: self.pages_evicted.load(Relaxed),
+            pages_written_back: self.pages_written_back.load(Relaxed),
+            bytes_fetched: self.bytes_fetched.load(Relaxed),
+            bytes_written_back: self.bytes_written_back.load(Relaxed),
+            service_p50_us: self.fault_service.quantile_us(0.5),
+            service_p99_us: self.fault_service.quantile_us(0.99),
+        }
+    }
+}
+
+/// A copy of [`RuntimeStats`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StatsSnapshot {
+    /// See [`RuntimeStats::remote_faults`].
+    pub remote_faults: u64,
+    /// See [`RuntimeStats::zero_faults`].
+    pub zero_faults: u64,
+    /// See [`RuntimeStats::write_faults`].
+    pub write_faults: u64,
+    /// See [`RuntimeStats::pages_fetched`].
+    pub pages_fetched: u64,
+    /// See [`RuntimeStats::pages_evicted`].
+    pub pages_evicted: u64,
+    /// See [`RuntimeStats::pages_written_back`].
+    pub pages_written_back: u64,
+    /// See [`RuntimeStats::bytes_fetched`].
+    pub bytes_fetched: u64,
+    /// See [`RuntimeStats::bytes_written_back`].
+    pub bytes_written_back: u64,
+    /// Median fault service time in the handler.
+    pub service_p50_us: f64,
+    /// 99th percentile fault service time in the handler.
+    pub service_p99_us: f64,
+}
+
+impl StatsSnapshot {
+    /// All faults that needed the handler (remote, zero-fill and write-protect).
+    pub fn faults(&self) -> u64 {
+        self.remote_faults + self.zero_faults + self.write_faults
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_land_within_a_bucket() {
+        let h = Histogram::default();
+        for ns in 1..=10_000u64 {
+            h.record(ns * 10);
+        }
+        assert_eq!(h.count(), 10_000);
+        let p50 = h.quantile_us(0.5);
+        assert!((p50 - 50.0).abs() / 50.0 < 0.07, "p50 {p50}");
+        let p99 = h.quantile_us(0.99);
+        assert!((p99 - 99.0).abs() / 99.0 < 0.07, "p99 {p99}");
+        h.reset();
+        assert_eq!(h.quantile_us(0.5), 0.0);
+    }
+
+    #[test]
+    fn bucket_bounds_are_monotonic() {
+        for i in 1..BUCKETS - 1 {
+            assert!(Histogram::lower(i) < Histogram::lower(i + 1), "bucket {i}");
+            assert_eq!(Histogram::index(Histogram::lower(i)), i);
+        }
+    }
+}
