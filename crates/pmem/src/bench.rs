@@ -160,7 +160,10 @@ fn worker(
 ) -> Result<u64, PmemError> {
     let mut rng = SplitMix64::new(mix(opts.seed, thread));
     // Values differ from run to run: a rerun on the same pool must really change bytes.
-    let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let nonce = mix(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64),
+        thread,
+    );
     let lines = (region.len() / 64) as u64;
     let mut in_flight = std::collections::VecDeque::new();
     let mut done = 0u64;

@@ -142,7 +142,7 @@ impl ChangeStore {
         while let Some((kind, id, entries, rec_len)) = decode(&all[at..]) {
             match kind {
                 KIND_LOG => {
-                    s.logs.push(Entry { id, at: at as u64, len: rec_len, lines: entries, undone: false })
+                    s.logs.push(Entry { id, at: at as u64, len: rec_len, lines: entries, undone: false });
                 }
                 _ => {
                     if let Some(e) = s.logs.iter_mut().find(|e| e.id == id) {

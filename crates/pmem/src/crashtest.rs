@@ -46,7 +46,7 @@ pub struct CrashTestOptions {
     /// Region size (default 256 KiB).
     pub region_bytes: usize,
     /// Log area size; small, so that checkpoints (and crashes inside them) are frequent
-    /// (default 32 KiB).
+    /// (default 16 KiB).
     pub log_bytes: u64,
     /// Longest a child runs before a random kill (default 40 ms).
     pub max_run: Duration,
@@ -61,7 +61,7 @@ impl CrashTestOptions {
             seed: 1,
             child_exe: None,
             region_bytes: 256 << 10,
-            log_bytes: 32 << 10,
+            log_bytes: 16 << 10,
             max_run: Duration::from_millis(40),
         }
     }
@@ -291,7 +291,7 @@ pub fn crashtest(opts: &CrashTestOptions) -> Result<CrashTestReport, CrashTestEr
         };
         let failpoint = (rng.below(2) == 0).then(|| {
             let name = FAILPOINTS[usize::try_from(rng.below(FAILPOINTS.len() as u64)).expect("small")];
-            let at = if name.starts_with("ckpt") { 1 + rng.below(4) } else { 1 + rng.below(60) };
+            let at = if name.starts_with("ckpt") { 1 + rng.below(3) } else { 1 + rng.below(40) };
             format!("{name}:{at}")
         });
         let mut cmd = Command::new(&exe);
@@ -323,7 +323,7 @@ pub fn crashtest(opts: &CrashTestOptions) -> Result<CrashTestReport, CrashTestEr
             }
         });
         let deadline = if failpoint.is_some() {
-            Instant::now() + Duration::from_secs(3)
+            Instant::now() + Duration::from_secs(1)
         } else {
             let ms = u64::try_from(opts.max_run.as_millis()).unwrap_or(u64::MAX).max(1);
             Instant::now() + Duration::from_millis(rng.below(ms))

@@ -46,11 +46,11 @@ pub struct Header {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlotError {
     /// Not a clustermem pool.
-    BadMagic,
+    Magic,
     /// Magic right, checksum wrong: damaged or torn.
-    BadChecksum,
+    Checksum,
     /// Written by another layout version.
-    BadVersion(u32),
+    Version(u32),
 }
 
 impl Header {
@@ -86,14 +86,14 @@ impl Header {
     /// Decodes one slot.
     pub fn decode(b: &[u8; SLOT_BYTES]) -> Result<Self, SlotError> {
         if u64_at(b, 0) != POOL_MAGIC {
-            return Err(SlotError::BadMagic);
+            return Err(SlotError::Magic);
         }
         if crc32c::crc32c(&b[..SLOT_USED]) != u32_at(b, SLOT_USED) {
-            return Err(SlotError::BadChecksum);
+            return Err(SlotError::Checksum);
         }
         let version = u32_at(b, 8);
         if version != POOL_VERSION {
-            return Err(SlotError::BadVersion(version));
+            return Err(SlotError::Version(version));
         }
         Ok(Self {
             data_bytes: u64_at(b, 16),
@@ -113,9 +113,9 @@ impl Header {
             (Ok(h), Err(_)) | (Err(_), Ok(h)) => Ok(h),
             // Report the most specific reason: a version mismatch, then damage, then "not a pool".
             (Err(a), Err(b)) => Err(match (a, b) {
-                (SlotError::BadVersion(v), _) | (_, SlotError::BadVersion(v)) => SlotError::BadVersion(v),
-                (SlotError::BadChecksum, _) | (_, SlotError::BadChecksum) => SlotError::BadChecksum,
-                _ => SlotError::BadMagic,
+                (SlotError::Version(v), _) | (_, SlotError::Version(v)) => SlotError::Version(v),
+                (SlotError::Checksum, _) | (_, SlotError::Checksum) => SlotError::Checksum,
+                _ => SlotError::Magic,
             }),
         }
     }
@@ -300,16 +300,16 @@ mod tests {
     #[test]
     fn header_rejections_are_specific() {
         let mut page = [0u8; SLOTS_BYTES];
-        assert_eq!(Header::choose(&page), Err(SlotError::BadMagic));
+        assert_eq!(Header::choose(&page), Err(SlotError::Magic));
         page[..512].copy_from_slice(&header().encode());
         page[20] ^= 0xff;
-        assert_eq!(Header::choose(&page), Err(SlotError::BadChecksum));
+        assert_eq!(Header::choose(&page), Err(SlotError::Checksum));
         let mut slot = header().encode();
         slot[8] = 2;
         let crc = crc32c::crc32c(&slot[..SLOT_USED]);
         slot[SLOT_USED..SLOT_USED + 4].copy_from_slice(&crc.to_le_bytes());
         page[..512].copy_from_slice(&slot);
-        assert_eq!(Header::choose(&page), Err(SlotError::BadVersion(2)));
+        assert_eq!(Header::choose(&page), Err(SlotError::Version(2)));
     }
 
     #[test]

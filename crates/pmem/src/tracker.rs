@@ -216,7 +216,7 @@ impl Tracker {
         let handler = std::thread::Builder::new()
             .name("pmem-uffd".into())
             .spawn(move || handler_loop(&s, stop_raw))
-            .map_err(|e| TrackError::Thread(e).into())?;
+            .map_err(TrackError::Thread)?;
         Ok(Self { shared, stop, handler: Some(handler) })
     }
 

@@ -319,7 +319,9 @@ fn open_fd() -> Result<OwnedFd, UffdError> {
         Ok(dev) => {
             // SAFETY: USERFAULTFD_IOC_NEW takes the new descriptor's flags as its argument and
             // returns a new descriptor or -1.
-            let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+            let fd = unsafe {
+                libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, libc::O_CLOEXEC | libc::O_NONBLOCK)
+            };
             if fd >= 0 {
                 // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
                 return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
@@ -329,7 +331,9 @@ fn open_fd() -> Result<OwnedFd, UffdError> {
         Err(e) => e,
     };
     // SAFETY: the userfaultfd syscall takes one int of flags and returns a descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY) };
+    let fd = unsafe {
+        libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY)
+    };
     if fd >= 0 {
         #[expect(clippy::cast_possible_truncation, reason = "descriptors fit in i32")]
         // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
