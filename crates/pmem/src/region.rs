@@ -623,7 +623,9 @@ impl PersistentRegion {
         self.tracker.base()
     }
 
-    /// Runs `f` over the region's current contents (serialised with transactions).
+    /// Runs `f` over the region's current contents (serialised with transactions). Calling
+    /// it (or `log_changes`, `undo`, `checkpoint`) from inside a transaction on the same
+    /// thread deadlocks: read through the transaction's slice instead.
     pub fn read<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
         let _g = lock(&self.tx);
         // SAFETY: holding the transaction lock excludes every transaction, so nothing writes
