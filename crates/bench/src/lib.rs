@@ -10,10 +10,13 @@ mod lru;
 mod progress;
 mod rng;
 
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
-use clustermem_runtime::{Histogram, PolicyKind, Region, Runtime, RuntimeConfig, RuntimeError, PAGE_SIZE};
+use clustermem_runtime::{
+    Histogram, PolicyKind, Region, Runtime, RuntimeConfig, RuntimeError, RuntimeStats, PAGE_SIZE,
+};
 use progress::Progress;
 use rng::{mix, Rng, Zipf};
 use serde::Serialize;
@@ -86,6 +89,101 @@ pub struct BenchOptions {
     pub seed: u64,
     /// Draw a progress bar on stderr for long phases.
     pub progress: bool,
+    /// Where the memory comes from.
+    pub backend: Backend,
+}
+
+/// Where a benchmark's memory comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// A clustermem region under the local-memory limit.
+    #[default]
+    Clustermem,
+    /// Plain anonymous memory, no clustermem: the baseline, e.g. under Linux swap with a
+    /// memory cgroup limit (`--local-mem` is then ignored).
+    Local,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "clustermem" => Ok(Self::Clustermem),
+            "local" => Ok(Self::Local),
+            _ => Err(format!("unknown backend {s:?} (expected clustermem or local)")),
+        }
+    }
+}
+
+/// The memory a workload runs on.
+enum Memory<'rt> {
+    Region(Region<'rt>),
+    Local { base: *mut u8, len: usize },
+}
+
+impl Memory<'_> {
+    fn local(len: usize) -> Result<Self, BenchError> {
+        // SAFETY: a fresh private anonymous mapping; it aliases nothing.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(BenchError::Options(format!(
+                "cannot map {len} bytes: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(Self::Local { base: base.cast(), len })
+    }
+
+    fn words(&self) -> &[AtomicU64] {
+        match self {
+            Self::Region(r) => r.as_atomic_u64s(),
+            // SAFETY: the mapping is page-aligned and lives as long as `self`; AtomicU64 has
+            // the size and alignment of u64 and all access through the slice is atomic.
+            Self::Local { base, len } => unsafe {
+                std::slice::from_raw_parts(base.cast::<AtomicU64>(), len / 8)
+            },
+        }
+    }
+
+    fn values_mut(&mut self) -> &mut [u64] {
+        let (base, len) = match self {
+            Self::Region(r) => (r.as_ptr(), r.len()),
+            Self::Local { base, len } => (*base, *len),
+        };
+        // SAFETY: page-aligned memory of `len` bytes owned by `self`, exclusively borrowed
+        // here; every bit pattern is a valid u64.
+        unsafe { std::slice::from_raw_parts_mut(base.cast::<u64>(), len / 8) }
+    }
+}
+
+impl Drop for Memory<'_> {
+    fn drop(&mut self) {
+        if let Self::Local { base, len } = *self {
+            // SAFETY: the mapping made in `local`, no longer borrowed.
+            unsafe { libc::munmap(base.cast(), len) };
+        }
+    }
+}
+
+/// What the measured phase of a workload needs besides its memory.
+struct Ctx<'a> {
+    opts: &'a BenchOptions,
+    ops: u64,
+    progress: &'a Progress,
+    /// Called between the measured phase and verification.
+    end: &'a dyn Fn(),
+    /// The runtime's remote-fault counter, to time faulting operations from the application.
+    remote_faults: Option<&'a AtomicU64>,
+    app_faults: &'a Histogram,
 }
 
 /// Why a benchmark could not run.
@@ -108,6 +206,8 @@ pub struct BenchReport {
     pub size_bytes: u64,
     /// Local-memory limit.
     pub local_mem_bytes: u64,
+    /// `clustermem`, or `local` for plain memory (the baseline).
+    pub backend: &'static str,
     /// Hosts used (the embedded host's address when none was given).
     pub hosts: Vec<String>,
     /// Whether the hosts were the embedded one.
@@ -170,7 +270,7 @@ pub struct BenchReport {
 
 /// Runs one benchmark: start a runtime, fill, measure, verify.
 pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
-    if opts.size_bytes < PAGE_SIZE as u64 || opts.size_bytes % 8 != 0 {
+    if opts.size_bytes < PAGE_SIZE as u64 || !opts.size_bytes.is_multiple_of(8) {
         return Err(BenchError::Options(format!(
             "--size must be at least one page, got {}",
             opts.size_bytes
@@ -184,24 +284,30 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     }
     let size =
         usize::try_from(opts.size_bytes).map_err(|_| BenchError::Options("--size too large".into()))?;
-    let runtime = Runtime::start(RuntimeConfig {
-        hosts: opts.hosts.clone(),
-        local_mem_bytes: opts.local_mem_bytes,
-        low_latency: opts.low_latency,
-        policy: opts.policy,
-        ..RuntimeConfig::default()
-    })?;
-    let region = runtime.map(size)?;
-    let words = region.len() / 8;
-    let pages = region.len() / PAGE_SIZE;
+    let runtime = match opts.backend {
+        Backend::Clustermem => Some(Runtime::start(RuntimeConfig {
+            hosts: opts.hosts.clone(),
+            local_mem_bytes: opts.local_mem_bytes,
+            low_latency: opts.low_latency,
+            policy: opts.policy,
+            ..RuntimeConfig::default()
+        })?),
+        Backend::Local => None,
+    };
+    let mut memory = match &runtime {
+        Some(rt) => Memory::Region(rt.map(size)?),
+        None => Memory::local(size)?,
+    };
+    let words = memory.words().len();
+    let pages = words / WORDS_PER_PAGE;
     let progress = Progress::new(opts.progress);
 
     let t = Instant::now();
-    fill(&region, opts.seed, opts.threads, &progress);
+    fill(memory.words(), opts.seed, opts.threads, &progress);
     let setup_s = t.elapsed().as_secs_f64();
-    let stats = runtime.stats();
+    let no_stats = RuntimeStats::default();
+    let stats = runtime.as_ref().map_or(&no_stats, Runtime::stats);
     stats.reset();
-    let stats = &*stats;
     let app_faults = Histogram::default();
 
     let default_ops = match opts.workload {
@@ -217,14 +323,20 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         let _ = measured.set((Instant::now(), stats.snapshot()));
         progress.finish();
     };
+    let ctx = Ctx {
+        opts,
+        ops,
+        progress: &progress,
+        end: &end,
+        remote_faults: runtime.as_ref().map(|rt| &rt.stats().remote_faults),
+        app_faults: &app_faults,
+    };
     let t = Instant::now();
     let outcome = match opts.workload {
-        Workload::SeqRead => seq_read(&region, opts, ops, &progress, &end),
-        Workload::SeqWrite => seq_write(&region, opts, ops, &progress, &end),
-        Workload::Random | Workload::Zipf => {
-            rmw(&region, opts, ops, &progress, &end, &runtime, &app_faults, &mut trace)
-        }
-        Workload::Quicksort => quicksort(region, opts.seed, &progress, &end),
+        Workload::SeqRead => seq_read(memory.words(), &ctx),
+        Workload::SeqWrite => seq_write(memory.words(), &ctx),
+        Workload::Random | Workload::Zipf => rmw(memory.words(), &ctx, &mut trace),
+        Workload::Quicksort => quicksort(memory.values_mut(), &ctx),
     };
     end();
     let (t_end, snap) = *measured.get().expect("set by end()");
@@ -251,8 +363,12 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         workload: opts.workload.name(),
         size_bytes: opts.size_bytes,
         local_mem_bytes: opts.local_mem_bytes,
-        hosts: runtime.hosts().to_vec(),
-        embedded_host: opts.hosts.is_empty(),
+        backend: match opts.backend {
+            Backend::Clustermem => "clustermem",
+            Backend::Local => "local",
+        },
+        hosts: runtime.as_ref().map(|rt| rt.hosts().to_vec()).unwrap_or_default(),
+        embedded_host: runtime.is_some() && opts.hosts.is_empty(),
         threads: opts.threads,
         low_latency: opts.low_latency,
         policy: format!("{:?}", opts.policy).to_lowercase(),
@@ -299,8 +415,7 @@ fn parallel_chunks(n: usize, threads: usize, f: impl Fn(std::ops::Range<usize>) 
     });
 }
 
-fn fill(region: &Region<'_>, seed: u64, threads: usize, progress: &Progress) {
-    let words = region.as_atomic_u64s();
+fn fill(words: &[AtomicU64], seed: u64, threads: usize, progress: &Progress) {
     progress.phase("fill", words.len() as u64);
     parallel_chunks(words.len(), threads, |range| {
         for i in range {
@@ -313,14 +428,8 @@ fn fill(region: &Region<'_>, seed: u64, threads: usize, progress: &Progress) {
 }
 
 /// Reads `ops` pages in order (wrapping), summing words; checks the sum.
-fn seq_read(
-    region: &Region<'_>,
-    opts: &BenchOptions,
-    ops: u64,
-    progress: &Progress,
-    end: &dyn Fn(),
-) -> Result<(), String> {
-    let words = region.as_atomic_u64s();
+fn seq_read(words: &[AtomicU64], ctx: &Ctx<'_>) -> Result<(), String> {
+    let (opts, ops, progress) = (ctx.opts, ctx.ops, ctx.progress);
     let pages = words.len() / WORDS_PER_PAGE;
     progress.phase("seq-read", ops);
     let total = std::sync::atomic::AtomicU64::new(0);
@@ -336,7 +445,7 @@ fn seq_read(
         }
         total.fetch_add(sum, Relaxed);
     });
-    end();
+    (ctx.end)();
     let expected = (0..ops)
         .flat_map(|op| {
             let page = op % pages;
@@ -353,14 +462,8 @@ fn seq_read(
 
 /// Overwrites `ops` pages in order (wrapping) with a second pattern, then reads the region
 /// back (not timed) and checks every word.
-fn seq_write(
-    region: &Region<'_>,
-    opts: &BenchOptions,
-    ops: u64,
-    progress: &Progress,
-    end: &dyn Fn(),
-) -> Result<(), String> {
-    let words = region.as_atomic_u64s();
+fn seq_write(words: &[AtomicU64], ctx: &Ctx<'_>) -> Result<(), String> {
+    let (opts, ops, progress) = (ctx.opts, ctx.ops, ctx.progress);
     let pages = words.len() / WORDS_PER_PAGE;
     let seed2 = !opts.seed;
     progress.phase("seq-write", ops);
@@ -368,13 +471,14 @@ fn seq_write(
     parallel_chunks(ops, opts.threads, |range| {
         for op in range {
             let page = op % pages;
-            for i in page * WORDS_PER_PAGE..(page + 1) * WORDS_PER_PAGE {
-                words[i].store(fill_value(seed2, i), Relaxed);
+            let first = page * WORDS_PER_PAGE;
+            for (i, w) in words[first..first + WORDS_PER_PAGE].iter().enumerate() {
+                w.store(fill_value(seed2, first + i), Relaxed);
             }
             progress.advance(1);
         }
     });
-    end();
+    (ctx.end)();
     let written = ops.min(pages) * WORDS_PER_PAGE;
     for (i, w) in words.iter().enumerate() {
         let expected = if i < written { fill_value(seed2, i) } else { fill_value(opts.seed, i) };
@@ -388,21 +492,12 @@ fn seq_write(
 
 /// `ops` read-modify-writes of one word of a random (uniform or Zipf) page; each thread keeps
 /// a count of increments per page outside the region, and the page sums are checked after.
-fn rmw(
-    region: &Region<'_>,
-    opts: &BenchOptions,
-    ops: u64,
-    progress: &Progress,
-    end: &dyn Fn(),
-    runtime: &Runtime,
-    app_faults: &Histogram,
-    trace: &mut Vec<u32>,
-) -> Result<(), String> {
-    let words = region.as_atomic_u64s();
+fn rmw(words: &[AtomicU64], ctx: &Ctx<'_>, trace: &mut Vec<u32>) -> Result<(), String> {
+    let (opts, ops, progress, app_faults) = (ctx.opts, ctx.ops, ctx.progress, ctx.app_faults);
     let pages = words.len() / WORDS_PER_PAGE;
     let zipf = (opts.workload == Workload::Zipf).then(|| Zipf::new(pages as u64, 0.99));
     progress.phase(opts.workload.name(), ops);
-    let remote = &runtime.stats().remote_faults;
+    let remote = ctx.remote_faults;
     let per_thread = ops.div_ceil(opts.threads as u64);
     let record_trace = opts.workload == Workload::Zipf;
     let results: Vec<(Vec<u32>, Vec<u32>)> = std::thread::scope(|s| {
@@ -420,10 +515,10 @@ fn rmw(
                             None => rng.below(pages as u64),
                         } as usize;
                         let word = page * WORDS_PER_PAGE + rng.below(WORDS_PER_PAGE as u64) as usize;
-                        let before = remote.load(Relaxed);
+                        let before = remote.map(|r| r.load(Relaxed));
                         let start = Instant::now();
                         words[word].fetch_add(1, Relaxed);
-                        if remote.load(Relaxed) != before {
+                        if remote.map(|r| r.load(Relaxed)) != before {
                             app_faults.record(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
                         }
                         counts[page] += 1;
@@ -438,7 +533,7 @@ fn rmw(
             .collect();
         handles.into_iter().map(|h| h.join().expect("worker panicked")).collect()
     });
-    end();
+    (ctx.end)();
     let mut counts = vec![0u64; pages];
     for (c, t) in results {
         for (total, n) in counts.iter_mut().zip(c) {
@@ -458,16 +553,12 @@ fn rmw(
 }
 
 /// Sorts the region's words in place, then checks order and that the multiset is unchanged.
-fn quicksort(mut region: Region<'_>, seed: u64, progress: &Progress, end: &dyn Fn()) -> Result<(), String> {
-    let bytes = region.as_mut_slice();
-    // SAFETY: the region is page-aligned, so there is no unaligned prefix, and every bit
-    // pattern is a valid u64.
-    let (head, values, _) = unsafe { bytes.align_to_mut::<u64>() };
-    assert!(head.is_empty(), "regions are page-aligned");
-    progress.phase("quicksort", 1);
+fn quicksort(values: &mut [u64], ctx: &Ctx<'_>) -> Result<(), String> {
+    let seed = ctx.opts.seed;
+    ctx.progress.phase("quicksort", 1);
     values.sort_unstable();
-    progress.advance(1);
-    end();
+    ctx.progress.advance(1);
+    (ctx.end)();
     for i in 1..values.len() {
         if values[i - 1] > values[i] {
             return Err(format!("not sorted at {i}: {} > {}", values[i - 1], values[i]));

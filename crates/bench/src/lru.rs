@@ -18,14 +18,14 @@ pub(crate) fn hit_rate(trace: &[u32], pages: usize, capacity: usize) -> f64 {
     let unlink = |p: u32, prev: &mut [u32], next: &mut [u32], head: &mut u32, tail: &mut u32| {
         let (a, b) = (prev[p as usize], next[p as usize]);
         if a == NONE {
-            *head = b
+            *head = b;
         } else {
-            next[a as usize] = b
+            next[a as usize] = b;
         }
         if b == NONE {
-            *tail = a
+            *tail = a;
         } else {
-            prev[b as usize] = a
+            prev[b as usize] = a;
         }
     };
     for &p in trace {

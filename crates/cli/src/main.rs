@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use clustermem_bench::{BenchOptions, BenchReport, Workload};
+use clustermem_bench::{Backend, BenchOptions, BenchReport, Workload};
 use clustermem_host::MemoryHost;
 use clustermem_runtime::PolicyKind;
 use size::{parse_size, parse_size_or_percent};
@@ -41,7 +41,36 @@ enum Command {
     /// Donate this machine's memory: serve slabs to compute hosts until SIGINT/SIGTERM.
     Host(HostArgs),
     /// Map a region, run a workload on it under a local-memory limit, verify, report figures.
+    /// `bench tx --pool PATH` measures failure-atomic transactions on a persistent region.
     Bench(BenchArgs),
+    /// Crash-test a subsystem: kill it at random moments and check what survives.
+    Crashtest {
+        #[command(subcommand)]
+        target: CrashTarget,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CrashTarget {
+    /// Random transactions on a persistent pool, killed with SIGKILL at random moments and at
+    /// injected failpoints; after each kill the pool must hold exactly a committed prefix.
+    Tx(CrashTxArgs),
+}
+
+#[derive(Args, Debug)]
+struct CrashTxArgs {
+    /// Pool file to use (created; an existing file is replaced only if it is a clustermem pool).
+    #[arg(long)]
+    pool: std::path::PathBuf,
+    /// Kill-and-recover iterations.
+    #[arg(long, default_value_t = 100)]
+    iterations: u64,
+    /// Seed for transactions and kill points.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print exactly one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -54,11 +83,26 @@ struct HostArgs {
     capacity: u64,
 }
 
+/// What `bench` runs: a region workload, or transactions on a persistent pool.
+#[derive(Debug, Clone, Copy)]
+enum BenchTarget {
+    Region(Workload),
+    Tx,
+}
+
+fn parse_bench_target(s: &str) -> Result<BenchTarget, String> {
+    if s == "tx" {
+        return Ok(BenchTarget::Tx);
+    }
+    s.parse::<Workload>().map(BenchTarget::Region).map_err(|e| format!("{e}, or tx"))
+}
+
 #[derive(Args, Debug)]
 struct BenchArgs {
-    /// seq-read | seq-write | random (uniform read-modify-write) | zipf (skewed) | quicksort
-    #[arg(value_parser = |s: &str| s.parse::<Workload>())]
-    workload: Workload,
+    /// seq-read | seq-write | random (uniform read-modify-write) | zipf (skewed) | quicksort |
+    /// tx (failure-atomic transactions on --pool)
+    #[arg(value_parser = parse_bench_target)]
+    workload: BenchTarget,
     /// Region size (e.g. 512M, 2G, 1GiB, or bytes).
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     size: u64,
@@ -87,6 +131,22 @@ struct BenchArgs {
     /// Print exactly one JSON object on stdout instead of a summary.
     #[arg(long)]
     json: bool,
+    /// clustermem, or local: plain memory without clustermem, the baseline to run under Linux
+    /// swap with a memory cgroup limit (see bench/swap/run.sh); ignores --local-mem and --hosts.
+    #[arg(long, default_value = "clustermem", value_parser = |s: &str| s.parse::<Backend>())]
+    backend: Backend,
+    /// tx: the pool file (created if absent).
+    #[arg(long)]
+    pool: Option<std::path::PathBuf>,
+    /// tx: 64-byte-aligned u64 updates per transaction.
+    #[arg(long, default_value_t = 1)]
+    updates_per_tx: usize,
+    /// tx: how long to run.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// tx: commit asynchronously (durable later, in groups) instead of waiting for each.
+    #[arg(long)]
+    async_commit: bool,
 }
 
 static SIGNALLED: AtomicBool = AtomicBool::new(false);
@@ -132,14 +192,20 @@ fn run_host(args: &HostArgs) -> Result<()> {
 }
 
 fn run_bench(args: &BenchArgs) -> Result<bool> {
+    let workload = match args.workload {
+        BenchTarget::Region(w) => w,
+        BenchTarget::Tx => return run_bench_tx(args),
+    };
     let local_mem = parse_size_or_percent(&args.local_mem, args.size).map_err(anyhow::Error::msg)?;
     if local_mem < 4096 {
         bail!("--local-mem {} is less than one page", args.local_mem);
     }
-    clustermem_runtime::check_userfaultfd()?;
-    install_handler(libc::SIGBUS, on_sigbus);
+    if args.backend == Backend::Clustermem {
+        clustermem_runtime::check_userfaultfd()?;
+        install_handler(libc::SIGBUS, on_sigbus);
+    }
     let opts = BenchOptions {
-        workload: args.workload,
+        workload,
         size_bytes: args.size,
         local_mem_bytes: local_mem,
         hosts: args.hosts.clone(),
@@ -149,6 +215,7 @@ fn run_bench(args: &BenchArgs) -> Result<bool> {
         policy: args.policy,
         seed: args.seed,
         progress: !args.json,
+        backend: args.backend,
     };
     let report = clustermem_bench::run(&opts).context("benchmark failed")?;
     if args.json {
@@ -160,6 +227,60 @@ fn run_bench(args: &BenchArgs) -> Result<bool> {
         eprintln!("clustermem bench: VERIFICATION FAILED: {e}");
     }
     Ok(report.verified)
+}
+
+fn run_bench_tx(args: &BenchArgs) -> Result<bool> {
+    let Some(pool) = &args.pool else { bail!("bench tx needs --pool PATH (a pool file to create or reuse)") };
+    if !(args.seconds > 0.0 && args.seconds.is_finite()) {
+        bail!("--seconds must be positive");
+    }
+    let mut opts = clustermem_pmem::TxBenchOptions::new(pool.clone());
+    opts.updates_per_tx = args.updates_per_tx;
+    opts.threads = args.threads;
+    opts.duration = Duration::from_secs_f64(args.seconds);
+    opts.async_commit = args.async_commit;
+    opts.seed = args.seed;
+    let r = clustermem_pmem::bench_tx(&opts)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "tx on {}: {} thread(s), {} update(s)/tx{}",
+            pool.display(),
+            r.threads,
+            r.updates_per_tx,
+            if r.async_commit { ", async commit" } else { "" }
+        );
+        println!(
+            "  {:.0} tx/s ({} tx in {:.2} s), {:.1} tx per fdatasync",
+            r.tx_per_s, r.txs, r.wall_s, r.tx_per_fdatasync
+        );
+        println!(
+            "  {:.1} bytes logged per tx for {:.1} bytes changed",
+            r.bytes_logged_per_tx, r.bytes_changed_per_tx
+        );
+    }
+    Ok(true)
+}
+
+fn run_crashtest_tx(args: &CrashTxArgs) -> Result<bool> {
+    let mut opts = clustermem_pmem::CrashTestOptions::new(args.pool.clone());
+    opts.iterations = args.iterations;
+    opts.seed = args.seed;
+    let r = clustermem_pmem::crashtest(&opts)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "crashtest tx: {} iterations ({} random kills, {} at failpoints), {} committed transactions checked",
+            r.iterations, r.kills, r.failpoint_kills, r.committed_tx_checked
+        );
+        println!("  violations: {}", r.violations);
+        for v in &r.violation_details {
+            println!("  - {v}");
+        }
+    }
+    Ok(r.violations == 0)
 }
 
 fn human_bytes(b: u64) -> String {
@@ -222,10 +343,13 @@ fn print_summary(r: &BenchReport) {
 }
 
 fn main() -> ExitCode {
+    // A crash-test child re-executes this binary; it never returns from here.
+    clustermem_pmem::maybe_run_crash_child();
     let cli = Cli::parse();
     let outcome = match &cli.command {
         Command::Host(args) => run_host(args).map(|()| true),
         Command::Bench(args) => run_bench(args),
+        Command::Crashtest { target: CrashTarget::Tx(args) } => run_crashtest_tx(args),
     };
     match outcome {
         Ok(true) => ExitCode::SUCCESS,

@@ -290,7 +290,9 @@ fn serve_client(stream: TcpStream, store: &Store, shutdown: &AtomicBool) {
                 }
             }
             Err(RecvError::TimedOut(_)) => {}
+            // A client that goes away, even with replies unread (a reset), is not news.
             Err(RecvError::Closed) => break,
+            Err(RecvError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => break,
             Err(RecvError::Decode(e)) => {
                 // Framing is lost: say why and close this connection only.
                 let text = format!("malformed frame: {e}");

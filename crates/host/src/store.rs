@@ -168,7 +168,7 @@ impl Store {
 
     /// Grants a slab of `bytes`, or refuses if that would exceed the capacity.
     pub(crate) fn alloc(&self, bytes: u64) -> Result<(u64, Arc<Slab>), Refusal> {
-        if bytes == 0 || bytes % PAGE_SIZE as u64 != 0 || bytes > MAX_SLAB_BYTES {
+        if bytes == 0 || !bytes.is_multiple_of(PAGE_SIZE as u64) || bytes > MAX_SLAB_BYTES {
             return Err((
                 ErrorCode::BadRequest,
                 format!(

@@ -209,7 +209,7 @@ impl<'a> Reader<'a> {
 }
 
 fn whole_pages(kind: &'static str, data: &[u8]) -> Result<(), DecodeError> {
-    if data.is_empty() || data.len() % PAGE_SIZE != 0 {
+    if data.is_empty() || !data.len().is_multiple_of(PAGE_SIZE) {
         return Err(DecodeError::Malformed { kind, why: "data is not a whole number of pages" });
     }
     Ok(())

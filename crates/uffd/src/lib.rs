@@ -284,7 +284,7 @@ impl Uffd {
         write_protect: bool,
         wake: bool,
     ) -> Result<CopyOutcome, UffdError> {
-        debug_assert!(dst % PAGE_SIZE == 0 && src.len() % PAGE_SIZE == 0);
+        debug_assert!(dst.is_multiple_of(PAGE_SIZE) && src.len().is_multiple_of(PAGE_SIZE));
         let mut done = 0;
         while done < src.len() {
             let mut copy = UffdioCopy {

@@ -1,0 +1,155 @@
+//! The `clustermem` command as a user runs it: bench against the embedded host and against
+//! real host processes, clean host shutdown, and clear errors for bad input.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::{json, require_userfaultfd, run_with_timeout, stderr, HostProcess};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+#[test]
+fn every_workload_verifies_against_the_embedded_host() {
+    require_userfaultfd();
+    for workload in ["seq-read", "seq-write", "random", "zipf", "quicksort"] {
+        let out =
+            run_with_timeout(&["bench", workload, "--size", "16M", "--local-mem", "25%", "--json"], TIMEOUT);
+        assert!(out.status.success(), "{workload}: {}", stderr(&out));
+        let r = json(&out);
+        assert_eq!(r["workload"], workload);
+        assert_eq!(r["verified"], true, "{workload}: {r}");
+        assert_eq!(r["size_bytes"], 16 << 20);
+        assert_eq!(r["local_mem_bytes"], 4 << 20);
+        for field in
+            ["ops", "wall_s", "faults", "fault_p50_us", "fault_p99_us", "pages_fetched", "pages_evicted"]
+        {
+            assert!(r[field].as_f64().is_some_and(|v| v > 0.0), "{workload}: {field} in {r}");
+        }
+        for field in ["bytes_fetched", "bytes_written_back", "setup_s"] {
+            assert!(r[field].is_number(), "{workload}: {field} in {r}");
+        }
+    }
+}
+
+#[test]
+fn bench_uses_remote_hosts_and_threads() {
+    require_userfaultfd();
+    let a = HostProcess::start("64M");
+    let b = HostProcess::start("64M");
+    let hosts = format!("{},{}", a.addr, b.addr);
+    let out = run_with_timeout(
+        &[
+            "bench",
+            "random",
+            "--size",
+            "32M",
+            "--local-mem",
+            "4M",
+            "--hosts",
+            &hosts,
+            "--threads",
+            "2",
+            "--json",
+        ],
+        TIMEOUT,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r = json(&out);
+    assert_eq!(r["verified"], true, "{r}");
+    assert_eq!(r["embedded_host"], false);
+    assert!(r["remote_faults"].as_u64().unwrap() > 1000, "{r}");
+}
+
+#[test]
+fn host_exits_cleanly_on_sigterm() {
+    let mut host = HostProcess::start("16M");
+    let status = host.terminate(Duration::from_secs(5)).expect("host exits within 5 s of SIGTERM");
+    assert!(status.success(), "{status:?}");
+}
+
+/// Garbage on one connection closes that connection with an error frame; the host keeps
+/// serving a well-behaved client.
+#[test]
+fn host_survives_malformed_frames() {
+    require_userfaultfd();
+    let host = HostProcess::start("64M");
+    let mut bad = TcpStream::connect(&host.addr).unwrap();
+    bad.write_all(b"GET / HTTP/1.1\r\nHost: clustermem\r\n\r\n").unwrap();
+    bad.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut reply = Vec::new();
+    let _ = bad.read_to_end(&mut reply);
+    assert!(reply.len() > 24, "expected an error frame before the close");
+    assert!(String::from_utf8_lossy(&reply).contains("malformed frame"), "{reply:?}");
+    let out = run_with_timeout(
+        &["bench", "seq-read", "--size", "8M", "--local-mem", "2M", "--hosts", &host.addr, "--json"],
+        TIMEOUT,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(json(&out)["verified"], true);
+}
+
+#[test]
+fn unreachable_host_fails_fast_with_its_address() {
+    require_userfaultfd();
+    let out = run_with_timeout(&["bench", "random", "--size", "8M", "--hosts", "127.0.0.1:1"], TIMEOUT);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("127.0.0.1:1") && err.contains("unreachable"), "{err}");
+}
+
+#[test]
+fn full_host_is_a_clear_error() {
+    require_userfaultfd();
+    let host = HostProcess::start("8M");
+    let out = run_with_timeout(&["bench", "random", "--size", "64M", "--hosts", &host.addr], TIMEOUT);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("host is full"), "{}", stderr(&out));
+}
+
+/// A host killed mid-run makes the benchmark fail with a message, never hang.
+#[test]
+fn host_killed_mid_run_fails_the_run() {
+    require_userfaultfd();
+    let mut host = HostProcess::start("256M");
+    let addr = host.addr.clone();
+    let runner = std::thread::spawn(move || {
+        run_with_timeout(
+            &[
+                "bench",
+                "random",
+                "--size",
+                "64M",
+                "--local-mem",
+                "8M",
+                "--ops",
+                "100000000",
+                "--hosts",
+                &addr,
+            ],
+            TIMEOUT,
+        )
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    host.kill9();
+    let out = runner.join().unwrap();
+    assert!(!out.status.success(), "the run must fail once its host is gone");
+    let err = stderr(&out);
+    assert!(err.contains("lost") || err.contains("failed"), "{err}");
+    assert_ne!(out.status.code(), None, "killed by the test's watchdog: it hung ({err})");
+}
+
+#[test]
+fn bad_flags_are_explained() {
+    let out = run_with_timeout(&["bench", "random", "--size", "12Q"], TIMEOUT);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("unknown unit"), "{}", stderr(&out));
+    let out = run_with_timeout(&["bench", "sort"], TIMEOUT);
+    assert!(stderr(&out).contains("expected one of: seq-read"), "{}", stderr(&out));
+    let out = run_with_timeout(&["bench", "random", "--size", "8M", "--local-mem", "200%"], TIMEOUT);
+    assert!(stderr(&out).contains("(0, 100]"), "{}", stderr(&out));
+    let out = run_with_timeout(&["host", "--capacity", "lots"], TIMEOUT);
+    assert!(stderr(&out).contains("has no number"), "{}", stderr(&out));
+}

@@ -1,0 +1,117 @@
+//! Helpers for integration tests: real `clustermem host` processes on loopback, cleaned up
+//! with SIGTERM then SIGKILL, and the `clustermem` binary with a timeout so a bug fails a
+//! test instead of hanging the suite.
+
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_clustermem")
+}
+
+/// Fails the test with a clear message when userfaultfd cannot be used (e.g. not root).
+pub fn require_userfaultfd() {
+    if let Err(e) = clustermem_runtime::check_userfaultfd() {
+        panic!("this test needs userfaultfd, which is unavailable here: {e}");
+    }
+}
+
+/// A memory host process.
+pub struct HostProcess {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl HostProcess {
+    /// Starts `clustermem host` on an ephemeral loopback port with `capacity`.
+    pub fn start(capacity: &str) -> Self {
+        let mut child = Command::new(bin())
+            .args(["host", "--listen", "127.0.0.1:0", "--capacity", capacity])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawning clustermem host");
+        let mut stderr = BufReader::new(child.stderr.take().expect("piped"));
+        let mut line = String::new();
+        stderr.read_line(&mut line).expect("reading the host's banner");
+        let addr = line
+            .split(" on ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("unexpected host banner {line:?}"))
+            .to_string();
+        // Keep draining stderr so the host never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while stderr.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                sink.clear();
+            }
+        });
+        Self { child, addr }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let pid = i32::try_from(self.child.id()).expect("pid");
+        // SAFETY: kill(2) on our own child process.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.terminate(Duration::from_secs(2));
+            self.kill9();
+        }
+    }
+}
+
+/// Runs `clustermem ARGS`, killing it after `timeout`.
+pub fn run_with_timeout(args: &[&str], timeout: Duration) -> Output {
+    let child = Command::new(bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning clustermem");
+    let pid = i32::try_from(child.id()).expect("pid");
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if finished.recv_timeout(timeout).is_err() {
+            // SAFETY: kill(2) on our child. It is reaped only by `wait_with_output`, after which
+            // `done` is sent within microseconds, against a timeout of seconds.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    });
+    let out = child.wait_with_output().expect("waiting for clustermem");
+    let _ = done.send(());
+    let _ = watchdog.join();
+    out
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub fn json(out: &Output) -> serde_json::Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {text}"))
+}
