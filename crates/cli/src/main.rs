@@ -295,16 +295,25 @@ fn human_bytes(b: u64) -> String {
 }
 
 fn print_summary(r: &BenchReport) {
-    let hosts =
-        if r.embedded_host { format!("embedded host {}", r.hosts.join(",")) } else { r.hosts.join(",") };
-    println!(
-        "{} on {} region, {} local ({hosts}), {} thread(s){}",
-        r.workload,
-        human_bytes(r.size_bytes),
-        human_bytes(r.local_mem_bytes),
-        r.threads,
-        if r.low_latency { ", low-latency" } else { "" }
-    );
+    if r.backend == "local" {
+        println!(
+            "{} on {} of plain local memory (no clustermem), {} thread(s)",
+            r.workload,
+            human_bytes(r.size_bytes),
+            r.threads
+        );
+    } else {
+        let hosts =
+            if r.embedded_host { format!("embedded host {}", r.hosts.join(",")) } else { r.hosts.join(",") };
+        println!(
+            "{} on {} region, {} local ({hosts}), {} thread(s){}",
+            r.workload,
+            human_bytes(r.size_bytes),
+            human_bytes(r.local_mem_bytes),
+            r.threads,
+            if r.low_latency { ", low-latency" } else { "" }
+        );
+    }
     println!("  setup (fill)   {:.2} s", r.setup_s);
     println!(
         "  measured       {} ops in {:.3} s: {:.0} ops/s, {:.2} us/op",

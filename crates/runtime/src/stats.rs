@@ -11,7 +11,8 @@ pub struct Histogram {
 
 const SUB_BITS: u32 = 4;
 const SUB: usize = 1 << SUB_BITS;
-const BUCKETS: usize = 64 * SUB;
+/// Sub-buckets of every power of two up to 2^63 ns; the last starts at 2^63 + 15 * 2^59.
+const BUCKETS: usize = (64 - SUB_BITS as usize + 1) * SUB;
 
 impl Default for Histogram {
     fn default() -> Self {

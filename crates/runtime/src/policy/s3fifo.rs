@@ -181,15 +181,16 @@ mod tests {
         }
     }
 
-    /// Without any hit signal, the ghost queue alone keeps more of a skewed working set than
-    /// FIFO does.
+    /// A skewed working set interleaved with a one-pass scan: without any hit signal, the
+    /// probation queue and the ghost keep the hot set that FIFO lets the scan flush out.
     #[test]
-    fn beats_fifo_on_a_skewed_trace() {
-        let trace = conformance::zipf_trace(20_000, 200_000, 11);
-        let capacity = 2_000;
+    fn keeps_a_skewed_working_set_through_a_scan() {
+        let hot = conformance::zipf_trace(5_000, 200_000, 11);
+        let trace: Vec<u64> = hot.iter().enumerate().flat_map(|(i, &p)| [p, 1_000_000 + i as u64]).collect();
+        let capacity = 1_000;
         let fifo = conformance::hit_rate(Box::new(Fifo::new()), capacity, &trace);
         let s3 = conformance::hit_rate(Box::new(S3Fifo::new(capacity)), capacity, &trace);
-        assert!(s3 > fifo + 0.02, "s3fifo {s3:.3} vs fifo {fifo:.3}");
+        assert!(s3 > fifo * 1.3, "s3fifo {s3:.3} vs fifo {fifo:.3}");
     }
 
     #[test]
