@@ -11,6 +11,9 @@ fn main() -> Result<(), clustermem_runtime::RuntimeError> {
     }
     let ok = bytes.iter().enumerate().step_by(4096).all(|(i, &b)| b == (i >> 12) as u8);
     let s = runtime.stats().snapshot();
-    println!("verified={ok} fetched={} evicted={} written_back={}", s.pages_fetched, s.pages_evicted, s.pages_written_back);
+    println!(
+        "verified={ok} fetched={} evicted={} written_back={}",
+        s.pages_fetched, s.pages_evicted, s.pages_written_back
+    );
     Ok(())
 }
