@@ -15,7 +15,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use clustermem_runtime::{
-    Histogram, PolicyKind, Region, Runtime, RuntimeConfig, RuntimeError, RuntimeStats, PAGE_SIZE,
+    Histogram, PolicyKind, Region, Runtime, RuntimeConfig, RuntimeError, RuntimeStats, WritebackMode,
+    PAGE_SIZE,
 };
 use progress::Progress;
 use rng::{mix, Rng, Zipf};
@@ -38,16 +39,19 @@ pub enum Workload {
     Zipf,
     /// Sort the region's u64 values in place (as in the Fastswap suite).
     Quicksort,
+    /// Change `--lines-per-page` random 64-byte lines of a random page per operation.
+    SparseWrite,
 }
 
 impl Workload {
     /// Every workload, for `--help` and errors.
-    pub const ALL: [(&'static str, Workload); 5] = [
+    pub const ALL: [(&'static str, Workload); 6] = [
         ("seq-read", Self::SeqRead),
         ("seq-write", Self::SeqWrite),
         ("random", Self::Random),
         ("zipf", Self::Zipf),
         ("quicksort", Self::Quicksort),
+        ("sparse-write", Self::SparseWrite),
     ];
 
     /// The workload's name on the command line.
@@ -91,6 +95,14 @@ pub struct BenchOptions {
     pub progress: bool,
     /// Where the memory comes from.
     pub backend: Backend,
+    /// sparse-write: lines changed per page per operation (1..=64).
+    pub lines_per_page: u32,
+    /// How dirty pages are written back.
+    pub writeback: WritebackMode,
+    /// Send the whole page when more lines than this changed.
+    pub line_threshold: u32,
+    /// Periodic write-back interval (None: only on eviction).
+    pub flush_interval: Option<std::time::Duration>,
 }
 
 /// Where a benchmark's memory comes from.
@@ -258,6 +270,16 @@ pub struct BenchReport {
     pub bytes_fetched: u64,
     /// Bytes sent for write-back, frame headers included.
     pub bytes_written_back: u64,
+    /// Write-back mode (`line` or `page`).
+    pub writeback: &'static str,
+    /// Dirty pages written back (= `pages_written_back`).
+    pub dirty_pages_written: u64,
+    /// Changed 64-byte lines found in them (64 per page in page mode).
+    pub dirty_lines_written: u64,
+    /// What a page-granular system would have sent for the same write-backs.
+    pub page_granular_bytes: u64,
+    /// Dirty pages written back by the periodic flusher or a flush.
+    pub pages_flushed: u64,
     /// Fraction of operations served without a remote fault (random and zipf).
     pub hit_rate: Option<f64>,
     /// Hit rate of an exact LRU cache of the same size on the same access trace (zipf).
@@ -279,6 +301,12 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     if opts.threads == 0 {
         return Err(BenchError::Options("--threads must be at least 1".into()));
     }
+    if opts.workload == Workload::SparseWrite && !(1..=64).contains(&opts.lines_per_page) {
+        return Err(BenchError::Options(format!(
+            "--lines-per-page must be 1..=64, got {}",
+            opts.lines_per_page
+        )));
+    }
     if opts.workload == Workload::Quicksort && opts.threads != 1 {
         return Err(BenchError::Options("quicksort runs on one thread; drop --threads".into()));
     }
@@ -290,6 +318,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             local_mem_bytes: opts.local_mem_bytes,
             low_latency: opts.low_latency,
             policy: opts.policy,
+            writeback: opts.writeback,
+            line_threshold: opts.line_threshold,
+            flush_interval: opts.flush_interval,
             ..RuntimeConfig::default()
         })?),
         Backend::Local => None,
@@ -312,7 +343,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
 
     let default_ops = match opts.workload {
         Workload::SeqRead | Workload::SeqWrite => pages as u64,
-        Workload::Random | Workload::Zipf => (pages as u64 * 2).clamp(10_000, 2_000_000),
+        Workload::Random | Workload::Zipf | Workload::SparseWrite => {
+            (pages as u64 * 2).clamp(10_000, 2_000_000)
+        }
         Workload::Quicksort => words as u64,
     };
     let ops = opts.ops.unwrap_or(default_ops);
@@ -337,6 +370,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         Workload::SeqWrite => seq_write(memory.words(), &ctx),
         Workload::Random | Workload::Zipf => rmw(memory.words(), &ctx, &mut trace),
         Workload::Quicksort => quicksort(memory.values_mut(), &ctx),
+        Workload::SparseWrite => sparse_write(memory.words(), &ctx),
     };
     end();
     let (t_end, snap) = *measured.get().expect("set by end()");
@@ -391,6 +425,14 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         pages_written_back: snap.pages_written_back,
         bytes_fetched: snap.bytes_fetched,
         bytes_written_back: snap.bytes_written_back,
+        writeback: match opts.writeback {
+            WritebackMode::Line => "line",
+            WritebackMode::Page => "page",
+        },
+        dirty_pages_written: snap.pages_written_back,
+        dirty_lines_written: snap.dirty_lines_written,
+        page_granular_bytes: snap.page_granular_bytes,
+        pages_flushed: snap.pages_flushed,
         hit_rate,
         lru_hit_rate,
         verified: verify_error.is_none(),
@@ -547,6 +589,62 @@ fn rmw(words: &[AtomicU64], ctx: &Ctx<'_>, trace: &mut Vec<u32>) -> Result<(), S
         let got = words[range].iter().fold(0u64, |s, w| s.wrapping_add(w.load(Relaxed)));
         if got != expected {
             return Err(format!("page {page}: sum {got:#x}, expected {expected:#x} after {n} increments"));
+        }
+    }
+    Ok(())
+}
+
+/// The value word `word` of line `line` of page `page` holds after its `version`-th change.
+fn line_value(seed: u64, page: usize, line: usize, word: usize, version: u8) -> u64 {
+    mix(seed.rotate_left(17) ^ ((((page * 64 + line) * 8 + word) as u64) << 8) ^ u64::from(version))
+}
+
+/// `ops` operations, each changing `lines_per_page` distinct random lines (all 8 words) of a
+/// random page. Threads own disjoint pages (page % threads), so the final state is
+/// determined; a version byte per line, kept outside the region, says what each line holds.
+fn sparse_write(words: &[AtomicU64], ctx: &Ctx<'_>) -> Result<(), String> {
+    use std::sync::atomic::AtomicU8;
+    let (opts, ops, progress) = (ctx.opts, ctx.ops, ctx.progress);
+    let pages = words.len() / WORDS_PER_PAGE;
+    let threads = opts.threads.min(pages);
+    let versions: Vec<AtomicU8> = (0..pages * 64).map(|_| AtomicU8::new(0)).collect();
+    progress.phase("sparse-write", ops);
+    let per_thread = ops.div_ceil(threads as u64);
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let versions = &versions;
+            s.spawn(move || {
+                let mut rng = Rng::new(opts.seed ^ (t as u64 + 7).wrapping_mul(0xD6E8_FEB8_6659_FD93));
+                let owned = (pages - t).div_ceil(threads) as u64;
+                for _ in 0..per_thread.min(ops.saturating_sub(per_thread * t as u64)) {
+                    let page = rng.below(owned) as usize * threads + t;
+                    let mut chosen = 0u64;
+                    while chosen.count_ones() < opts.lines_per_page {
+                        chosen |= 1 << rng.below(64);
+                    }
+                    while chosen != 0 {
+                        let line = chosen.trailing_zeros() as usize;
+                        chosen &= chosen - 1;
+                        let v = versions[page * 64 + line].fetch_add(1, Relaxed).wrapping_add(1);
+                        let first = page * WORDS_PER_PAGE + line * 8;
+                        for (word, w) in words[first..first + 8].iter().enumerate() {
+                            w.store(line_value(opts.seed, page, line, word, v), Relaxed);
+                        }
+                    }
+                    progress.advance(1);
+                }
+            });
+        }
+    });
+    (ctx.end)();
+    for (i, w) in words.iter().enumerate() {
+        let (page, line, word) = (i / WORDS_PER_PAGE, (i % WORDS_PER_PAGE) / 8, i % 8);
+        let v = versions[page * 64 + line].load(Relaxed);
+        let expected =
+            if v == 0 { fill_value(opts.seed, i) } else { line_value(opts.seed, page, line, word, v) };
+        let got = w.load(Relaxed);
+        if got != expected {
+            return Err(format!("page {page} line {line} word {word}: {got:#x}, expected {expected:#x}"));
         }
     }
     Ok(())

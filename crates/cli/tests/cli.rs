@@ -153,3 +153,43 @@ fn bad_flags_are_explained() {
     let out = run_with_timeout(&["host", "--capacity", "lots"], TIMEOUT);
     assert!(stderr(&out).contains("has no number"), "{}", stderr(&out));
 }
+
+/// Line write-back sends the changed lines plus a small header per page, far less than
+/// whole pages; page mode sends whole pages; both verify.
+#[test]
+fn sparse_write_sends_lines_not_pages() {
+    require_userfaultfd();
+    let run = |mode: &str| {
+        let out = run_with_timeout(
+            // Enough operations that the fill's dense pages, written back early in the
+            // measured phase, are a small part of the traffic.
+            &[
+                "bench",
+                "sparse-write",
+                "--size",
+                "16M",
+                "--local-mem",
+                "25%",
+                "--ops",
+                "40000",
+                "--writeback",
+                mode,
+                "--json",
+            ],
+            TIMEOUT,
+        );
+        assert!(out.status.success(), "{mode}: {}", stderr(&out));
+        json(&out)
+    };
+    let line = run("line");
+    assert_eq!(line["verified"], true, "{line}");
+    let pages = line["dirty_pages_written"].as_f64().unwrap();
+    let lines = line["dirty_lines_written"].as_f64().unwrap();
+    let sent = line["bytes_written_back"].as_f64().unwrap();
+    assert!(pages > 1000.0, "{line}");
+    assert!(sent <= 1.25 * lines * 64.0 + 48.0 * pages, "{line}");
+    assert!(line["page_granular_bytes"].as_f64().unwrap() > 10.0 * sent, "{line}");
+    let page = run("page");
+    assert_eq!(page["verified"], true, "{page}");
+    assert_eq!(page["bytes_written_back"], page["page_granular_bytes"], "{page}");
+}

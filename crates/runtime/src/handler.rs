@@ -26,6 +26,7 @@ use clustermem_net::{FrameReader, RecvError};
 use clustermem_proto::{Message, PAGE_SIZE};
 use clustermem_uffd::{Event, RegisterMode, Uffd};
 
+use crate::dirty::{gather_lines, Twin, TwinPool, WritebackMode};
 use crate::policy::{EvictionPolicy, PageKey};
 use crate::stats::RuntimeStats;
 use crate::transport::{Link, Pending};
@@ -40,6 +41,10 @@ impl PageState {
     const FETCHING: u8 = 8;
     const LOST: u8 = 16;
 }
+
+/// Wire bytes of a whole-page write-back (header, slab and page ids, data): what a
+/// page-granular system sends per dirty page.
+const PAGE_FRAME_BYTES: u64 = (clustermem_proto::HEADER_LEN + 16 + PAGE_SIZE) as u64;
 
 /// How long a low-latency handler keeps busy-polling after its last fault.
 const SPIN_WINDOW: Duration = Duration::from_micros(100);
@@ -79,6 +84,8 @@ struct RegionState {
     error: Arc<Mutex<Option<String>>>,
     /// Lost pages not yet named in `error`.
     lost: usize,
+    /// Clean twins of dirty pages (line write-back only).
+    twins: HashMap<usize, Twin>,
 }
 
 impl RegionState {
@@ -99,6 +106,11 @@ impl RegionState {
 /// Static configuration of a handler.
 pub(crate) struct HandlerConfig {
     pub capacity_pages: usize,
+    pub writeback: WritebackMode,
+    /// Above this many changed lines a whole page is sent instead.
+    pub line_threshold: u32,
+    /// Dirty pages are written back at least this often (None: only on eviction and flush).
+    pub flush_interval: Option<Duration>,
     pub low_latency: bool,
     pub slab_bytes: usize,
     pub request_timeout: Duration,
@@ -121,6 +133,11 @@ struct Core {
     flushes: HashMap<u64, (usize, Sender<Result<(), RuntimeError>>)>,
     next_barrier: u64,
     poison_supported: bool,
+    twins: TwinPool,
+    /// Pages made dirty since the last periodic flush (may hold stale or repeated keys).
+    dirty: Vec<PageKey>,
+    /// Reused buffer for the lines of a sparse write-back.
+    scratch: Vec<u8>,
 }
 
 /// An error with its causes, for log lines.
@@ -178,6 +195,9 @@ impl Handler {
                 flushes: HashMap::new(),
                 next_barrier: 0,
                 poison_supported,
+                twins: TwinPool::default(),
+                dirty: Vec::new(),
+                scratch: Vec::with_capacity(PAGE_SIZE),
             },
             readers,
             commands,
@@ -189,8 +209,15 @@ impl Handler {
     pub(crate) fn run(mut self) {
         let mut events = [Event::Other(0); 64];
         let mut last_fault = Instant::now() - SPIN_WINDOW;
+        let mut last_flush = Instant::now();
         loop {
             let mut progress = false;
+            if let Some(interval) = self.core.config.flush_interval {
+                if last_flush.elapsed() >= interval {
+                    self.core.write_back_dirty(None);
+                    last_flush = Instant::now();
+                }
+            }
             match self.core.uffd.read_events(&mut events) {
                 Ok(n) => {
                     for ev in &events[..n] {
@@ -247,7 +274,13 @@ impl Handler {
                 fds.push(libc::pollfd { fd: reader.stream().as_raw_fd(), events: libc::POLLIN, revents: 0 });
             }
         }
-        let timeout_ms = if fds.len() > 2 { 100 } else { 1000 };
+        let timeout_ms = match self.core.config.flush_interval {
+            _ if fds.len() > 2 => 100,
+            Some(interval) if !self.core.dirty.is_empty() => {
+                i32::try_from(interval.as_millis()).unwrap_or(1000).clamp(1, 1000)
+            }
+            _ => 1000,
+        };
         // SAFETY: `fds` is a valid array of pollfds for the duration of the call.
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
     }
@@ -398,7 +431,15 @@ impl Handler {
         self.core.next_region += 1;
         self.core.regions.insert(
             id,
-            RegionState { base, pages: vec![0; pages], slabs: slabs.clone(), slab_pages, error, lost: 0 },
+            RegionState {
+                base,
+                pages: vec![0; pages],
+                slabs: slabs.clone(),
+                slab_pages,
+                error,
+                lost: 0,
+                twins: HashMap::new(),
+            },
         );
         let mode = RegisterMode { missing: true, write_protect: true };
         // SAFETY: `Region::new` made this private anonymous mapping for this runtime alone and
@@ -457,11 +498,19 @@ impl Core {
         } else if state & PageState::RESIDENT != 0 {
             if write_protect && state & PageState::DIRTY == 0 {
                 region.pages[page] |= PageState::DIRTY;
+                if self.config.writeback == WritebackMode::Line {
+                    // SAFETY: the page is resident and still write-protected (its writer
+                    // waits for us), so it is readable and stable while copied.
+                    let clean = unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) };
+                    region.twins.insert(page, self.twins.take(clean));
+                }
+                self.dirty.push(key(id, page));
                 self.policy.touch(key(id, page));
                 self.stats.write_faults.fetch_add(1, Relaxed);
                 if let Err(e) = self.uffd.write_protect(addr, PAGE_SIZE, false, true) {
                     eprintln!("clustermem: cannot unprotect {addr:#x}: {}", chain(&e));
                 }
+                self.enforce_limit();
             } else {
                 // Already served (the fault raced an install): just wake.
                 let _ = self.uffd.wake(addr, PAGE_SIZE);
@@ -521,9 +570,20 @@ impl Core {
                 return;
             }
         }
+        if write {
+            if self.config.writeback == WritebackMode::Line {
+                region.twins.insert(page, self.twins.take(data));
+            }
+            self.dirty.push(key(id, page));
+        }
         self.policy.insert(key(id, page));
         self.resident += 1;
-        while self.resident > self.config.capacity_pages {
+        self.enforce_limit();
+    }
+
+    /// Evicts until resident pages and twins fit the local-memory limit.
+    fn enforce_limit(&mut self) {
+        while self.resident + self.twins.in_use() > self.config.capacity_pages {
             let Some(victim) = self.policy.evict() else { break };
             if !self.evict(victim) {
                 // Over the limit for now rather than spin on a page that cannot leave.
@@ -561,27 +621,108 @@ impl Core {
         true
     }
 
-    /// Queues the write-back of a resident, write-protected page of region `id`.
+    /// Queues the write-back of a resident, write-protected page of region `id`: the lines
+    /// that changed since its twin, or the whole page (page mode, no twin, or past the
+    /// threshold). Nothing is sent for a page written back to its clean contents.
     fn write_back(&mut self, id: u32, page: usize) {
         let region = self.regions.get_mut(&id).expect("caller checked");
         let addr = region.addr(page);
+        let twin = region.twins.remove(&page);
         let (slab, slab_page) = region.slab_of(page);
+        // SAFETY: the page is resident and write-protected, so it is readable and no store
+        // changes it while it is diffed and copied into the send buffer.
+        let data = unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) };
+        let mask = match twin {
+            Some(t) => {
+                let mask = self.twins.diff(data, t);
+                self.twins.release(t);
+                mask
+            }
+            None => u64::MAX,
+        };
         let link = &mut self.links[slab.host];
         if let Some(why) = link.dead.clone() {
             region.record_loss(page, &why);
             return;
         }
-        let mut prefix = [0u8; 16];
-        prefix[..8].copy_from_slice(&slab.slab_id.to_le_bytes());
-        prefix[8..].copy_from_slice(&slab_page.to_le_bytes());
-        // SAFETY: the page is resident and write-protected, so it is readable and no store
-        // changes it while it is copied into the send buffer.
-        let data = unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) };
-        let kind = Message::WritePages { slab_id: 0, first_page: 0, data: &[] }.kind();
-        let bytes = link.send_parts(kind, &prefix, data, Pending::WriteBack { region: id, page });
+        if mask == 0 {
+            self.stats.clean_write_backs_skipped.fetch_add(1, Relaxed);
+            return;
+        }
+        let lines = mask.count_ones();
+        let pending = Pending::WriteBack { region: id, page };
+        let bytes = if lines > self.config.line_threshold {
+            let mut prefix = [0u8; 16];
+            prefix[..8].copy_from_slice(&slab.slab_id.to_le_bytes());
+            prefix[8..].copy_from_slice(&slab_page.to_le_bytes());
+            let kind = Message::WritePages { slab_id: 0, first_page: 0, data: &[] }.kind();
+            link.send_parts(kind, &prefix, data, pending)
+        } else {
+            let mut prefix = Vec::with_capacity(24);
+            clustermem_proto::encode_write_lines_prefix(&mut prefix, slab.slab_id, slab_page, mask);
+            self.scratch.clear();
+            gather_lines(data, mask, &mut self.scratch);
+            let kind = Message::WriteLines { slab_id: 0, page: 0, line_mask: 1, lines: &[] }.kind();
+            link.send_parts(kind, &prefix, &self.scratch, pending)
+        };
         self.stats.pages_written_back.fetch_add(1, Relaxed);
+        self.stats.dirty_lines_written.fetch_add(u64::from(lines), Relaxed);
         self.stats.bytes_written_back.fetch_add(bytes, Relaxed);
+        self.stats.page_granular_bytes.fetch_add(PAGE_FRAME_BYTES, Relaxed);
         region.pages[page] |= PageState::ON_HOST;
+    }
+
+    /// Writes back the dirty pages of region `only` (or of every region) and marks them clean
+    /// and write-protected again; runs of adjacent pages are protected with one ioctl.
+    fn write_back_dirty(&mut self, only: Option<u32>) {
+        let mut keys = std::mem::take(&mut self.dirty);
+        keys.sort_unstable();
+        keys.dedup();
+        let mut keep = Vec::new();
+        let mut run_start = 0;
+        while run_start < keys.len() {
+            let (id, first) = unkey(keys[run_start]);
+            if only.is_some_and(|o| o != id) {
+                keep.push(keys[run_start]);
+                run_start += 1;
+                continue;
+            }
+            let Some(region) = self.regions.get(&id) else {
+                run_start += 1;
+                continue;
+            };
+            let dirty = |p: usize| {
+                region.pages[p] & (PageState::DIRTY | PageState::RESIDENT)
+                    == (PageState::DIRTY | PageState::RESIDENT)
+            };
+            if !dirty(first) {
+                run_start += 1;
+                continue;
+            }
+            let mut run_end = run_start + 1;
+            while run_end < keys.len()
+                && keys[run_end] == keys[run_end - 1] + 1
+                && dirty(unkey(keys[run_end]).1)
+            {
+                run_end += 1;
+            }
+            let pages = run_end - run_start;
+            let addr = region.addr(first);
+            if let Err(e) = self.uffd.write_protect(addr, pages * PAGE_SIZE, true, true) {
+                eprintln!("clustermem: cannot write-protect {addr:#x} for write-back: {}", chain(&e));
+                keep.extend_from_slice(&keys[run_start..run_end]);
+                run_start = run_end;
+                continue;
+            }
+            for page in first..first + pages {
+                self.write_back(id, page);
+                self.regions.get_mut(&id).expect("checked").pages[page] &= !PageState::DIRTY;
+            }
+            self.stats.pages_flushed.fetch_add(pages as u64, Relaxed);
+            run_start = run_end;
+        }
+        keep.append(&mut self.dirty);
+        self.dirty = keep;
     }
 
     fn on_reply(&mut self, h: usize, id: u64, msg: &Message<'_>) {
@@ -687,6 +828,9 @@ impl Core {
                 self.resident -= 1;
             }
         }
+        for (_, twin) in region.twins {
+            self.twins.release(twin);
+        }
         for s in region.slabs {
             self.free_slab(s);
         }
@@ -695,22 +839,11 @@ impl Core {
     /// Writes back every dirty page of region `id` (they stay resident, clean) and replies
     /// once every host has acknowledged.
     fn flush(&mut self, id: u32, reply: Sender<Result<(), RuntimeError>>) {
-        let Some(region) = self.regions.get(&id) else {
+        if !self.regions.contains_key(&id) {
             let _ = reply.send(Err(RuntimeError::Protocol(format!("no region {id}"))));
             return;
-        };
-        let dirty: Vec<usize> =
-            (0..region.pages.len()).filter(|&p| region.pages[p] & PageState::DIRTY != 0).collect();
-        for page in dirty {
-            let region = self.regions.get_mut(&id).expect("checked");
-            let addr = region.addr(page);
-            if let Err(e) = self.uffd.write_protect(addr, PAGE_SIZE, true, true) {
-                let _ = reply.send(Err(RuntimeError::Uffd(e)));
-                return;
-            }
-            self.write_back(id, page);
-            self.regions.get_mut(&id).expect("checked").pages[page] &= !PageState::DIRTY;
         }
+        self.write_back_dirty(Some(id));
         if let Some(err) = self.regions[&id].error.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             let _ = reply.send(Err(RuntimeError::HostFailed(err)));
             return;

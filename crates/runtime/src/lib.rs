@@ -17,6 +17,7 @@
 //! owns every page table, the eviction policy and the host connections: the fault path takes
 //! no lock. Its regions share one local-memory budget.
 
+mod dirty;
 mod handler;
 pub mod policy;
 mod stats;
@@ -33,6 +34,7 @@ use clustermem_uffd::{Features, Uffd, UffdError};
 use thiserror::Error;
 
 pub use clustermem_proto::PAGE_SIZE;
+pub use dirty::WritebackMode;
 pub use policy::PolicyKind;
 pub use stats::{Histogram, RuntimeStats, StatsSnapshot};
 
@@ -104,6 +106,12 @@ pub struct RuntimeConfig {
     pub request_timeout: Duration,
     /// Capacity of the embedded host, when no hosts are given.
     pub embedded_capacity_bytes: u64,
+    /// Write back changed 64-byte lines (default) or whole pages.
+    pub writeback: WritebackMode,
+    /// With line write-back, send the whole page when more lines than this changed (0..=64).
+    pub line_threshold: u32,
+    /// Write dirty pages back at least this often, not only on eviction (None: never).
+    pub flush_interval: Option<Duration>,
 }
 
 impl Default for RuntimeConfig {
@@ -116,6 +124,9 @@ impl Default for RuntimeConfig {
             slab_bytes: 64 << 20,
             request_timeout: Duration::from_secs(10),
             embedded_capacity_bytes: 64 << 30,
+            writeback: WritebackMode::default(),
+            line_threshold: 48,
+            flush_interval: Some(Duration::from_millis(100)),
         }
     }
 }
@@ -170,6 +181,9 @@ impl Runtime {
                 capacity_pages: usize::try_from(config.local_mem_bytes / PAGE_SIZE as u64)
                     .unwrap_or(usize::MAX),
                 low_latency: config.low_latency,
+                writeback: config.writeback,
+                line_threshold: config.line_threshold.min(dirty::MAX_LINES),
+                flush_interval: config.flush_interval.filter(|d| !d.is_zero()),
                 slab_bytes: config.slab_bytes.max(PAGE_SIZE),
                 request_timeout: config.request_timeout,
             },

@@ -97,6 +97,14 @@ pub struct RuntimeStats {
     pub bytes_fetched: AtomicU64,
     /// Bytes sent to write pages back, frame headers included.
     pub bytes_written_back: AtomicU64,
+    /// Changed 64-byte lines found in written-back pages (64 for a page-granular one).
+    pub dirty_lines_written: AtomicU64,
+    /// What a page-granular system would have sent for the same write-backs.
+    pub page_granular_bytes: AtomicU64,
+    /// Dirty pages whose contents matched their clean twin: nothing sent.
+    pub clean_write_backs_skipped: AtomicU64,
+    /// Pages written back by the periodic flusher or `Region::flush`.
+    pub pages_flushed: AtomicU64,
     /// Time from reading a remote fault to installing its page, in the handler.
     pub fault_service: Histogram,
 }
@@ -113,6 +121,10 @@ impl RuntimeStats {
             &self.pages_written_back,
             &self.bytes_fetched,
             &self.bytes_written_back,
+            &self.dirty_lines_written,
+            &self.page_granular_bytes,
+            &self.clean_write_backs_skipped,
+            &self.pages_flushed,
         ] {
             c.store(0, Relaxed);
         }
@@ -130,6 +142,10 @@ impl RuntimeStats {
             pages_written_back: self.pages_written_back.load(Relaxed),
             bytes_fetched: self.bytes_fetched.load(Relaxed),
             bytes_written_back: self.bytes_written_back.load(Relaxed),
+            dirty_lines_written: self.dirty_lines_written.load(Relaxed),
+            page_granular_bytes: self.page_granular_bytes.load(Relaxed),
+            clean_write_backs_skipped: self.clean_write_backs_skipped.load(Relaxed),
+            pages_flushed: self.pages_flushed.load(Relaxed),
             service_p50_us: self.fault_service.quantile_us(0.5),
             service_p99_us: self.fault_service.quantile_us(0.99),
         }
@@ -155,6 +171,14 @@ pub struct StatsSnapshot {
     pub bytes_fetched: u64,
     /// See [`RuntimeStats::bytes_written_back`].
     pub bytes_written_back: u64,
+    /// See [`RuntimeStats::dirty_lines_written`].
+    pub dirty_lines_written: u64,
+    /// See [`RuntimeStats::page_granular_bytes`].
+    pub page_granular_bytes: u64,
+    /// See [`RuntimeStats::clean_write_backs_skipped`].
+    pub clean_write_backs_skipped: u64,
+    /// See [`RuntimeStats::pages_flushed`].
+    pub pages_flushed: u64,
     /// Median fault service time in the handler.
     pub service_p50_us: f64,
     /// 99th percentile fault service time in the handler.
