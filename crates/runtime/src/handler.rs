@@ -46,6 +46,9 @@ impl PageState {
 /// page-granular system sends per dirty page.
 const PAGE_FRAME_BYTES: u64 = (clustermem_proto::HEADER_LEN + 16 + PAGE_SIZE) as u64;
 
+/// How far over the local-memory limit one round of the handler loop may go before it evicts.
+const EVICTION_SLACK_PAGES: usize = 64;
+
 /// How long a low-latency handler keeps busy-polling after its last fault.
 const SPIN_WINDOW: Duration = Duration::from_micros(100);
 
@@ -242,7 +245,13 @@ impl Handler {
                 }
                 Err(TryRecvError::Empty) => {}
             }
+            // Fetches for new faults go out first; evictions then overlap their round trip
+            // instead of delaying them.
             self.flush_links();
+            if self.core.over_limit() > 0 {
+                self.core.enforce_limit();
+                self.flush_links();
+            }
             progress |= self.poll_replies();
             self.check_timeouts();
             if progress {
@@ -510,7 +519,7 @@ impl Core {
                 if let Err(e) = self.uffd.write_protect(addr, PAGE_SIZE, false, true) {
                     eprintln!("clustermem: cannot unprotect {addr:#x}: {}", chain(&e));
                 }
-                self.enforce_limit();
+                self.enforce_limit_if_far_over();
             } else {
                 // Already served (the fault raced an install): just wake.
                 let _ = self.uffd.wake(addr, PAGE_SIZE);
@@ -578,12 +587,25 @@ impl Core {
         }
         self.policy.insert(key(id, page));
         self.resident += 1;
-        self.enforce_limit();
+        self.enforce_limit_if_far_over();
+    }
+
+    /// Pages (resident and twins) over the local-memory limit.
+    fn over_limit(&self) -> usize {
+        (self.resident + self.twins.in_use()).saturating_sub(self.config.capacity_pages)
+    }
+
+    /// The run loop evicts once per round, after sending the round's fetches; a round that
+    /// installs many pages evicts at once past this slack, so the limit is never far exceeded.
+    fn enforce_limit_if_far_over(&mut self) {
+        if self.over_limit() > EVICTION_SLACK_PAGES {
+            self.enforce_limit();
+        }
     }
 
     /// Evicts until resident pages and twins fit the local-memory limit.
     fn enforce_limit(&mut self) {
-        while self.resident + self.twins.in_use() > self.config.capacity_pages {
+        while self.over_limit() > 0 {
             let Some(victim) = self.policy.evict() else { break };
             if !self.evict(victim) {
                 // Over the limit for now rather than spin on a page that cannot leave.
