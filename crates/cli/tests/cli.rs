@@ -193,3 +193,28 @@ fn sparse_write_sends_lines_not_pages() {
     assert_eq!(page["verified"], true, "{page}");
     assert_eq!(page["bytes_written_back"], page["page_granular_bytes"], "{page}");
 }
+
+/// Without permission to use userfaultfd, the command says what to do instead of failing
+/// obscurely. Runs the binary as `nobody` (needs root to drop privileges).
+#[test]
+fn no_userfaultfd_permission_is_explained() {
+    // SAFETY: geteuid(2) has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "this test needs root, to run clustermem as nobody");
+    let unprivileged = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", common::bin()])
+        .args(["bench", "random", "--size", "8M"])
+        .output()
+        .expect("setpriv (util-linux) runs");
+    if unprivileged.trim() == "1" {
+        // The machine allows unprivileged userfaultfd: then the run must simply work.
+        assert!(out.status.success(), "{}", stderr(&out));
+    } else {
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains("not permitted to use userfaultfd") && err.contains("/dev/userfaultfd"),
+            "{err}"
+        );
+    }
+}
