@@ -40,19 +40,6 @@ impl PageState {
     const DIRTY: u8 = 4;
     const FETCHING: u8 = 8;
     const LOST: u8 = 16;
-    /// Two bits counting recent dense write-backs (most lines changed): while non-zero, the
-    /// page is written back whole without a twin, and each such write-back counts one down,
-    /// so a page that turns sparse again is noticed within a few write-backs.
-    const DENSE_SHIFT: u8 = 5;
-    const DENSE_MASK: u8 = 3 << Self::DENSE_SHIFT;
-
-    fn dense(state: u8) -> u8 {
-        (state & Self::DENSE_MASK) >> Self::DENSE_SHIFT
-    }
-
-    fn with_dense(state: u8, count: u8) -> u8 {
-        (state & !Self::DENSE_MASK) | (count.min(3) << Self::DENSE_SHIFT)
-    }
 }
 
 /// Wire bytes of a whole-page write-back (header, slab and page ids, data): what a
@@ -520,7 +507,7 @@ impl Core {
         } else if state & PageState::RESIDENT != 0 {
             if write_protect && state & PageState::DIRTY == 0 {
                 region.pages[page] |= PageState::DIRTY;
-                if self.config.writeback == WritebackMode::Line && PageState::dense(state) == 0 {
+                if self.config.writeback == WritebackMode::Line {
                     // SAFETY: the page is resident and still write-protected (its writer
                     // waits for us), so it is readable and stable while copied.
                     let clean = unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) };
@@ -593,7 +580,7 @@ impl Core {
             }
         }
         if write {
-            if self.config.writeback == WritebackMode::Line && PageState::dense(region.pages[page]) == 0 {
+            if self.config.writeback == WritebackMode::Line {
                 region.twins.insert(page, self.twins.take(data));
             }
             self.dirty.push(key(id, page));
@@ -685,15 +672,6 @@ impl Core {
             return;
         }
         let lines = mask.count_ones();
-        // Learn which pages are written densely: their twins cost memory and a diff for
-        // nothing, so they skip them for a few write-backs.
-        let state = region.pages[page];
-        let dense = PageState::dense(state);
-        region.pages[page] = match twin {
-            Some(_) if lines > self.config.line_threshold => PageState::with_dense(state, 3),
-            None if dense > 0 => PageState::with_dense(state, dense - 1),
-            _ => state,
-        };
         let pending = Pending::WriteBack { region: id, page };
         let bytes = if lines > self.config.line_threshold {
             let mut prefix = [0u8; 16];
