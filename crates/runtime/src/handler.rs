@@ -46,6 +46,9 @@ impl PageState {
 /// page-granular system sends per dirty page.
 const PAGE_FRAME_BYTES: u64 = (clustermem_proto::HEADER_LEN + 16 + PAGE_SIZE) as u64;
 
+/// Past 1/TWIN_SHARE of local memory in twins, dirty pages are flushed early.
+const TWIN_SHARE: usize = 8;
+
 /// How far over the local-memory limit one round of the handler loop may go before it evicts.
 const EVICTION_SLACK_PAGES: usize = 64;
 
@@ -141,6 +144,7 @@ struct Core {
     dirty: Vec<PageKey>,
     /// Reused buffer for the lines of a sparse write-back.
     scratch: Vec<u8>,
+    twin_gate: TwinGate,
 }
 
 /// An error with its causes, for log lines.
@@ -153,6 +157,34 @@ fn chain(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     text
+}
+
+/// Decides whether a page being dirtied gets a twin. Twins pay only for pages written
+/// sparsely; for a write-dense phase (a sort, a sequential fill) they cost a page of cache and a
+/// diff each for nothing. So while most recent diffs found dense pages, only one dirtied page
+/// in TWIN_SAMPLE gets one (to notice when writes turn sparse again). Separately, when twins
+/// hold more than 1/TWIN_SHARE of local memory the handler flushes early, which frees them.
+#[derive(Debug)]
+struct TwinGate {
+    /// Exponentially weighted fraction of recent diffs that found a dense page.
+    dense_fraction: f64,
+    dirtied: u64,
+}
+
+const TWIN_SAMPLE: u64 = 16;
+
+impl TwinGate {
+    fn admit(&mut self, config: &HandlerConfig) -> bool {
+        if config.writeback != WritebackMode::Line {
+            return false;
+        }
+        self.dirtied += 1;
+        self.dense_fraction < 0.5 || self.dirtied.is_multiple_of(TWIN_SAMPLE)
+    }
+
+    fn observe(&mut self, dense: bool) {
+        self.dense_fraction = 0.98 * self.dense_fraction + if dense { 0.02 } else { 0.0 };
+    }
 }
 
 fn key(region: u32, page: usize) -> PageKey {
@@ -201,6 +233,7 @@ impl Handler {
                 twins: TwinPool::default(),
                 dirty: Vec::new(),
                 scratch: Vec::with_capacity(PAGE_SIZE),
+                twin_gate: TwinGate { dense_fraction: 0.0, dirtied: 0 },
             },
             readers,
             commands,
@@ -215,11 +248,10 @@ impl Handler {
         let mut last_flush = Instant::now();
         loop {
             let mut progress = false;
-            if let Some(interval) = self.core.config.flush_interval {
-                if last_flush.elapsed() >= interval {
-                    self.core.write_back_dirty(None);
-                    last_flush = Instant::now();
-                }
+            let twins_full = self.core.twins.in_use() > self.core.config.capacity_pages / TWIN_SHARE;
+            if twins_full || self.core.config.flush_interval.is_some_and(|i| last_flush.elapsed() >= i) {
+                self.core.write_back_dirty(None);
+                last_flush = Instant::now();
             }
             match self.core.uffd.read_events(&mut events) {
                 Ok(n) => {
@@ -507,7 +539,7 @@ impl Core {
         } else if state & PageState::RESIDENT != 0 {
             if write_protect && state & PageState::DIRTY == 0 {
                 region.pages[page] |= PageState::DIRTY;
-                if self.config.writeback == WritebackMode::Line {
+                if self.twin_gate.admit(&self.config) {
                     // SAFETY: the page is resident and still write-protected (its writer
                     // waits for us), so it is readable and stable while copied.
                     let clean = unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) };
@@ -580,7 +612,7 @@ impl Core {
             }
         }
         if write {
-            if self.config.writeback == WritebackMode::Line {
+            if self.twin_gate.admit(&self.config) {
                 region.twins.insert(page, self.twins.take(data));
             }
             self.dirty.push(key(id, page));
@@ -672,6 +704,9 @@ impl Core {
             return;
         }
         let lines = mask.count_ones();
+        if twin.is_some() {
+            self.twin_gate.observe(lines > self.config.line_threshold);
+        }
         let pending = Pending::WriteBack { region: id, page };
         let bytes = if lines > self.config.line_threshold {
             let mut prefix = [0u8; 16];
