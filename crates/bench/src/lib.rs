@@ -14,6 +14,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
+use clustermem_mmap::AnonMapping;
 use clustermem_runtime::{
     Histogram, PolicyKind, Region, Runtime, RuntimeConfig, RuntimeError, RuntimeStats, WritebackMode,
     PAGE_SIZE,
@@ -130,29 +131,14 @@ impl std::str::FromStr for Backend {
 /// The memory a workload runs on.
 enum Memory<'rt> {
     Region(Region<'rt>),
-    Local { base: *mut u8, len: usize },
+    Local(AnonMapping),
 }
 
 impl Memory<'_> {
     fn local(len: usize) -> Result<Self, BenchError> {
-        // SAFETY: a fresh private anonymous mapping; it aliases nothing.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(BenchError::Options(format!(
-                "cannot map {len} bytes: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        Ok(Self::Local { base: base.cast(), len })
+        AnonMapping::new(len)
+            .map(Self::Local)
+            .map_err(|e| BenchError::Options(format!("cannot map {len} bytes: {e}")))
     }
 
     fn words(&self) -> &[AtomicU64] {
@@ -160,8 +146,8 @@ impl Memory<'_> {
             Self::Region(r) => r.as_atomic_u64s(),
             // SAFETY: the mapping is page-aligned and lives as long as `self`; AtomicU64 has
             // the size and alignment of u64 and all access through the slice is atomic.
-            Self::Local { base, len } => unsafe {
-                std::slice::from_raw_parts(base.cast::<AtomicU64>(), len / 8)
+            Self::Local(m) => unsafe {
+                std::slice::from_raw_parts(m.as_ptr().cast::<AtomicU64>(), m.len() / 8)
             },
         }
     }
@@ -169,20 +155,11 @@ impl Memory<'_> {
     fn values_mut(&mut self) -> &mut [u64] {
         let (base, len) = match self {
             Self::Region(r) => (r.as_ptr(), r.len()),
-            Self::Local { base, len } => (*base, *len),
+            Self::Local(m) => (m.as_ptr(), m.len()),
         };
         // SAFETY: page-aligned memory of `len` bytes owned by `self`, exclusively borrowed
         // here; every bit pattern is a valid u64.
         unsafe { std::slice::from_raw_parts_mut(base.cast::<u64>(), len / 8) }
-    }
-}
-
-impl Drop for Memory<'_> {
-    fn drop(&mut self) {
-        if let Self::Local { base, len } = *self {
-            // SAFETY: the mapping made in `local`, no longer borrowed.
-            unsafe { libc::munmap(base.cast(), len) };
-        }
     }
 }
 

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use clustermem_mmap::AnonMapping;
 use clustermem_proto::{ErrorCode, HostStats, LINE_SIZE, PAGE_SIZE};
 
 /// Largest slab one request may ask for (1 TiB): a sanity bound against garbage sizes.
@@ -19,51 +20,24 @@ const LOCK_STRIPES: usize = 1024;
 /// A refused request: the code for the wire and a sentence for the person reading it.
 pub(crate) type Refusal = (ErrorCode, String);
 
-/// One granted slab of memory.
+/// One granted slab of memory. Every access to its bytes goes through the methods below under
+/// the page's stripe lock, so concurrent use from several connection threads is race free.
+#[derive(Debug)]
 pub(crate) struct Slab {
-    base: *mut u8,
-    len: usize,
+    map: AnonMapping,
     locks: Box<[RwLock<()>]>,
-}
-
-// SAFETY: `base` points at a private mapping owned by this slab alone until drop; every access
-// to its bytes goes through the methods below under the page's stripe lock, so concurrent use
-// from several connection threads is data-race free.
-unsafe impl Send for Slab {}
-// SAFETY: as above: shared access is serialised per page by `locks`.
-unsafe impl Sync for Slab {}
-
-impl std::fmt::Debug for Slab {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Slab").field("base", &self.base).field("len", &self.len).finish()
-    }
 }
 
 impl Slab {
     fn new(len: usize) -> Result<Self, Refusal> {
-        // SAFETY: a fresh private anonymous mapping; it aliases nothing.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err((
-                ErrorCode::OutOfCapacity,
-                format!("host could not map {len} bytes: {}", std::io::Error::last_os_error()),
-            ));
-        }
+        let map = AnonMapping::new(len)
+            .map_err(|e| (ErrorCode::OutOfCapacity, format!("host could not map {len} bytes: {e}")))?;
         let locks = (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect();
-        Ok(Self { base: base.cast(), len, locks })
+        Ok(Self { map, locks })
     }
 
     fn pages(&self) -> u64 {
-        (self.len / PAGE_SIZE) as u64
+        (self.map.len() / PAGE_SIZE) as u64
     }
 
     fn check_range(&self, first_page: u64, count: u64) -> Result<usize, Refusal> {
@@ -78,7 +52,7 @@ impl Slab {
 
     fn page_ptr(&self, page: usize) -> *mut u8 {
         // SAFETY: callers checked `page < pages()`, so the offset stays inside the mapping.
-        unsafe { self.base.add(page * PAGE_SIZE) }
+        unsafe { self.map.as_ptr().add(page * PAGE_SIZE) }
     }
 
     fn stripe(&self, page: usize) -> &RwLock<()> {
@@ -130,14 +104,6 @@ impl Slab {
             }
         }
         Ok(())
-    }
-}
-
-impl Drop for Slab {
-    fn drop(&mut self) {
-        // SAFETY: `base`/`len` are the mapping made in `new`; no reference to it outlives the
-        // slab (all access is through `&self` methods).
-        unsafe { libc::munmap(self.base.cast(), self.len) };
     }
 }
 
@@ -205,7 +171,7 @@ impl Store {
     pub(crate) fn free(&self, id: u64) -> bool {
         let removed = self.slabs.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
         if let Some(slab) = removed {
-            self.used_bytes.fetch_sub(slab.len as u64, Ordering::AcqRel);
+            self.used_bytes.fetch_sub(slab.map.len() as u64, Ordering::AcqRel);
             true
         } else {
             false

@@ -20,6 +20,7 @@
 //! thousands of pages pay more than the log write. Huge pages are disabled on the mapping to
 //! keep the tracking granularity at one base page.
 
+use clustermem_mmap::AnonMapping;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -47,54 +48,21 @@ pub enum TrackError {
     Thread(#[source] std::io::Error),
 }
 
-/// A private anonymous mapping, unmapped on drop.
+/// The tracked image: a private anonymous mapping, unmapped on drop.
 #[derive(Debug)]
-pub(crate) struct Mapping {
-    base: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the mapping is plain memory owned by this value; all access goes through the
-// region's transaction lock or the handler thread's read-only twin copy of a protected page.
-unsafe impl Send for Mapping {}
-// SAFETY: as above; `&Mapping` only exposes raw pointers, whose use is guarded by callers.
-unsafe impl Sync for Mapping {}
+pub(crate) struct Mapping(AnonMapping);
 
 impl Mapping {
     fn new(len: usize) -> Result<Self, TrackError> {
-        // SAFETY: an anonymous mapping at a kernel-chosen address aliases nothing.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(TrackError::Map { bytes: len, source: std::io::Error::last_os_error() });
-        }
-        // Base pages only: write tracking is per PTE. Best effort: THP may be off anyway.
-        // SAFETY: advice on our own fresh mapping.
-        unsafe { libc::madvise(base, len, libc::MADV_NOHUGEPAGE) };
-        Ok(Self { base: base.cast(), len })
+        AnonMapping::new(len).map(Self).map_err(|source| TrackError::Map { bytes: len, source })
     }
 
     pub(crate) fn base(&self) -> *mut u8 {
-        self.base
+        self.0.as_ptr()
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.len
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the range we mapped; no references into it outlive `self`.
-        unsafe { libc::munmap(self.base.cast(), self.len) };
+        self.0.len()
     }
 }
 
@@ -166,8 +134,8 @@ pub(crate) struct Tracker {
 impl std::fmt::Debug for Tracker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tracker")
-            .field("base", &format_args!("{:#x}", self.shared.map.base as usize))
-            .field("len", &self.shared.map.len)
+            .field("base", &format_args!("{:#x}", self.shared.map.base() as usize))
+            .field("len", &self.shared.map.len())
             .finish_non_exhaustive()
     }
 }

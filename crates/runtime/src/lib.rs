@@ -30,6 +30,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use clustermem_host::{MemoryHost, RunningHost};
+use clustermem_mmap::AnonMapping;
 use clustermem_uffd::{Features, Uffd, UffdError};
 use thiserror::Error;
 
@@ -219,44 +220,19 @@ impl Runtime {
         if len / PAGE_SIZE >= 1 << 40 {
             return Err(RuntimeError::Config(format!("region of {len} bytes is too large")));
         }
-        // SAFETY: a fresh private anonymous mapping; it aliases nothing.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(RuntimeError::Os {
-                what: "mmap of the region",
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        // Transparent huge pages would make the kernel fill 2 MiB at once behind our back.
-        // SAFETY: advice on the mapping just made.
-        unsafe { libc::madvise(base, len, libc::MADV_NOHUGEPAGE) };
+        let map = AnonMapping::new(len)
+            .map_err(|source| RuntimeError::Os { what: "mmap of the region", source })?;
         let error = Arc::new(Mutex::new(None));
         let (reply, rx) = mpsc::channel();
-        let added = self
+        let id = self
             .command(handler::Command::AddRegion {
-                base: base as usize,
+                base: map.as_ptr() as usize,
                 len,
                 reply,
                 error: Arc::clone(&error),
             })
-            .and_then(|()| rx.recv().map_err(|_| RuntimeError::HandlerGone)?);
-        match added {
-            Ok(id) => Ok(Region { runtime: self, id, base: base.cast(), len, error }),
-            Err(e) => {
-                // SAFETY: the mapping made above; the handler did not keep it.
-                unsafe { libc::munmap(base, len) };
-                Err(e)
-            }
-        }
+            .and_then(|()| rx.recv().map_err(|_| RuntimeError::HandlerGone)?)?;
+        Ok(Region { runtime: self, id, map, error })
     }
 
     /// Counters of this runtime (live; reset them between phases with `reset`).
@@ -287,50 +263,44 @@ impl Drop for Runtime {
 pub struct Region<'rt> {
     runtime: &'rt Runtime,
     id: u32,
-    base: *mut u8,
-    len: usize,
+    /// Unmapped when the region drops, after `Drop` has had the handler unregister it.
+    map: AnonMapping,
     error: Arc<Mutex<Option<String>>>,
 }
-
-// SAFETY: the region's memory is an ordinary mapping owned by this handle; the handler thread
-// only installs and drops pages through the kernel, which keeps concurrent access coherent.
-unsafe impl Send for Region<'_> {}
-// SAFETY: shared access hands out `&[u8]`/atomics only; mutation needs `&mut self`.
-unsafe impl Sync for Region<'_> {}
 
 impl Region<'_> {
     /// Length in bytes (a whole number of pages).
     pub fn len(&self) -> usize {
-        self.len
+        self.map.len()
     }
 
     /// Whether the region is empty (never: regions have at least one page).
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.map.is_empty()
     }
 
     /// Start address.
     pub fn as_ptr(&self) -> *mut u8 {
-        self.base
+        self.map.as_ptr()
     }
 
     /// The region as bytes.
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: `base..base+len` is mapped for the life of `self`; faults are served.
-        unsafe { std::slice::from_raw_parts(self.base, self.len) }
+        unsafe { std::slice::from_raw_parts(self.as_ptr(), self.len()) }
     }
 
     /// The region as mutable bytes.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as `as_slice`, and `&mut self` makes this the only reference.
-        unsafe { std::slice::from_raw_parts_mut(self.base, self.len) }
+        unsafe { std::slice::from_raw_parts_mut(self.as_ptr(), self.len()) }
     }
 
     /// The region as 64-bit atomics, for sharing between threads.
     pub fn as_atomic_u64s(&self) -> &[AtomicU64] {
         // SAFETY: page-aligned, mapped for the life of `self`, and AtomicU64 has the size and
         // alignment of u64; all access through the slice is atomic.
-        unsafe { std::slice::from_raw_parts(self.base.cast::<AtomicU64>(), self.len / 8) }
+        unsafe { std::slice::from_raw_parts(self.as_ptr().cast::<AtomicU64>(), self.len() / 8) }
     }
 
     /// Writes every dirty page back and returns once the hosts have acknowledged it.
@@ -352,8 +322,6 @@ impl Drop for Region<'_> {
         if self.runtime.command(handler::Command::RemoveRegion { id: self.id, reply }).is_ok() {
             let _ = rx.recv();
         }
-        // SAFETY: the handler has unregistered the range; we own the mapping.
-        unsafe { libc::munmap(self.base.cast(), self.len) };
     }
 }
 
