@@ -38,7 +38,7 @@ for t in "${threads[@]}"; do
   rm -f "$dir/pmdk.pool" "$dir/clustermem.pool"
   pmdk=$("$dir/pmdk_tx" "$dir/pmdk.pool" "$secs" "$updates" "$t")
   if [ -n "$clustermem" ]; then
-    ours=$("$clustermem" bench tx --pool "$dir/clustermem.pool" --updates-per-tx "$updates" --threads "$t" --json)
+    ours=$("$clustermem" bench tx --pool "$dir/clustermem.pool" --updates-per-tx "$updates" --threads "$t" --seconds "$secs" --json)
   else
     ours=$("$repo/target/release/examples/bench_tx" --pool "$dir/clustermem.pool" \
       --updates-per-tx "$updates" --threads "$t" --seconds "$secs")
