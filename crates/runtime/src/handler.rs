@@ -52,6 +52,9 @@ const TWIN_SHARE: usize = 8;
 /// How far over the local-memory limit one round of the handler loop may go before it evicts.
 const EVICTION_SLACK_PAGES: usize = 64;
 
+/// How long eviction waits after an install for the woken thread's next fault.
+const EVICTION_DEFER: Duration = Duration::from_micros(10);
+
 /// How long a low-latency handler keeps busy-polling after its last fault.
 const SPIN_WINDOW: Duration = Duration::from_micros(100);
 
@@ -145,6 +148,8 @@ struct Core {
     /// Reused buffer for the lines of a sparse write-back.
     scratch: Vec<u8>,
     twin_gate: TwinGate,
+    /// When a page was last installed (see the eviction deferral in the run loop).
+    last_install: Instant,
 }
 
 /// An error with its causes, for log lines.
@@ -234,6 +239,7 @@ impl Handler {
                 dirty: Vec::new(),
                 scratch: Vec::with_capacity(PAGE_SIZE),
                 twin_gate: TwinGate { dense_fraction: 0.0, dirtied: 0 },
+                last_install: Instant::now(),
             },
             readers,
             commands,
@@ -278,9 +284,12 @@ impl Handler {
                 Err(TryRecvError::Empty) => {}
             }
             // Fetches for new faults go out first; evictions then overlap their round trip
-            // instead of delaying them.
+            // instead of delaying them. Right after an install the woken thread usually
+            // faults again within microseconds, so eviction waits a moment for that fault
+            // (and its fetch) rather than sit in front of it.
             self.flush_links();
-            if self.core.over_limit() > 0 {
+            let waiting = self.core.links.iter().any(|l| !l.pending.is_empty());
+            if self.core.over_limit() > 0 && (waiting || self.core.last_install.elapsed() >= EVICTION_DEFER) {
                 self.core.enforce_limit();
                 self.flush_links();
             }
@@ -316,6 +325,8 @@ impl Handler {
             }
         }
         let timeout_ms = match self.core.config.flush_interval {
+            // An eviction was deferred: come back for it soon.
+            _ if self.core.over_limit() > 0 => 1,
             _ if fds.len() > 2 => 100,
             Some(interval) if !self.core.dirty.is_empty() => {
                 i32::try_from(interval.as_millis()).unwrap_or(1000).clamp(1, 1000)
@@ -603,6 +614,7 @@ impl Core {
         let addr = region.addr(page);
         region.pages[page] &= !PageState::FETCHING;
         region.pages[page] |= PageState::RESIDENT | if write { PageState::DIRTY } else { 0 };
+        self.last_install = Instant::now();
         match self.uffd.copy(addr, data, !write, true) {
             Ok(_) => {}
             Err(e) => {
