@@ -716,7 +716,9 @@ impl Core {
             return;
         }
         let lines = mask.count_ones();
-        if twin.is_some() {
+        // Pages first written from zeros are being initialised, densely by nature; they say
+        // nothing about how the program updates its data.
+        if matches!(twin, Some(Twin::Slot(_))) {
             self.twin_gate.observe(lines > self.config.line_threshold);
         }
         let pending = Pending::WriteBack { region: id, page };
