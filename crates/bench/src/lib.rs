@@ -16,8 +16,8 @@ use std::time::Instant;
 
 use clustermem_mmap::AnonMapping;
 use clustermem_runtime::{
-    Histogram, PolicyKind, Region, Runtime, RuntimeConfig, RuntimeError, RuntimeStats, WritebackMode,
-    PAGE_SIZE,
+    Histogram, PolicyKind, PrefetchMode, Region, Runtime, RuntimeConfig, RuntimeError, RuntimeStats,
+    WritebackMode, PAGE_SIZE,
 };
 use progress::Progress;
 use rng::{mix, Rng, Zipf};
@@ -104,6 +104,8 @@ pub struct BenchOptions {
     pub line_threshold: u32,
     /// Periodic write-back interval (None: only on eviction).
     pub flush_interval: Option<std::time::Duration>,
+    /// Prefetching.
+    pub prefetch: PrefetchMode,
 }
 
 /// Where a benchmark's memory comes from.
@@ -257,6 +259,15 @@ pub struct BenchReport {
     pub page_granular_bytes: u64,
     /// Dirty pages written back by the periodic flusher or a flush.
     pub pages_flushed: u64,
+    /// `auto` or `off`.
+    pub prefetch: &'static str,
+    /// Pages fetched ahead of a fault.
+    pub prefetch_issued: u64,
+    /// Prefetched pages seen in use (written, or passed over by the stream they predicted).
+    pub prefetch_used: u64,
+    /// Prefetched pages evicted without having been seen in use (reads of a prefetched page
+    /// are invisible to a userspace pager unless the stream passes it).
+    pub prefetch_wasted: u64,
     /// Fraction of operations served without a remote fault (random and zipf).
     pub hit_rate: Option<f64>,
     /// Hit rate of an exact LRU cache of the same size on the same access trace (zipf).
@@ -298,6 +309,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             writeback: opts.writeback,
             line_threshold: opts.line_threshold,
             flush_interval: opts.flush_interval,
+            prefetch: opts.prefetch,
             ..RuntimeConfig::default()
         })?),
         Backend::Local => None,
@@ -410,6 +422,13 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         dirty_lines_written: snap.dirty_lines_written,
         page_granular_bytes: snap.page_granular_bytes,
         pages_flushed: snap.pages_flushed,
+        prefetch: match opts.prefetch {
+            PrefetchMode::Auto => "auto",
+            PrefetchMode::Off => "off",
+        },
+        prefetch_issued: snap.prefetch_issued,
+        prefetch_used: snap.prefetch_used,
+        prefetch_wasted: snap.prefetch_wasted,
         hit_rate,
         lru_hit_rate,
         verified: verify_error.is_none(),

@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use clustermem_bench::{Backend, BenchOptions, BenchReport, Workload};
 use clustermem_host::MemoryHost;
-use clustermem_runtime::{PolicyKind, WritebackMode};
+use clustermem_runtime::{PolicyKind, PrefetchMode, WritebackMode};
 use size::{parse_size, parse_size_or_percent};
 
 #[derive(Parser, Debug)]
@@ -146,6 +146,10 @@ struct BenchArgs {
     /// Line mode: send the whole page when more than this many of its 64 lines changed.
     #[arg(long, default_value_t = 48)]
     line_threshold: u32,
+    /// Prefetch: auto (follow sequential and strided miss streams; random streams get nothing)
+    /// or off.
+    #[arg(long, default_value = "auto", value_parser = |s: &str| s.parse::<PrefetchMode>())]
+    prefetch: PrefetchMode,
     /// Write dirty pages back at least this often, in milliseconds (0: only on eviction).
     #[arg(long, default_value_t = 100)]
     flush_interval_ms: u64,
@@ -234,6 +238,7 @@ fn run_bench(args: &BenchArgs) -> Result<bool> {
         writeback: args.writeback,
         line_threshold: args.line_threshold,
         flush_interval: (args.flush_interval_ms > 0).then(|| Duration::from_millis(args.flush_interval_ms)),
+        prefetch: args.prefetch,
     };
     let report = clustermem_bench::run(&opts).context("benchmark failed")?;
     if args.json {
@@ -365,6 +370,12 @@ fn print_summary(r: &BenchReport) {
             human_bytes(r.bytes_written_back),
             human_bytes(r.page_granular_bytes),
             r.page_granular_bytes as f64 / r.bytes_written_back.max(1) as f64
+        );
+    }
+    if r.prefetch_issued > 0 {
+        println!(
+            "  prefetch       {} pages issued, {} seen used, {} evicted unseen",
+            r.prefetch_issued, r.prefetch_used, r.prefetch_wasted
         );
     }
     if let Some(h) = r.hit_rate {

@@ -218,3 +218,30 @@ fn no_userfaultfd_permission_is_explained() {
         );
     }
 }
+
+/// The prefetcher follows a sequential scan (fewer faults than pages, data verified) and
+/// stays quiet on a random stream.
+#[test]
+fn prefetch_follows_scans_and_ignores_random_streams() {
+    require_userfaultfd();
+    let run = |workload: &str, prefetch: &str| {
+        let out = run_with_timeout(
+            &["bench", workload, "--size", "32M", "--local-mem", "25%", "--prefetch", prefetch, "--json"],
+            TIMEOUT,
+        );
+        assert!(out.status.success(), "{workload} {prefetch}: {}", stderr(&out));
+        let r = json(&out);
+        assert_eq!(r["verified"], true, "{r}");
+        r
+    };
+    let scan = run("seq-read", "auto");
+    let pages = 8192;
+    assert!(scan["prefetch_issued"].as_u64().unwrap() > pages / 4, "{scan}");
+    assert!(scan["remote_faults"].as_u64().unwrap() < pages / 2, "{scan}");
+    let off = run("seq-read", "off");
+    assert_eq!(off["prefetch_issued"], 0, "{off}");
+    // Without prefetch nearly every page faults (a few may still be resident from the fill).
+    assert!(off["remote_faults"].as_u64().unwrap() > pages * 9 / 10, "{off}");
+    let random = run("random", "auto");
+    assert_eq!(random["prefetch_issued"], 0, "{random}");
+}

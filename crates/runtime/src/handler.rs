@@ -28,6 +28,7 @@ use clustermem_uffd::{Event, RegisterMode, Uffd};
 
 use crate::dirty::{gather_lines, Twin, TwinPool, WritebackMode};
 use crate::policy::{EvictionPolicy, PageKey};
+use crate::prefetch::{PrefetchMode, Stream};
 use crate::stats::RuntimeStats;
 use crate::transport::{Link, Pending};
 use crate::RuntimeError;
@@ -40,6 +41,8 @@ impl PageState {
     const DIRTY: u8 = 4;
     const FETCHING: u8 = 8;
     const LOST: u8 = 16;
+    /// Installed by a prefetch and not yet known to be used.
+    const PREFETCHED: u8 = 32;
 }
 
 /// Wire bytes of a whole-page write-back (header, slab and page ids, data): what a
@@ -95,6 +98,10 @@ struct RegionState {
     lost: usize,
     /// Clean twins of dirty pages (line write-back only).
     twins: HashMap<usize, Twin>,
+    /// The miss stream, for prefetching.
+    stream: Stream,
+    /// The last prefetch window: first page, delta, pages.
+    window: Option<(usize, i64, usize)>,
 }
 
 impl RegionState {
@@ -120,6 +127,7 @@ pub(crate) struct HandlerConfig {
     pub line_threshold: u32,
     /// Dirty pages are written back at least this often (None: only on eviction and flush).
     pub flush_interval: Option<Duration>,
+    pub prefetch: PrefetchMode,
     pub low_latency: bool,
     pub slab_bytes: usize,
     pub request_timeout: Duration,
@@ -190,6 +198,24 @@ impl TwinGate {
     fn observe(&mut self, dense: bool) {
         self.dense_fraction = 0.98 * self.dense_fraction + if dense { 0.02 } else { 0.0 };
     }
+}
+
+/// Queues a prefetch of `count` adjacent pages from `first` (all in one slab) and marks them
+/// in flight. Returns the pages queued (0 if their host is dead).
+fn send_prefetch(region: &mut RegionState, links: &mut [Link], id: u32, first: usize, count: u32) -> u64 {
+    let (slab, slab_page) = region.slab_of(first);
+    let link = &mut links[slab.host];
+    if link.dead.is_some() {
+        return 0;
+    }
+    link.send(
+        &Message::ReadPages { slab_id: slab.slab_id, first_page: slab_page, count },
+        Pending::Prefetch { region: id, first, count },
+    );
+    for p in first..first + count as usize {
+        region.pages[p] |= PageState::FETCHING;
+    }
+    u64::from(count)
 }
 
 fn key(region: u32, page: usize) -> PageKey {
@@ -491,6 +517,8 @@ impl Handler {
                 error,
                 lost: 0,
                 twins: HashMap::new(),
+                stream: Stream::default(),
+                window: None,
             },
         );
         let mode = RegisterMode { missing: true, write_protect: true };
@@ -549,7 +577,10 @@ impl Core {
             self.poison(addr);
         } else if state & PageState::RESIDENT != 0 {
             if write_protect && state & PageState::DIRTY == 0 {
-                region.pages[page] |= PageState::DIRTY;
+                if state & PageState::PREFETCHED != 0 {
+                    self.stats.prefetch_used.fetch_add(1, Relaxed);
+                }
+                region.pages[page] = (state | PageState::DIRTY) & !PageState::PREFETCHED;
                 if self.twin_gate.admit(&self.config) {
                     // SAFETY: the page is resident and still write-protected (its writer
                     // waits for us), so it is readable and stable while copied.
@@ -583,6 +614,9 @@ impl Core {
                 &Message::ReadPages { slab_id: slab.slab_id, first_page: slab_page, count: 1 },
                 Pending::Fetch { region: id, page, write, started },
             );
+            if self.config.prefetch == PrefetchMode::Auto {
+                self.prefetch_after(id, page);
+            }
         } else {
             // Never written back: the host copy is zeros, so no network trip.
             self.stats.zero_faults.fetch_add(1, Relaxed);
@@ -606,6 +640,64 @@ impl Core {
                 chain(&e)
             );
         }
+    }
+
+    /// After the faulting page's own fetch has been queued (critical page first), follows the
+    /// region's miss stream: fetches ahead of a sequential or strided trend, in runs of
+    /// adjacent pages per request.
+    fn prefetch_after(&mut self, id: u32, page: usize) {
+        let region = self.regions.get_mut(&id).expect("caller checked");
+        let Some(prediction) = region.stream.on_miss(page) else {
+            return;
+        };
+        if prediction.window_consumed {
+            // The stream ran off the end of the last window: every page of it was used.
+            if let Some((first, delta, count)) = region.window.take() {
+                for k in 0..count as i64 {
+                    let Ok(p) = usize::try_from(first as i64 + k * delta) else { break };
+                    if p < region.pages.len() && region.pages[p] & PageState::PREFETCHED != 0 {
+                        region.pages[p] &= !PageState::PREFETCHED;
+                        self.stats.prefetch_used.fetch_add(1, Relaxed);
+                    }
+                }
+            }
+        }
+        let (delta, depth) = (prediction.delta, prediction.depth);
+        let mut run: Option<(usize, u32)> = None; // (first page, pages) of adjacent fetchable pages
+        let mut issued = 0u64;
+        let mut first_window_page = None;
+        for k in 1..=depth as i64 {
+            let Ok(p) = usize::try_from(page as i64 + k * delta) else { break };
+            if p >= region.pages.len() {
+                break;
+            }
+            first_window_page.get_or_insert(p);
+            let s = region.pages[p];
+            let fetchable = s & PageState::ON_HOST != 0
+                && s & (PageState::RESIDENT | PageState::FETCHING | PageState::LOST) == 0;
+            let same_slab = |a: usize, b: usize| a / region.slab_pages == b / region.slab_pages;
+            // Extend the run while pages are adjacent (delta 1) and in the same slab.
+            match run {
+                Some((first, n)) if fetchable && delta == 1 && same_slab(first, p) && n < 64 => {
+                    run = Some((first, n + 1));
+                }
+                _ => {
+                    if let Some((first, n)) = run.take() {
+                        issued += send_prefetch(region, &mut self.links, id, first, n);
+                    }
+                    if fetchable {
+                        run = Some((p, 1));
+                    }
+                }
+            }
+        }
+        if let Some((first, n)) = run {
+            issued += send_prefetch(region, &mut self.links, id, first, n);
+        }
+        if let Some(first) = first_window_page {
+            region.window = Some((first, delta, depth));
+        }
+        self.stats.prefetch_issued.fetch_add(issued, Relaxed);
     }
 
     /// Installs `data` as page `page` of region `id`; dirty if it was a write fault.
@@ -681,7 +773,10 @@ impl Core {
         // touch fault back to us.
         let rc = unsafe { libc::madvise(addr as *mut libc::c_void, PAGE_SIZE, libc::MADV_DONTNEED) };
         debug_assert_eq!(rc, 0);
-        region.pages[page] &= !(PageState::RESIDENT | PageState::DIRTY);
+        if region.pages[page] & PageState::PREFETCHED != 0 {
+            self.stats.prefetch_wasted.fetch_add(1, Relaxed);
+        }
+        region.pages[page] &= !(PageState::RESIDENT | PageState::DIRTY | PageState::PREFETCHED);
         self.resident -= 1;
         self.stats.pages_evicted.fetch_add(1, Relaxed);
         true
@@ -815,6 +910,32 @@ impl Core {
                     .fault_service
                     .record(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
             }
+            (Pending::Prefetch { region, first, count }, Message::Pages { data, .. }) => {
+                self.stats.pages_fetched.fetch_add(u64::from(count), Relaxed);
+                self.stats.bytes_fetched.fetch_add(data.len() as u64, Relaxed);
+                for (i, chunk) in data.chunks_exact(PAGE_SIZE).enumerate().take(count as usize) {
+                    let page = first + i;
+                    let waiting = self.regions.get(&region).is_some_and(|r| {
+                        r.pages[page] & (PageState::FETCHING | PageState::RESIDENT) == PageState::FETCHING
+                    });
+                    if waiting {
+                        // Clean and write-protected, and cold in the policy: a wrong guess
+                        // must not push out the working set.
+                        self.install(region, page, chunk, false);
+                        if let Some(r) = self.regions.get_mut(&region) {
+                            r.pages[page] |= PageState::PREFETCHED;
+                        }
+                    }
+                }
+            }
+            (Pending::Prefetch { region, first, count }, _) => {
+                // A refused prefetch costs nothing: the pages fault normally later.
+                if let Some(r) = self.regions.get_mut(&region) {
+                    for p in first..first + count as usize {
+                        r.pages[p] &= !PageState::FETCHING;
+                    }
+                }
+            }
             (Pending::WriteBack { .. }, Message::Ok) | (Pending::Ignore, _) => {}
             (Pending::Barrier(token), _) => {
                 if let Some(entry) = self.flushes.get_mut(&token) {
@@ -855,6 +976,13 @@ impl Core {
                         let addr = r.addr(page);
                         if r.pages[page] & PageState::RESIDENT == 0 {
                             self.poison(addr);
+                        }
+                    }
+                }
+                Pending::Prefetch { region, first, count } => {
+                    if let Some(r) = self.regions.get_mut(&region) {
+                        for p in first..first + count as usize {
+                            r.pages[p] &= !PageState::FETCHING;
                         }
                     }
                 }

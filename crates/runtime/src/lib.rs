@@ -20,6 +20,7 @@
 mod dirty;
 mod handler;
 pub mod policy;
+mod prefetch;
 mod stats;
 mod transport;
 
@@ -37,6 +38,7 @@ use thiserror::Error;
 pub use clustermem_proto::PAGE_SIZE;
 pub use dirty::WritebackMode;
 pub use policy::PolicyKind;
+pub use prefetch::PrefetchMode;
 pub use stats::{Histogram, RuntimeStats, StatsSnapshot};
 
 /// What went wrong in the runtime, with what to do about it where we know.
@@ -113,6 +115,8 @@ pub struct RuntimeConfig {
     pub line_threshold: u32,
     /// Write dirty pages back at least this often, not only on eviction (None: never).
     pub flush_interval: Option<Duration>,
+    /// Fetch ahead of sequential and strided miss streams.
+    pub prefetch: PrefetchMode,
 }
 
 impl Default for RuntimeConfig {
@@ -128,6 +132,7 @@ impl Default for RuntimeConfig {
             writeback: WritebackMode::default(),
             line_threshold: 48,
             flush_interval: Some(Duration::from_millis(100)),
+            prefetch: PrefetchMode::default(),
         }
     }
 }
@@ -185,6 +190,7 @@ impl Runtime {
                 writeback: config.writeback,
                 line_threshold: config.line_threshold.min(dirty::MAX_LINES),
                 flush_interval: config.flush_interval.filter(|d| !d.is_zero()),
+                prefetch: config.prefetch,
                 slab_bytes: config.slab_bytes.max(PAGE_SIZE),
                 request_timeout: config.request_timeout,
             },

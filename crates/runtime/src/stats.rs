@@ -105,6 +105,12 @@ pub struct RuntimeStats {
     pub clean_write_backs_skipped: AtomicU64,
     /// Pages written back by the periodic flusher or `Region::flush`.
     pub pages_flushed: AtomicU64,
+    /// Pages requested ahead of a fault.
+    pub prefetch_issued: AtomicU64,
+    /// Prefetched pages then used (written, or passed over by the stream they predicted).
+    pub prefetch_used: AtomicU64,
+    /// Prefetched pages evicted without having been seen in use.
+    pub prefetch_wasted: AtomicU64,
     /// Time from reading a remote fault to installing its page, in the handler.
     pub fault_service: Histogram,
 }
@@ -125,6 +131,9 @@ impl RuntimeStats {
             &self.page_granular_bytes,
             &self.clean_write_backs_skipped,
             &self.pages_flushed,
+            &self.prefetch_issued,
+            &self.prefetch_used,
+            &self.prefetch_wasted,
         ] {
             c.store(0, Relaxed);
         }
@@ -146,6 +155,9 @@ impl RuntimeStats {
             page_granular_bytes: self.page_granular_bytes.load(Relaxed),
             clean_write_backs_skipped: self.clean_write_backs_skipped.load(Relaxed),
             pages_flushed: self.pages_flushed.load(Relaxed),
+            prefetch_issued: self.prefetch_issued.load(Relaxed),
+            prefetch_used: self.prefetch_used.load(Relaxed),
+            prefetch_wasted: self.prefetch_wasted.load(Relaxed),
             service_p50_us: self.fault_service.quantile_us(0.5),
             service_p99_us: self.fault_service.quantile_us(0.99),
         }
@@ -179,6 +191,12 @@ pub struct StatsSnapshot {
     pub clean_write_backs_skipped: u64,
     /// See [`RuntimeStats::pages_flushed`].
     pub pages_flushed: u64,
+    /// See [`RuntimeStats::prefetch_issued`].
+    pub prefetch_issued: u64,
+    /// See [`RuntimeStats::prefetch_used`].
+    pub prefetch_used: u64,
+    /// See [`RuntimeStats::prefetch_wasted`].
+    pub prefetch_wasted: u64,
     /// Median fault service time in the handler.
     pub service_p50_us: f64,
     /// 99th percentile fault service time in the handler.

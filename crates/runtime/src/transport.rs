@@ -39,6 +39,15 @@ pub(crate) enum Pending {
         /// Page index in the region.
         page: usize,
     },
+    /// A prefetch of `count` adjacent pages from `first` of region `region`.
+    Prefetch {
+        /// Region id.
+        region: u32,
+        /// First page index.
+        first: usize,
+        /// Pages requested.
+        count: u32,
+    },
     /// A barrier: replies to everything sent before it have arrived.
     Barrier(u64),
     /// A reply nobody waits for (slab frees).
