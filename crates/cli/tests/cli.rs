@@ -245,3 +245,41 @@ fn prefetch_follows_scans_and_ignores_random_streams() {
     let random = run("random", "auto");
     assert_eq!(random["prefetch_issued"], 0, "{random}");
 }
+
+/// A host that stops answering (SIGSTOP: its connections stay open) is declared dead after
+/// the request timeout: the run fails with a message instead of hanging.
+#[test]
+fn silent_host_times_out_instead_of_hanging() {
+    require_userfaultfd();
+    let mut host = HostProcess::start("256M");
+    let addr = host.addr.clone();
+    let runner = std::thread::spawn(move || {
+        run_with_timeout(
+            &[
+                "bench",
+                "random",
+                "--size",
+                "64M",
+                "--local-mem",
+                "8M",
+                "--ops",
+                "100000000",
+                "--hosts",
+                &addr,
+            ],
+            TIMEOUT,
+        )
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let pid = i32::try_from(host.child.id()).unwrap();
+    // SAFETY: kill(2) on our own child process.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let out = runner.join().unwrap();
+    // SAFETY: as above; let the host run again so it can be terminated.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    host.kill9();
+    let err = stderr(&out);
+    assert!(!out.status.success(), "the run must fail once its host stops answering: {err}");
+    assert_ne!(out.status.code(), None, "killed by the test's watchdog: it hung ({err})");
+    assert!(err.contains("did not answer"), "{err}");
+}

@@ -405,8 +405,10 @@ impl Handler {
             if link.dead.is_some() {
                 continue;
             }
-            if let Some((_, Pending::Fetch { started, .. })) = link.pending.front() {
-                if started.elapsed() > timeout {
+            // Any unanswered request (a prefetch or a write-back too) that is this old means
+            // the host stopped answering: threads waiting behind it must not hang.
+            if let Some((_, _, sent)) = link.pending.front() {
+                if sent.elapsed() > timeout {
                     let why = format!("host {} did not answer within {timeout:?}", link.addr);
                     self.core.host_died(h, &why);
                 }
@@ -421,7 +423,7 @@ impl Handler {
             return Err(why.clone());
         }
         self.core.links[h].send(msg, Pending::Ignore);
-        let want = self.core.links[h].pending.back().map(|(id, _)| *id).expect("just sent");
+        let want = self.core.links[h].pending.back().map(|(id, _, _)| *id).expect("just sent");
         self.flush_links();
         let deadline = Instant::now() + self.core.config.request_timeout;
         loop {
@@ -892,7 +894,7 @@ impl Core {
     }
 
     fn on_reply(&mut self, h: usize, id: u64, msg: &Message<'_>) {
-        let Some((want, pending)) = self.links[h].pending.pop_front() else {
+        let Some((want, pending, _)) = self.links[h].pending.pop_front() else {
             self.host_died(h, "host sent a reply nobody asked for");
             return;
         };
@@ -967,7 +969,7 @@ impl Core {
         eprintln!("clustermem: {why}");
         self.links[h].dead = Some(why.to_string());
         self.links[h].writer = clustermem_net::FrameWriter::new();
-        for (_, pending) in std::mem::take(&mut self.links[h].pending) {
+        for (_, pending, _) in std::mem::take(&mut self.links[h].pending) {
             match pending {
                 Pending::Fetch { region, page, .. } | Pending::WriteBack { region, page } => {
                     if let Some(r) = self.regions.get_mut(&region) {

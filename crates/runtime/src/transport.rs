@@ -59,7 +59,8 @@ pub(crate) enum Pending {
 pub(crate) struct Link {
     pub(crate) addr: SocketAddr,
     pub(crate) writer: FrameWriter,
-    pub(crate) pending: VecDeque<(u64, Pending)>,
+    /// Requests awaiting replies: id, purpose, when sent.
+    pub(crate) pending: VecDeque<(u64, Pending, Instant)>,
     next_id: u64,
     pub(crate) capacity_bytes: u64,
     pub(crate) allocated_bytes: u64,
@@ -72,14 +73,14 @@ impl Link {
     pub(crate) fn send(&mut self, msg: &Message<'_>, pending: Pending) {
         let id = self.take_id();
         self.writer.push(id, msg);
-        self.pending.push_back((id, pending));
+        self.pending.push_back((id, pending, Instant::now()));
     }
 
     /// Queues a frame whose payload is `prefix` then `data` (page data straight from memory).
     pub(crate) fn send_parts(&mut self, kind: u8, prefix: &[u8], data: &[u8], pending: Pending) -> u64 {
         let id = self.take_id();
         self.writer.push_parts(kind, id, prefix, data);
-        self.pending.push_back((id, pending));
+        self.pending.push_back((id, pending, Instant::now()));
         (clustermem_proto::HEADER_LEN + prefix.len() + data.len()) as u64
     }
 
