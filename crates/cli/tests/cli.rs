@@ -109,10 +109,9 @@ fn full_host_is_a_clear_error() {
     assert!(stderr(&out).contains("host is full"), "{}", stderr(&out));
 }
 
-/// A host killed mid-run makes the benchmark fail with a message, never hang.
-#[test]
-fn host_killed_mid_run_fails_the_run() {
-    require_userfaultfd();
+/// Runs a long `bench random` against one host process and, 1.5 s in, does `fail` to the host;
+/// returns the run's output.
+fn fail_host_mid_run(fail: impl FnOnce(&mut HostProcess)) -> std::process::Output {
     let mut host = HostProcess::start("256M");
     let addr = host.addr.clone();
     let runner = std::thread::spawn(move || {
@@ -133,8 +132,18 @@ fn host_killed_mid_run_fails_the_run() {
         )
     });
     std::thread::sleep(Duration::from_millis(1500));
-    host.kill9();
+    fail(&mut host);
     let out = runner.join().unwrap();
+    // A stopped host must run again to be terminated when `host` drops.
+    host.signal(libc::SIGCONT);
+    out
+}
+
+/// A host killed mid-run makes the benchmark fail with a message, never hang.
+#[test]
+fn host_killed_mid_run_fails_the_run() {
+    require_userfaultfd();
+    let out = fail_host_mid_run(HostProcess::kill9);
     assert!(!out.status.success(), "the run must fail once its host is gone");
     let err = stderr(&out);
     assert!(err.contains("lost") || err.contains("failed"), "{err}");
@@ -251,33 +260,7 @@ fn prefetch_follows_scans_and_ignores_random_streams() {
 #[test]
 fn silent_host_times_out_instead_of_hanging() {
     require_userfaultfd();
-    let mut host = HostProcess::start("256M");
-    let addr = host.addr.clone();
-    let runner = std::thread::spawn(move || {
-        run_with_timeout(
-            &[
-                "bench",
-                "random",
-                "--size",
-                "64M",
-                "--local-mem",
-                "8M",
-                "--ops",
-                "100000000",
-                "--hosts",
-                &addr,
-            ],
-            TIMEOUT,
-        )
-    });
-    std::thread::sleep(Duration::from_millis(1500));
-    let pid = i32::try_from(host.child.id()).unwrap();
-    // SAFETY: kill(2) on our own child process.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
-    let out = runner.join().unwrap();
-    // SAFETY: as above; let the host run again so it can be terminated.
-    unsafe { libc::kill(pid, libc::SIGCONT) };
-    host.kill9();
+    let out = fail_host_mid_run(|host| host.signal(libc::SIGSTOP));
     let err = stderr(&out);
     assert!(!out.status.success(), "the run must fail once its host stops answering: {err}");
     assert_ne!(out.status.code(), None, "killed by the test's watchdog: it hung ({err})");

@@ -111,6 +111,13 @@ impl RegionState {
     fn slab_of(&self, page: usize) -> (SlabRef, u64) {
         (self.slabs[page / self.slab_pages], (page % self.slab_pages) as u64)
     }
+    /// Pages of a prefetch that will not arrive: no longer in flight.
+    fn abandon_fetch(&mut self, first: usize, count: u32) {
+        for state in &mut self.pages[first..first + count as usize] {
+            *state &= !PageState::FETCHING;
+        }
+    }
+
     fn record_loss(&mut self, page: usize, why: &str) {
         self.pages[page] |= PageState::LOST;
         self.lost += 1;
@@ -826,12 +833,14 @@ impl Core {
             let kind = Message::WritePages { slab_id: 0, first_page: 0, data: &[] }.kind();
             link.send_parts(kind, &prefix, data, pending)
         } else {
-            let mut prefix = Vec::with_capacity(24);
-            clustermem_proto::encode_write_lines_prefix(&mut prefix, slab.slab_id, slab_page, mask);
+            // Prefix and lines go into one reused buffer: no allocation per write-back.
             self.scratch.clear();
+            clustermem_proto::encode_write_lines_prefix(&mut self.scratch, slab.slab_id, slab_page, mask);
+            let prefix_len = self.scratch.len();
             gather_lines(data, mask, &mut self.scratch);
             let kind = Message::WriteLines { slab_id: 0, page: 0, line_mask: 1, lines: &[] }.kind();
-            link.send_parts(kind, &prefix, &self.scratch, pending)
+            let (prefix, lines) = self.scratch.split_at(prefix_len);
+            link.send_parts(kind, prefix, lines, pending)
         };
         self.stats.pages_written_back.fetch_add(1, Relaxed);
         self.stats.dirty_lines_written.fetch_add(u64::from(lines), Relaxed);
@@ -933,9 +942,7 @@ impl Core {
             (Pending::Prefetch { region, first, count }, _) => {
                 // A refused prefetch costs nothing: the pages fault normally later.
                 if let Some(r) = self.regions.get_mut(&region) {
-                    for p in first..first + count as usize {
-                        r.pages[p] &= !PageState::FETCHING;
-                    }
+                    r.abandon_fetch(first, count);
                 }
             }
             (Pending::WriteBack { .. }, Message::Ok) | (Pending::Ignore, _) => {}
@@ -983,9 +990,7 @@ impl Core {
                 }
                 Pending::Prefetch { region, first, count } => {
                     if let Some(r) = self.regions.get_mut(&region) {
-                        for p in first..first + count as usize {
-                            r.pages[p] &= !PageState::FETCHING;
-                        }
+                        r.abandon_fetch(first, count);
                     }
                 }
                 Pending::Barrier(token) => {

@@ -58,11 +58,21 @@ impl HostProcess {
         let _ = self.child.wait();
     }
 
+    /// Sends `signal` to the host process, unless it has exited and been reaped (its pid may
+    /// then belong to someone else).
+    pub fn signal(&mut self, signal: libc::c_int) {
+        if self.child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        let pid = i32::try_from(self.child.id()).expect("pid");
+        // SAFETY: kill(2) on our own child process, which has not been reaped (checked above;
+        // only this handle reaps it).
+        unsafe { libc::kill(pid, signal) };
+    }
+
     /// Sends SIGTERM and waits up to `timeout` for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let pid = i32::try_from(self.child.id()).expect("pid");
-        // SAFETY: kill(2) on our own child process.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
+        self.signal(libc::SIGTERM);
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().expect("wait") {
