@@ -191,3 +191,58 @@ fn redirtied_pages_survive_concurrent_flushes_and_evictions() {
         assert_eq!(w.load(Relaxed), s.load(Relaxed), "word {i}");
     }
 }
+
+/// Resident memory of a process, from /proc.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("reading /proc status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc status");
+    kb * 1024
+}
+
+/// A reserved region takes host memory only where committed; a discarded range reads as zeros
+/// (also after its pages went to the host and came back) and the host gives its memory back.
+#[test]
+fn reserved_regions_commit_on_demand_and_discard_frees_host_memory() {
+    require_userfaultfd();
+    let a = HostProcess::start("8M");
+    let rt = runtime(&[&a], 256 << 10);
+    // 64 MiB of address space on an 8 MiB host: fine while uncommitted.
+    let mut region = rt.reserve(64 << 20).unwrap();
+    match region.commit(0, 16 << 20) {
+        Err(RuntimeError::HostRefused { message, .. }) => {
+            assert!(message.contains("host is full"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let (offset, len) = (32 << 20, 4 << 20);
+    region.commit(offset, len).unwrap();
+    region.commit(offset, len).expect("commit is idempotent");
+    let host_rss_before = rss_bytes(a.child.id());
+    let bytes = &mut region.as_mut_slice()[offset..offset + len];
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = pattern(i) | 1;
+    }
+    region.flush().unwrap();
+    // Most pages were evicted (256 KiB local): they live on the host now.
+    let host_rss_written = rss_bytes(a.child.id());
+    assert!(host_rss_written >= host_rss_before + (3 << 20), "{host_rss_before} -> {host_rss_written}");
+    for (i, &b) in region.as_slice()[offset..offset + len].iter().enumerate().step_by(4093) {
+        assert_eq!(b, pattern(i) | 1, "byte {i} before discard");
+    }
+    region.discard(offset + PAGE_SIZE, len - 2 * PAGE_SIZE).unwrap();
+    let data = &region.as_slice()[offset..offset + len];
+    assert!(data[..PAGE_SIZE].iter().enumerate().all(|(i, &b)| b == pattern(i) | 1), "first page kept");
+    assert!(data[PAGE_SIZE..len - PAGE_SIZE].iter().all(|&b| b == 0), "discarded pages read as zeros");
+    let tail = len - PAGE_SIZE;
+    assert!(data[tail..].iter().enumerate().all(|(i, &b)| b == pattern(tail + i) | 1), "last page kept");
+    region.flush().unwrap(); // a barrier: the host has applied the discard
+    let host_rss_after = rss_bytes(a.child.id());
+    assert!(host_rss_after + (3 << 20) <= host_rss_written, "{host_rss_written} -> {host_rss_after}");
+    assert!(region.discard(1, PAGE_SIZE).is_err(), "unaligned ranges are refused");
+    assert!(region.commit(64 << 20, PAGE_SIZE).is_err(), "ranges past the end are refused");
+}

@@ -221,6 +221,10 @@ impl Session<'_> {
                 .slab(slab_id)
                 .and_then(|s| s.write_lines(page, line_mask, lines))
                 .map(|()| out.push(id, &Message::Ok)),
+            Message::DiscardPages { slab_id, first_page, count } => self
+                .slab(slab_id)
+                .and_then(|s| s.discard_pages(first_page, u64::from(count)))
+                .map(|()| out.push(id, &Message::Ok)),
             Message::GetStats => {
                 out.push(id, &Message::Stats(self.store.stats()));
                 Ok(())

@@ -84,6 +84,29 @@ impl Slab {
         Ok(())
     }
 
+    /// Zeroes `count` pages from `first_page` and returns their memory to the system: the
+    /// client freed them, so they need not cost this host anything until written again.
+    pub(crate) fn discard_pages(&self, first_page: u64, count: u64) -> Result<(), Refusal> {
+        let first = self.check_range(first_page, count)?;
+        let count = usize::try_from(count).expect("checked against the slab length");
+        // Every stripe the range touches, in index order (the only order any path takes two).
+        let mut stripes: Vec<usize> =
+            (first..first + count.min(LOCK_STRIPES)).map(|p| p % LOCK_STRIPES).collect();
+        stripes.sort_unstable();
+        let _guards: Vec<_> =
+            stripes.iter().map(|&s| self.locks[s].write().unwrap_or_else(|e| e.into_inner())).collect();
+        // SAFETY: the range lies inside this slab's private anonymous mapping (checked) and the
+        // stripe locks exclude every reader and writer of its pages; after MADV_DONTNEED they
+        // read as zeros, which is what a discarded page means.
+        let rc =
+            unsafe { libc::madvise(self.page_ptr(first).cast(), count * PAGE_SIZE, libc::MADV_DONTNEED) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err((ErrorCode::HostFault, format!("host could not discard pages: {e}")));
+        }
+        Ok(())
+    }
+
     /// Overwrites the lines of `page` named by `line_mask` with `lines`, in ascending order.
     pub(crate) fn write_lines(&self, page: u64, line_mask: u64, lines: &[u8]) -> Result<(), Refusal> {
         let page = self.check_range(page, 1)?;
@@ -215,6 +238,20 @@ mod tests {
         for bytes in [0, 100, MAX_SLAB_BYTES + PAGE_SIZE as u64] {
             assert_eq!(store.alloc(bytes).unwrap_err().0, ErrorCode::BadRequest, "{bytes}");
         }
+    }
+
+    #[test]
+    fn discarded_pages_read_as_zeros() {
+        let store = Store::new(1 << 20);
+        let (_, slab) = store.alloc(16 * PAGE_SIZE as u64).expect("fits");
+        slab.write_pages(2, &vec![7u8; 3 * PAGE_SIZE]).expect("in range");
+        slab.discard_pages(3, 1).expect("in range");
+        let mut out = Vec::new();
+        slab.read_pages(2, 3, &mut out).expect("in range");
+        assert!(out[..PAGE_SIZE].iter().all(|&b| b == 7));
+        assert!(out[PAGE_SIZE..2 * PAGE_SIZE].iter().all(|&b| b == 0));
+        assert!(out[2 * PAGE_SIZE..].iter().all(|&b| b == 7));
+        assert!(slab.discard_pages(15, 2).is_err(), "past the end is refused");
     }
 
     #[test]

@@ -221,6 +221,7 @@ mod tests {
         roundtrip(Message::AllocSlab { bytes: 64 << 20 });
         roundtrip(Message::SlabAllocated { slab_id: 7 });
         roundtrip(Message::FreeSlab { slab_id: 7 });
+        roundtrip(Message::DiscardPages { slab_id: 7, first_page: 3, count: 9 });
         roundtrip(Message::ReadPages { slab_id: 1, first_page: 2, count: 3 });
         roundtrip(Message::Pages { first_page: 2, data: &page });
         roundtrip(Message::WritePages { slab_id: 1, first_page: 5, data: &page });

@@ -19,6 +19,8 @@ pub enum ErrorCode {
     BadRequest,
     /// No protocol version in the client's range is spoken by the host.
     VersionMismatch,
+    /// The host failed to do what was asked (a system call failed).
+    HostFault,
     /// A code this build does not know (sent by a newer peer).
     Other(u16),
 }
@@ -31,6 +33,7 @@ impl ErrorCode {
             Self::OutOfRange => 3,
             Self::BadRequest => 4,
             Self::VersionMismatch => 5,
+            Self::HostFault => 6,
             Self::Other(c) => c,
         }
     }
@@ -42,6 +45,7 @@ impl ErrorCode {
             3 => Self::OutOfRange,
             4 => Self::BadRequest,
             5 => Self::VersionMismatch,
+            6 => Self::HostFault,
             c => Self::Other(c),
         }
     }
@@ -145,9 +149,19 @@ pub enum Message<'a> {
         /// Human-readable detail.
         message: &'a str,
     },
+    /// Forget `count` pages from `first_page` of a slab: they read as zeros afterwards and the
+    /// host gives their memory back (the program freed them).
+    DiscardPages {
+        /// The slab.
+        slab_id: u64,
+        /// First page index within the slab.
+        first_page: u64,
+        /// Number of pages.
+        count: u32,
+    },
 }
 
-const KINDS: [&str; 13] = [
+const KINDS: [&str; 14] = [
     "Hello",
     "HelloOk",
     "AllocSlab",
@@ -161,6 +175,7 @@ const KINDS: [&str; 13] = [
     "GetStats",
     "Stats",
     "Error",
+    "DiscardPages",
 ];
 
 /// Name of a kind byte, or `None` when it names no message.
@@ -232,6 +247,7 @@ impl<'a> Message<'a> {
             Self::GetStats => 11,
             Self::Stats(_) => 12,
             Self::Error { .. } => 13,
+            Self::DiscardPages { .. } => 14,
         }
     }
 
@@ -258,7 +274,8 @@ impl<'a> Message<'a> {
             Self::SlabAllocated { slab_id } | Self::FreeSlab { slab_id } => {
                 out.extend_from_slice(&slab_id.to_le_bytes());
             }
-            Self::ReadPages { slab_id, first_page, count } => {
+            Self::ReadPages { slab_id, first_page, count }
+            | Self::DiscardPages { slab_id, first_page, count } => {
                 out.extend_from_slice(&slab_id.to_le_bytes());
                 out.extend_from_slice(&first_page.to_le_bytes());
                 out.extend_from_slice(&count.to_le_bytes());
@@ -300,6 +317,7 @@ impl<'a> Message<'a> {
             4 => Self::SlabAllocated { slab_id: r.u64()? },
             5 => Self::FreeSlab { slab_id: r.u64()? },
             6 => Self::ReadPages { slab_id: r.u64()?, first_page: r.u64()?, count: r.u32()? },
+            14 => Self::DiscardPages { slab_id: r.u64()?, first_page: r.u64()?, count: r.u32()? },
             7 => {
                 let first_page = r.u64()?;
                 let data = r.rest();

@@ -66,8 +66,25 @@ pub(crate) enum Command {
     AddRegion {
         base: usize,
         len: usize,
+        /// Allocate host memory now (true) or only when `Commit` asks (a reserved region).
+        commit: bool,
         reply: Sender<Result<u32, RuntimeError>>,
         error: Arc<Mutex<Option<String>>>,
+    },
+    /// Make sure host memory backs pages `first..first + count` of a region.
+    Commit {
+        id: u32,
+        first: usize,
+        count: usize,
+        reply: Sender<Result<(), RuntimeError>>,
+    },
+    /// Forget pages `first..first + count`: they read as zeros afterwards, locally and on
+    /// their host.
+    Discard {
+        id: u32,
+        first: usize,
+        count: usize,
+        reply: Sender<Result<(), RuntimeError>>,
     },
     RemoveRegion {
         id: u32,
@@ -91,7 +108,8 @@ struct SlabRef {
 struct RegionState {
     base: usize,
     pages: Vec<u8>,
-    slabs: Vec<SlabRef>,
+    /// One entry per slab-sized span; `None` until committed (reserved regions only).
+    slabs: Vec<Option<SlabRef>>,
     slab_pages: usize,
     error: Arc<Mutex<Option<String>>>,
     /// Lost pages not yet named in `error`.
@@ -108,8 +126,10 @@ impl RegionState {
     fn addr(&self, page: usize) -> usize {
         self.base + page * PAGE_SIZE
     }
-    fn slab_of(&self, page: usize) -> (SlabRef, u64) {
-        (self.slabs[page / self.slab_pages], (page % self.slab_pages) as u64)
+    /// The slab holding `page` and the page's index in it; `None` for a page of a reserved
+    /// region that was never committed.
+    fn slab_of(&self, page: usize) -> Option<(SlabRef, u64)> {
+        Some((self.slabs[page / self.slab_pages]?, (page % self.slab_pages) as u64))
     }
     /// Pages of a prefetch that will not arrive: no longer in flight.
     fn abandon_fetch(&mut self, first: usize, count: u32) {
@@ -210,7 +230,7 @@ impl TwinGate {
 /// Queues a prefetch of `count` adjacent pages from `first` (all in one slab) and marks them
 /// in flight. Returns the pages queued (0 if their host is dead).
 fn send_prefetch(region: &mut RegionState, links: &mut [Link], id: u32, first: usize, count: u32) -> u64 {
-    let (slab, slab_page) = region.slab_of(first);
+    let Some((slab, slab_page)) = region.slab_of(first) else { return 0 };
     let link = &mut links[slab.host];
     if link.dead.is_some() {
         return 0;
@@ -453,9 +473,15 @@ impl Handler {
 
     fn on_command(&mut self, cmd: Command) {
         match cmd {
-            Command::AddRegion { base, len, reply, error } => {
-                let result = self.add_region(base, len, error);
+            Command::AddRegion { base, len, commit, reply, error } => {
+                let result = self.add_region(base, len, commit, error);
                 let _ = reply.send(result);
+            }
+            Command::Commit { id, first, count, reply } => {
+                let _ = reply.send(self.commit(id, first, count));
+            }
+            Command::Discard { id, first, count, reply } => {
+                let _ = reply.send(self.core.discard(id, first, count));
             }
             Command::RemoveRegion { id, reply } => {
                 self.core.remove_region(id);
@@ -470,50 +496,11 @@ impl Handler {
         &mut self,
         base: usize,
         len: usize,
+        commit: bool,
         error: Arc<Mutex<Option<String>>>,
     ) -> Result<u32, RuntimeError> {
         let pages = len / PAGE_SIZE;
         let slab_pages = (self.core.config.slab_bytes / PAGE_SIZE).min(pages).max(1);
-        let mut slabs = Vec::new();
-        let mut failure = None;
-        for first in (0..pages).step_by(slab_pages) {
-            let bytes = ((pages - first).min(slab_pages) * PAGE_SIZE) as u64;
-            // Greedy placement: the live host with the most unallocated capacity.
-            let host =
-                (0..self.core.links.len()).filter(|&h| self.core.links[h].dead.is_none()).max_by_key(|&h| {
-                    let l = &self.core.links[h];
-                    l.capacity_bytes.saturating_sub(l.allocated_bytes)
-                });
-            let Some(host) = host else {
-                failure = Some(RuntimeError::NoLiveHost);
-                break;
-            };
-            match self.call(host, &Message::AllocSlab { bytes }) {
-                Ok(OwnedReply::SlabAllocated(slab_id)) => {
-                    self.core.links[host].allocated_bytes += bytes;
-                    slabs.push(SlabRef { host, slab_id, bytes });
-                }
-                Ok(OwnedReply::Error(message)) => {
-                    let addr = self.core.links[host].addr.to_string();
-                    failure = Some(RuntimeError::HostRefused { addr, message });
-                    break;
-                }
-                Ok(OwnedReply::Other(reply)) => {
-                    failure = Some(RuntimeError::Protocol(format!("unexpected reply to AllocSlab: {reply}")));
-                    break;
-                }
-                Err(why) => {
-                    failure = Some(RuntimeError::HostFailed(why));
-                    break;
-                }
-            }
-        }
-        if let Some(err) = failure {
-            for s in slabs {
-                self.core.free_slab(s);
-            }
-            return Err(err);
-        }
         let id = self.core.next_region;
         self.core.next_region += 1;
         self.core.regions.insert(
@@ -521,7 +508,7 @@ impl Handler {
             RegionState {
                 base,
                 pages: vec![0; pages],
-                slabs: slabs.clone(),
+                slabs: vec![None; pages.div_ceil(slab_pages)],
                 slab_pages,
                 error,
                 lost: 0,
@@ -530,20 +517,85 @@ impl Handler {
                 window: None,
             },
         );
+        let committed = if commit { self.commit(id, 0, pages) } else { Ok(()) };
         let mode = RegisterMode { missing: true, write_protect: true };
-        // SAFETY: `Region::new` made this private anonymous mapping for this runtime alone and
-        // keeps it mapped until `RemoveRegion` has unregistered it; this thread serves its
-        // faults from now on.
-        if let Err(e) = unsafe { self.core.uffd.register(base, len, mode) } {
-            self.core.regions.remove(&id);
-            for s in slabs {
+        // SAFETY: `Runtime::map`/`reserve` made this private anonymous mapping for this runtime
+        // alone and keeps it mapped until `RemoveRegion` has unregistered it; this thread
+        // serves its faults from now on.
+        let registered =
+            committed.and_then(|()| unsafe { self.core.uffd.register(base, len, mode) }.map_err(Into::into));
+        if let Err(e) = registered {
+            let region = self.core.regions.remove(&id).expect("inserted above");
+            for s in region.slabs.into_iter().flatten() {
                 self.core.free_slab(s);
             }
-            return Err(RuntimeError::Uffd(e));
+            return Err(e);
         }
         let pos = self.core.ranges.partition_point(|r| r.0 < base);
         self.core.ranges.insert(pos, (base, base + len, id));
         Ok(id)
+    }
+
+    /// Allocates host memory for every slab-sized span of region `id` that pages
+    /// `first..first + count` touch and that has none yet: all of them or, on failure, none.
+    fn commit(&mut self, id: u32, first: usize, count: usize) -> Result<(), RuntimeError> {
+        let mut allocated = Vec::new();
+        let result = self.commit_spans(id, first, count, &mut allocated);
+        if let (Err(_), Some(region)) = (&result, self.core.regions.get_mut(&id)) {
+            let slabs: Vec<SlabRef> =
+                allocated.iter().filter_map(|&span| region.slabs[span].take()).collect();
+            for s in slabs {
+                self.core.free_slab(s);
+            }
+        }
+        result
+    }
+
+    fn commit_spans(
+        &mut self,
+        id: u32,
+        first: usize,
+        count: usize,
+        allocated: &mut Vec<usize>,
+    ) -> Result<(), RuntimeError> {
+        let region =
+            self.core.regions.get(&id).ok_or_else(|| RuntimeError::Config(format!("no region {id}")))?;
+        let (pages, slab_pages) = (region.pages.len(), region.slab_pages);
+        if count == 0 || first.checked_add(count).is_none_or(|end| end > pages) {
+            return Err(RuntimeError::Config(format!(
+                "pages {first}+{count} outside a region of {pages} pages"
+            )));
+        }
+        for span in first / slab_pages..=(first + count - 1) / slab_pages {
+            if self.core.regions[&id].slabs[span].is_some() {
+                continue;
+            }
+            let bytes = ((pages - span * slab_pages).min(slab_pages) * PAGE_SIZE) as u64;
+            // Greedy placement: the live host with the most unallocated capacity.
+            let host =
+                (0..self.core.links.len()).filter(|&h| self.core.links[h].dead.is_none()).max_by_key(|&h| {
+                    let l = &self.core.links[h];
+                    l.capacity_bytes.saturating_sub(l.allocated_bytes)
+                });
+            let host = host.ok_or(RuntimeError::NoLiveHost)?;
+            match self.call(host, &Message::AllocSlab { bytes }) {
+                Ok(OwnedReply::SlabAllocated(slab_id)) => {
+                    self.core.links[host].allocated_bytes += bytes;
+                    let region = self.core.regions.get_mut(&id).expect("checked above");
+                    region.slabs[span] = Some(SlabRef { host, slab_id, bytes });
+                    allocated.push(span);
+                }
+                Ok(OwnedReply::Error(message)) => {
+                    let addr = self.core.links[host].addr.to_string();
+                    return Err(RuntimeError::HostRefused { addr, message });
+                }
+                Ok(OwnedReply::Other(reply)) => {
+                    return Err(RuntimeError::Protocol(format!("unexpected reply to AllocSlab: {reply}")));
+                }
+                Err(why) => return Err(RuntimeError::HostFailed(why)),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -610,7 +662,7 @@ impl Core {
         } else if state & PageState::FETCHING != 0 {
             // The install of the fetch in flight wakes this thread too.
         } else if state & PageState::ON_HOST != 0 {
-            let (slab, slab_page) = region.slab_of(page);
+            let (slab, slab_page) = region.slab_of(page).expect("a page written back has a slab");
             region.pages[page] |= PageState::FETCHING;
             let link = &mut self.links[slab.host];
             if let Some(why) = link.dead.clone() {
@@ -798,7 +850,15 @@ impl Core {
         let region = self.regions.get_mut(&id).expect("caller checked");
         let addr = region.addr(page);
         let twin = region.twins.remove(&page);
-        let (slab, slab_page) = region.slab_of(page);
+        let Some((slab, slab_page)) = region.slab_of(page) else {
+            // A reserved region's page outside every committed range (the program wrote
+            // memory it never allocated): there is no host memory to keep it in.
+            if let Some(t) = twin {
+                self.twins.release(t);
+            }
+            region.record_loss(page, "written outside every committed range of a reserved region");
+            return;
+        };
         // SAFETY: the page is resident and write-protected, so it is readable and no store
         // changes it while it is diffed and copied into the send buffer.
         let data = unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) };
@@ -916,7 +976,20 @@ impl Core {
                 self.stats.remote_faults.fetch_add(1, Relaxed);
                 self.stats.pages_fetched.fetch_add(1, Relaxed);
                 self.stats.bytes_fetched.fetch_add(data.len() as u64, Relaxed);
-                self.install(region, page, &data[..PAGE_SIZE], write);
+                match self.regions.get(&region).map(|r| r.pages[page]) {
+                    Some(s) if s & PageState::FETCHING != 0 => {
+                        self.install(region, page, &data[..PAGE_SIZE], write);
+                    }
+                    Some(s) if s & PageState::RESIDENT == 0 => {
+                        // Discarded while in flight: the waiting thread gets what freed memory
+                        // holds.
+                        let zeros = std::mem::take(&mut self.zero_page);
+                        self.install(region, page, &zeros, write);
+                        self.zero_page = zeros;
+                    }
+                    // Discarded and served again since, or the region is gone.
+                    _ => {}
+                }
                 self.stats
                     .fault_service
                     .record(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
@@ -1005,7 +1078,9 @@ impl Core {
         for r in self.regions.values_mut() {
             for page in 0..r.pages.len() {
                 let s = r.pages[page];
-                if s & PageState::ON_HOST != 0 && s & PageState::RESIDENT == 0 && r.slab_of(page).0.host == h
+                if s & PageState::ON_HOST != 0
+                    && s & PageState::RESIDENT == 0
+                    && r.slab_of(page).is_some_and(|(slab, _)| slab.host == h)
                 {
                     r.record_loss(page, why);
                 }
@@ -1019,6 +1094,57 @@ impl Core {
         if link.dead.is_none() {
             link.send(&Message::FreeSlab { slab_id: s.slab_id }, Pending::Ignore);
         }
+    }
+
+    /// Forgets pages `first..first + count` of region `id`, as munmap or MADV_DONTNEED of
+    /// private anonymous memory would: they read as zeros afterwards. Local copies, twins and
+    /// the host's copies are dropped; a fetch in flight for one of them installs zeros.
+    fn discard(&mut self, id: u32, first: usize, count: usize) -> Result<(), RuntimeError> {
+        let region =
+            self.regions.get_mut(&id).ok_or_else(|| RuntimeError::Config(format!("no region {id}")))?;
+        let pages = region.pages.len();
+        if count == 0 || first.checked_add(count).is_none_or(|end| end > pages) {
+            return Err(RuntimeError::Config(format!(
+                "pages {first}+{count} outside a region of {pages} pages"
+            )));
+        }
+        for page in first..first + count {
+            let state = std::mem::take(&mut region.pages[page]);
+            if state & PageState::RESIDENT != 0 {
+                self.policy.remove(key(id, page));
+                self.resident -= 1;
+            }
+            if let Some(t) = region.twins.remove(&page) {
+                self.twins.release(t);
+            }
+        }
+        let addr = region.addr(first);
+        // SAFETY: the range lies in a mapping this runtime owns; dropping its pages only makes
+        // the next touch fault back to us, and we serve such a fault with zeros.
+        if unsafe { libc::madvise(addr as *mut libc::c_void, count * PAGE_SIZE, libc::MADV_DONTNEED) } != 0 {
+            return Err(RuntimeError::Os {
+                what: "madvise(MADV_DONTNEED)",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // The host gives the memory back; sent after any write-back of these pages on the same
+        // connection, so it cannot be overtaken by one.
+        let mut page = first;
+        while page < first + count {
+            let span_end = ((page / region.slab_pages + 1) * region.slab_pages).min(first + count);
+            if let Some((slab, slab_page)) = region.slab_of(page) {
+                let link = &mut self.links[slab.host];
+                if link.dead.is_none() {
+                    let count = u32::try_from(span_end - page).expect("a slab span fits in u32");
+                    link.send(
+                        &Message::DiscardPages { slab_id: slab.slab_id, first_page: slab_page, count },
+                        Pending::Ignore,
+                    );
+                }
+            }
+            page = span_end;
+        }
+        Ok(())
     }
 
     fn remove_region(&mut self, id: u32) {
@@ -1037,7 +1163,7 @@ impl Core {
         for (_, twin) in region.twins {
             self.twins.release(twin);
         }
-        for s in region.slabs {
+        for s in region.slabs.into_iter().flatten() {
             self.free_slab(s);
         }
     }

@@ -117,6 +117,9 @@ pub struct RuntimeConfig {
     pub flush_interval: Option<Duration>,
     /// Fetch ahead of sequential and strided miss streams.
     pub prefetch: PrefetchMode,
+    /// Run first on the fault-handler thread (e.g. to mark it, for an allocator hook that must
+    /// never route the handler's own allocations into region memory it serves).
+    pub on_handler_start: Option<fn()>,
 }
 
 impl Default for RuntimeConfig {
@@ -133,6 +136,7 @@ impl Default for RuntimeConfig {
             line_threshold: 48,
             flush_interval: Some(Duration::from_millis(100)),
             prefetch: PrefetchMode::default(),
+            on_handler_start: None,
         }
     }
 }
@@ -175,6 +179,7 @@ impl Runtime {
             .map(|addr| transport::connect(addr, config.low_latency))
             .collect::<Result<Vec<_>, _>>()?;
         let stats = Arc::new(RuntimeStats::default());
+        let on_handler_start = config.on_handler_start;
         let (tx, rx) = mpsc::channel();
         // SAFETY: eventfd(2) with valid flags; returns a new fd or -1.
         let wakeup_fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
@@ -204,7 +209,12 @@ impl Runtime {
         );
         let thread = std::thread::Builder::new()
             .name("uffd-handler".into())
-            .spawn(move || handler.run())
+            .spawn(move || {
+                if let Some(hook) = on_handler_start {
+                    hook();
+                }
+                handler.run();
+            })
             .map_err(|source| RuntimeError::Os { what: "spawning the fault handler", source })?;
         Ok(Self { commands: tx, wakeup_fd, thread: Some(thread), stats, hosts, _embedded: embedded })
     }
@@ -217,8 +227,21 @@ impl Runtime {
         Ok(())
     }
 
-    /// Maps a region of `len` bytes (rounded up to whole pages) backed by the hosts.
+    /// Maps a region of `len` bytes (rounded up to whole pages) backed by the hosts, with
+    /// host memory allocated for all of it now (a full host fails here, not later).
     pub fn map(&self, len: usize) -> Result<Region<'_>, RuntimeError> {
+        self.add_region(len, true)
+    }
+
+    /// Reserves a region of `len` bytes of address space with no host memory yet: call
+    /// [`Region::commit`] on the ranges the program will use. For allocators that carve a
+    /// large arena into allocations (`clustermem run`). A page written outside every committed
+    /// range cannot be kept: it is reported lost when evicted.
+    pub fn reserve(&self, len: usize) -> Result<Region<'_>, RuntimeError> {
+        self.add_region(len, false)
+    }
+
+    fn add_region(&self, len: usize, commit: bool) -> Result<Region<'_>, RuntimeError> {
         if len == 0 {
             return Err(RuntimeError::Config("a region needs at least one byte".into()));
         }
@@ -234,6 +257,7 @@ impl Runtime {
             .command(handler::Command::AddRegion {
                 base: map.as_ptr() as usize,
                 len,
+                commit,
                 reply,
                 error: Arc::clone(&error),
             })
@@ -314,6 +338,36 @@ impl Region<'_> {
         let (reply, rx) = mpsc::channel();
         self.runtime.command(handler::Command::Flush { id: self.id, reply })?;
         rx.recv().map_err(|_| RuntimeError::HandlerGone)?
+    }
+
+    /// Makes sure host memory backs `offset..offset + len` (page-aligned); a full host fails
+    /// here. Idempotent.
+    pub fn commit(&self, offset: usize, len: usize) -> Result<(), RuntimeError> {
+        let (first, count) = self.page_range(offset, len)?;
+        let (reply, rx) = mpsc::channel();
+        self.runtime.command(handler::Command::Commit { id: self.id, first, count, reply })?;
+        rx.recv().map_err(|_| RuntimeError::HandlerGone)?
+    }
+
+    /// Frees `offset..offset + len` (page-aligned), as `munmap` or `MADV_DONTNEED` would free
+    /// anonymous memory: it reads as zeros afterwards, and neither local memory nor the host
+    /// keeps a copy. The range stays mapped and usable.
+    pub fn discard(&self, offset: usize, len: usize) -> Result<(), RuntimeError> {
+        let (first, count) = self.page_range(offset, len)?;
+        let (reply, rx) = mpsc::channel();
+        self.runtime.command(handler::Command::Discard { id: self.id, first, count, reply })?;
+        rx.recv().map_err(|_| RuntimeError::HandlerGone)?
+    }
+
+    fn page_range(&self, offset: usize, len: usize) -> Result<(usize, usize), RuntimeError> {
+        let fits = offset.checked_add(len).is_some_and(|end| end <= self.len());
+        if !offset.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) || len == 0 || !fits {
+            return Err(RuntimeError::Config(format!(
+                "range {offset:#x}+{len:#x} is not a page-aligned, non-empty part of a region of {:#x} bytes",
+                self.len()
+            )));
+        }
+        Ok((offset / PAGE_SIZE, len / PAGE_SIZE))
     }
 
     /// The first data loss this region suffered (a host died with pages of it), if any.
