@@ -3,6 +3,7 @@
 //! `clustermem host` donates this machine's RAM; `clustermem bench` maps a region backed by
 //! hosts (or by an embedded host, when none is given) and measures a workload on it.
 
+mod run;
 mod size;
 
 use std::process::ExitCode;
@@ -26,6 +27,7 @@ use size::{parse_size, parse_size_or_percent};
         on those hosts; a touched page that is not local faults (userfaultfd), is fetched over TCP \
         and installed, and a bound on local memory evicts cold pages, writing back dirty ones.\n\n\
         Start here:\n  clustermem bench random --size 1G --local-mem 25%     (embedded host, no set-up)\n  \
+        clustermem run --local-mem 256M -- python3 job.py     (an unmodified program)\n  \
         clustermem host --listen 0.0.0.0:7070 --capacity 8G    (on each memory host)\n  \
         clustermem bench zipf --hosts 10.0.0.2:7070,10.0.0.3:7070 --size 4G --local-mem 1G\n\n\
         Needs Linux >= 5.7 and permission to use userfaultfd (root, access to /dev/userfaultfd, \
@@ -43,6 +45,9 @@ enum Command {
     /// Map a region, run a workload on it under a local-memory limit, verify, report figures.
     /// `bench tx --pool PATH` measures failure-atomic transactions on a persistent region.
     Bench(BenchArgs),
+    /// Run an unmodified program with its large memory in cluster memory, its resident set
+    /// bounded by --local-mem: `clustermem run --local-mem 256M -- python3 job.py`.
+    Run(run::RunArgs),
     /// Crash-test a subsystem: kill it at random moments and check what survives.
     Crashtest {
         #[command(subcommand)]
@@ -396,10 +401,20 @@ fn main() -> ExitCode {
     // A crash-test child re-executes this binary; it never returns from here.
     clustermem_pmem::maybe_run_crash_child();
     let cli = Cli::parse();
+    if let Command::Run(args) = &cli.command {
+        return match run::run(args) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("clustermem run: {e:#}");
+                ExitCode::from(125)
+            }
+        };
+    }
     let outcome = match &cli.command {
         Command::Host(args) => run_host(args).map(|()| true),
         Command::Bench(args) => run_bench(args),
         Command::Crashtest { target: CrashTarget::Tx(args) } => run_crashtest_tx(args),
+        Command::Run(_) => unreachable!("handled above"),
     };
     match outcome {
         Ok(true) => ExitCode::SUCCESS,

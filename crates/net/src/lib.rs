@@ -244,9 +244,17 @@ impl FrameWriter {
             }
         }
         self.buf.clear();
+        if self.buf.capacity() > MAX_IDLE_CAPACITY {
+            // A flush of many dirty pages queues them all; keeping that much buffer between
+            // flushes would cost the local memory the runtime is bounding.
+            self.buf = Vec::with_capacity(READ_CHUNK);
+        }
         Ok(())
     }
 }
+
+/// Buffer a writer keeps after a flush, at most.
+const MAX_IDLE_CAPACITY: usize = 4 * READ_CHUNK;
 
 #[cfg(test)]
 mod tests {

@@ -37,12 +37,20 @@ pub(crate) enum Twin {
     Slot(u32),
 }
 
-/// Page-sized buffers for twins, reused through a free list.
+/// Page-sized buffers for twins, reused through a free list. Past `SPARE_TWINS` free buffers
+/// a released buffer is given back to the allocator: twins count against local memory only
+/// while in use, so idle ones must not keep costing it.
 #[derive(Debug, Default)]
 pub(crate) struct TwinPool {
     slots: Vec<Box<[u8]>>,
+    /// Slots with a buffer, not in use.
     free: Vec<u32>,
+    /// Slots whose buffer was given back.
+    hollow: Vec<u32>,
 }
+
+/// Free twin buffers kept for reuse.
+const SPARE_TWINS: usize = 256;
 
 impl TwinPool {
     /// Stores a copy of `clean` (one page), or notes that it is all zeros.
@@ -53,6 +61,11 @@ impl TwinPool {
         }
         let slot = match self.free.pop() {
             Some(slot) => slot,
+            None if !self.hollow.is_empty() => {
+                let slot = self.hollow.pop().expect("not empty");
+                self.slots[slot as usize] = vec![0u8; PAGE_SIZE].into_boxed_slice();
+                slot
+            }
             None => {
                 self.slots.push(vec![0u8; PAGE_SIZE].into_boxed_slice());
                 u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 twins")
@@ -65,13 +78,18 @@ impl TwinPool {
     /// Gives a twin's buffer back.
     pub(crate) fn release(&mut self, twin: Twin) {
         if let Twin::Slot(slot) = twin {
-            self.free.push(slot);
+            if self.free.len() < SPARE_TWINS {
+                self.free.push(slot);
+            } else {
+                self.slots[slot as usize] = Box::default();
+                self.hollow.push(slot);
+            }
         }
     }
 
-    /// Twins holding a buffer (what counts against local memory).
+    /// Twins in use (what counts against local memory).
     pub(crate) fn in_use(&self) -> usize {
-        self.slots.len() - self.free.len()
+        self.slots.len() - self.free.len() - self.hollow.len()
     }
 
     /// Bitmask of the lines of `page` that differ from its twin.
@@ -144,5 +162,23 @@ mod tests {
         pool.release(a);
         assert_eq!(pool.in_use(), 0);
         assert_eq!(pool.take(&page), a, "the freed slot is reused");
+    }
+
+    #[test]
+    fn idle_buffers_beyond_the_spares_are_given_back() {
+        let mut pool = TwinPool::default();
+        let page = [7u8; PAGE_SIZE];
+        let twins: Vec<Twin> = (0..SPARE_TWINS + 10).map(|_| pool.take(&page)).collect();
+        assert_eq!(pool.in_use(), SPARE_TWINS + 10);
+        for t in twins {
+            pool.release(t);
+        }
+        assert_eq!(pool.in_use(), 0);
+        let held: usize = pool.slots.iter().map(|s| s.len()).sum();
+        assert_eq!(held, SPARE_TWINS * PAGE_SIZE, "only the spares keep their buffers");
+        let again: Vec<Twin> = (0..SPARE_TWINS + 10).map(|_| pool.take(&page)).collect();
+        assert_eq!(pool.in_use(), SPARE_TWINS + 10);
+        assert_eq!(pool.slots.len(), SPARE_TWINS + 10, "hollow slots are refilled, not added");
+        assert!(again.iter().all(|&t| pool.diff(&page, t) == 0), "refilled buffers hold their copies");
     }
 }

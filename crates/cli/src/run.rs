@@ -1,0 +1,242 @@
+//! `clustermem run -- CMD`: runs an unmodified program with its large anonymous memory in
+//! cluster memory. The program gets `libclustermem_preload.so` through LD_PRELOAD (see the
+//! `clustermem-preload` crate); this process serves as its memory host when no `--hosts` are
+//! given, forwards termination signals, and exits with the program's status.
+
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use clustermem_host::MemoryHost;
+use serde_json::{json, Map, Value};
+
+use crate::size::parse_size;
+
+/// Name of the preload library, next to the `clustermem` binary.
+const PRELOAD_LIB: &str = "libclustermem_preload.so";
+
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Examples:\n  clustermem run --local-mem 256M -- python3 build_index.py\n  \
+clustermem run --local-mem 1G --hosts 10.0.0.2:7070,10.0.0.3:7070 -- redis-server --save ''\n\n\
+What is routed: private anonymous read-write mappings of at least --min-bytes (mmap, and \
+malloc blocks of that size under glibc's allocator; other allocators such as jemalloc map \
+their memory with mmap, which is routed). Small allocations, files, shared memory and stacks \
+stay local. munmap, mremap and madvise(DONTNEED) behave as on anonymous memory; freed memory \
+is freed on the host. System calls that read into routed memory (read(2) and friends) work.\n\n\
+fork: a child may exec (subprocesses work, each with cluster memory of its own) but cannot \
+use its parent's cluster memory; one that touches it is stopped with exit status 70 and a \
+message. --local-mem bounds each process separately.\n\n\
+Exit status: the program's (128+N if killed by signal N); 125 if cluster memory could not be \
+set up in it; 127 if it could not be started.")]
+pub struct RunArgs {
+    /// Local memory each process may keep of its cluster memory (e.g. 256M, 1G).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    local_mem: u64,
+    /// Memory hosts, comma-separated host:port. None: this process serves as the host.
+    #[arg(long, value_delimiter = ',')]
+    hosts: Vec<String>,
+    /// Write figures (the fields of `bench --json`, summed over the program's processes) to
+    /// this file when the program exits.
+    #[arg(long)]
+    stats_json: Option<PathBuf>,
+    /// Mappings and malloc blocks at least this large go to cluster memory.
+    #[arg(long, default_value = "256K", value_parser = parse_size)]
+    min_bytes: u64,
+    /// Address space reserved for cluster memory in each process (host memory is only taken
+    /// for what the program allocates).
+    #[arg(long, default_value = "256G", value_parser = parse_size)]
+    arena: u64,
+    /// Capacity of the embedded host (when no --hosts are given).
+    #[arg(long, default_value = "64G", value_parser = parse_size)]
+    embedded_capacity: u64,
+    /// Busy-poll while faults are outstanding (see `clustermem bench --help`).
+    #[arg(long)]
+    low_latency: bool,
+    /// The program and its arguments (after `--`).
+    #[arg(trailing_var_arg = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+static CHILD: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward_signal(signal: libc::c_int) {
+    let pid = CHILD.load(Ordering::Acquire);
+    if pid > 0 {
+        // SAFETY: kill(2) is async-signal-safe.
+        unsafe { libc::kill(pid, signal) };
+    }
+}
+
+/// Where the preload library is: `$CLUSTERMEM_PRELOAD`, or beside this executable.
+fn preload_library() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("CLUSTERMEM_PRELOAD") {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            bail!("CLUSTERMEM_PRELOAD={} is not a file", p.display());
+        }
+        return Ok(p);
+    }
+    let exe = std::env::current_exe().context("finding the clustermem executable")?;
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    let lib = dir.join(PRELOAD_LIB);
+    if lib.is_file() {
+        return Ok(lib);
+    }
+    bail!(
+        "cannot find {PRELOAD_LIB} next to {}: build the whole workspace (`cargo build --release`), \
+         or set CLUSTERMEM_PRELOAD to its path",
+        exe.display()
+    )
+}
+
+/// Runs the program; returns its exit status for ours.
+pub fn run(args: &RunArgs) -> Result<u8> {
+    clustermem_runtime::check_userfaultfd()?;
+    let lib = preload_library()?;
+    if args.local_mem < 4096 {
+        bail!("--local-mem {} is less than one page", args.local_mem);
+    }
+    let (_host, hosts) = if args.hosts.is_empty() {
+        let host = MemoryHost::bind("127.0.0.1:0", args.embedded_capacity)?.spawn();
+        let addr = host.addr().to_string();
+        (Some(host), addr)
+    } else {
+        (None, args.hosts.join(","))
+    };
+    let stats_dir = match &args.stats_json {
+        Some(_) => {
+            let dir = std::env::temp_dir().join(format!("clustermem-run-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            Some(dir)
+        }
+        None => None,
+    };
+    let preload = match std::env::var("LD_PRELOAD") {
+        Ok(existing) if !existing.is_empty() => format!("{}:{existing}", lib.display()),
+        _ => lib.display().to_string(),
+    };
+    let mut cmd = Command::new(&args.command[0]);
+    cmd.args(&args.command[1..])
+        .env("LD_PRELOAD", preload)
+        .env("CLUSTERMEM_HOSTS", &hosts)
+        .env("CLUSTERMEM_LOCAL_MEM", args.local_mem.to_string())
+        .env("CLUSTERMEM_ARENA", args.arena.to_string())
+        .env("CLUSTERMEM_MIN_BYTES", args.min_bytes.to_string())
+        .env("CLUSTERMEM_LOW_LATENCY", if args.low_latency { "1" } else { "0" });
+    if let Some(dir) = &stats_dir {
+        cmd.env("CLUSTERMEM_STATS_DIR", dir);
+    }
+    // SAFETY: between fork and exec the child only resets signal dispositions (async-signal
+    // safe), so the program starts with the defaults a shell would give it.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            libc::signal(libc::SIGQUIT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let started = Instant::now();
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("clustermem run: cannot start {}: {e}", args.command[0]);
+            return Ok(127);
+        }
+    };
+    CHILD.store(i32::try_from(child.id()).unwrap_or(0), Ordering::Release);
+    // Like a shell running a foreground job: the terminal's SIGINT/SIGQUIT reach the program
+    // directly, so we ignore them; SIGTERM/SIGHUP sent to us are passed on.
+    // SAFETY: installs dispositions whose handler only calls kill(2).
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+        libc::signal(libc::SIGTERM, forward_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGHUP, forward_signal as *const () as libc::sighandler_t);
+    }
+    let status = child.wait().context("waiting for the program")?;
+    let wall = started.elapsed().as_secs_f64();
+    let code = match (status.code(), status.signal()) {
+        (Some(c), _) => u8::try_from(c & 0xff).unwrap_or(1),
+        (None, Some(sig)) => {
+            let why = if sig == libc::SIGBUS {
+                " (a page of its cluster memory was lost: a memory host failed)"
+            } else {
+                ""
+            };
+            eprintln!("clustermem run: {} was killed by signal {sig}{why}", args.command[0]);
+            u8::try_from(128 + sig).unwrap_or(255)
+        }
+        (None, None) => 1,
+    };
+    if let (Some(path), Some(dir)) = (&args.stats_json, &stats_dir) {
+        let report = merge_stats(dir, args, &hosts, wall, code)?;
+        std::fs::write(path, format!("{report}\n")).with_context(|| format!("writing {}", path.display()))?;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    Ok(code)
+}
+
+/// Sums the figures the program's processes wrote at exit into one object with the fields of
+/// `bench --json`. Latency percentiles are those of the process that took the most faults.
+fn merge_stats(dir: &Path, args: &RunArgs, hosts: &str, wall_s: f64, exit_code: u8) -> Result<Value> {
+    const SUMMED: [&str; 17] = [
+        "size_bytes",
+        "faults",
+        "remote_faults",
+        "zero_faults",
+        "write_faults",
+        "pages_fetched",
+        "pages_evicted",
+        "pages_written_back",
+        "bytes_fetched",
+        "bytes_written_back",
+        "dirty_lines_written",
+        "page_granular_bytes",
+        "pages_flushed",
+        "prefetch_issued",
+        "prefetch_used",
+        "prefetch_wasted",
+        "processes",
+    ];
+    let mut totals: Map<String, Value> = SUMMED.iter().map(|k| (k.to_string(), json!(0u64))).collect();
+    let mut busiest: Option<Value> = None;
+    let mut errors = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let mut one: Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        one["processes"] = json!(1u64);
+        for k in SUMMED {
+            let sum = totals[k].as_u64().unwrap_or(0) + one[k].as_u64().unwrap_or(0);
+            totals.insert(k.to_string(), json!(sum));
+        }
+        if let Some(e) = one["region_error"].as_str() {
+            errors.push(format!("{}: {e}", one["pid"]));
+        }
+        if busiest.as_ref().is_none_or(|b| one["faults"].as_u64() > b["faults"].as_u64()) {
+            busiest = Some(one);
+        }
+    }
+    let busiest = busiest.unwrap_or(Value::Null);
+    totals.insert("workload".into(), json!("run"));
+    totals.insert("command".into(), json!(args.command.join(" ")));
+    totals.insert("backend".into(), json!("clustermem"));
+    totals.insert("local_mem_bytes".into(), json!(args.local_mem));
+    totals.insert("hosts".into(), json!(hosts.split(',').collect::<Vec<_>>()));
+    totals.insert("embedded_host".into(), json!(args.hosts.is_empty()));
+    totals.insert("ops".into(), Value::Null);
+    totals.insert("wall_s".into(), json!(wall_s));
+    totals.insert("fault_p50_us".into(), busiest["service_p50_us"].clone());
+    totals.insert("fault_p99_us".into(), busiest["service_p99_us"].clone());
+    totals.insert("fault_latency_source".into(), json!("handler"));
+    totals.insert("exit_code".into(), json!(exit_code));
+    totals.insert("verified".into(), Value::Null);
+    totals.insert("region_errors".into(), json!(errors));
+    Ok(Value::Object(totals))
+}

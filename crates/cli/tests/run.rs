@@ -1,0 +1,222 @@
+//! `clustermem run` with real programs: python3 building structures larger than local memory,
+//! system calls into cluster memory, fork, exit statuses, and redis-server driven by
+//! redis-benchmark with every key read back.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{bin, require_userfaultfd, run_with_timeout, stderr};
+
+/// Builds `libclustermem_preload.so` next to the `clustermem` binary under test: `cargo test`
+/// builds the binary but not the workspace's cdylib, and a stale library would test old code.
+fn require_preload_library() {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo.args(["build", "-p", "clustermem-preload"]);
+        if !cfg!(debug_assertions) {
+            cargo.arg("--release");
+        }
+        let status = cargo.status().expect("running cargo to build the preload library");
+        assert!(status.success(), "building libclustermem_preload.so failed");
+    });
+}
+
+fn program(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs").join(name).display().to_string()
+}
+
+/// Debian's python3 (not a version-manager shim, which would run several processes).
+fn python() -> &'static str {
+    if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+fn require_program(name: &str) {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()));
+    assert!(found, "this test needs `{name}` (Debian: apt-get install redis-server redis-tools python3; .ci/run installs them)");
+}
+
+fn stats_path(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("clustermem-test-{tag}-{}.json", std::process::id()))
+}
+
+fn read_stats(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let _ = std::fs::remove_file(path);
+    serde_json::from_str(&text).expect("stats are one JSON object")
+}
+
+fn maxrss_kb(out: &Output) -> u64 {
+    stderr(out)
+        .lines()
+        .find_map(|l| l.strip_prefix("maxrss_kb "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no maxrss line in {}", stderr(out)))
+}
+
+/// Python structures ~10x the local limit: the same output as an ordinary run, in much less
+/// resident memory, with the pages really going through the host.
+#[test]
+fn python_structures_larger_than_local_memory_match_an_ordinary_run() {
+    require_userfaultfd();
+    require_preload_library();
+    let script = program("structures.py");
+    let plain = Command::new(python()).args([&script, "1500000"]).output().expect("running python3");
+    assert!(plain.status.success(), "plain python3 failed: {}", stderr(&plain));
+    let stats = stats_path("python");
+    let run = run_with_timeout(
+        &[
+            "run",
+            "--local-mem",
+            "16M",
+            "--stats-json",
+            stats.to_str().unwrap(),
+            "--",
+            python(),
+            &script,
+            "1500000",
+        ],
+        Duration::from_secs(240),
+    );
+    assert!(run.status.success(), "under clustermem run: {:?} {}", run.status, stderr(&run));
+    assert_eq!(run.stdout, plain.stdout, "same checksum with and without clustermem");
+    let (plain_kb, run_kb) = (maxrss_kb(&plain), maxrss_kb(&run));
+    assert!(run_kb * 2 < plain_kb, "peak RSS {run_kb} KiB under clustermem vs {plain_kb} KiB plain");
+    let s = read_stats(&stats);
+    assert_eq!(s["exit_code"], 0);
+    assert_eq!(s["processes"], 1, "{s}");
+    assert!(s["size_bytes"].as_u64().unwrap() > 8 * (16 << 20), "cluster memory used: {s}");
+    assert!(s["pages_evicted"].as_u64().unwrap() > 10_000, "{s}");
+    assert!(s["bytes_fetched"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(s["region_errors"].as_array().unwrap().len(), 0, "{s}");
+    for field in ["workload", "size_bytes", "local_mem_bytes", "ops", "wall_s", "faults", "fault_p50_us"] {
+        assert!(s.get(field).is_some(), "stats lack {field}: {s}");
+    }
+}
+
+/// read(2) into routed memory and write(2) from evicted routed memory are served; mmap,
+/// mremap, madvise(DONTNEED) and munmap behave as the kernel's.
+#[test]
+fn system_calls_and_the_mmap_family_work_on_cluster_memory() {
+    require_userfaultfd();
+    require_preload_library();
+    let out = run_with_timeout(
+        &["run", "--local-mem", "2M", "--", python(), &program("kernel_access.py")],
+        Duration::from_secs(120),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{:?}\n{text}\n{}", out.status, stderr(&out));
+    for step in ["read into", "write from evicted", "mremap", "routed", "madvise", "munmap"] {
+        assert!(text.contains(&format!("OK {step}")), "missing step {step}: {text}");
+    }
+}
+
+/// A child that only execs works; one that touches its parent's cluster memory is stopped
+/// with status 70 and a message, never handed zeros.
+#[test]
+fn fork_children_may_exec_but_not_touch_the_parents_cluster_memory() {
+    require_userfaultfd();
+    require_preload_library();
+    let out = run_with_timeout(
+        &["run", "--local-mem", "2M", "--", python(), &program("fork.py")],
+        Duration::from_secs(60),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{:?}\n{text}\n{}", out.status, stderr(&out));
+    assert!(text.contains("subprocess ok"), "{text}");
+    assert!(text.contains("child exit 70"), "{text}");
+    assert!(text.contains("parent ok"), "{text}");
+    assert!(stderr(&out).contains("forked child touched its parent's cluster memory"), "{}", stderr(&out));
+}
+
+/// The program's exit status is ours; a signal death is 128+N; a missing program is 127.
+#[test]
+fn exit_statuses_pass_through() {
+    require_userfaultfd();
+    require_preload_library();
+    let code = |args: &[&str]| run_with_timeout(args, Duration::from_secs(30)).status.code();
+    assert_eq!(code(&["run", "--", "sh", "-c", "exit 7"]), Some(7));
+    assert_eq!(code(&["run", "--", "sh", "-c", "kill -TERM $$"]), Some(128 + 15));
+    assert_eq!(code(&["run", "--", "/nonexistent/program"]), Some(127));
+    let missing = Command::new(bin())
+        .args(["run", "--", "true"])
+        .env("CLUSTERMEM_PRELOAD", "/nonexistent/libclustermem_preload.so")
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(125));
+    assert!(stderr(&missing).contains("is not a file"), "{}", stderr(&missing));
+    let out = run_with_timeout(&["run", "--local-mem", "12Q", "--", "true"], Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(2), "a bad flag is a usage error");
+    assert!(stderr(&out).contains("unknown unit"), "{}", stderr(&out));
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn redis_ping(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let mut buf = [0u8; 7];
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+/// redis-server under clustermem run with a local limit well below its ~100 MB dataset,
+/// loaded by redis-benchmark and a checker, every key read back and verified.
+#[test]
+fn redis_server_keeps_every_key_with_a_small_local_limit() {
+    require_userfaultfd();
+    require_preload_library();
+    for p in ["redis-server", "redis-benchmark", "redis-cli"] {
+        require_program(p);
+    }
+    let port = free_port().to_string();
+    let stats = stats_path("redis");
+    let mut server = Command::new(bin())
+        .args(["run", "--local-mem", "24M", "--stats-json", stats.to_str().unwrap(), "--"])
+        .args(["redis-server", "--port", &port, "--save", "", "--appendonly", "no", "--loglevel", "warning"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting redis-server under clustermem run");
+    let port_n: u16 = port.parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !redis_ping(port_n) {
+        assert!(Instant::now() < deadline, "redis-server did not answer PING under clustermem run");
+        assert!(server.try_wait().unwrap().is_none(), "redis-server exited early");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let bench = Command::new("redis-benchmark")
+        .args(["-p", &port, "-t", "set", "-n", "60000", "-r", "60000", "-d", "256", "-q"])
+        .output()
+        .expect("running redis-benchmark");
+    assert!(bench.status.success(), "redis-benchmark: {}", String::from_utf8_lossy(&bench.stderr));
+    let check = Command::new(python())
+        .args([&program("redis_check.py"), &port, "60000", "1024", "256"])
+        .output()
+        .expect("running the checker");
+    let report = String::from_utf8_lossy(&check.stdout);
+    let shutdown = Command::new("redis-cli").args(["-p", &port, "shutdown", "nosave"]).output();
+    let status = server.wait().expect("waiting for clustermem run");
+    assert!(
+        check.status.success(),
+        "verification failed: {report} {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(report.contains("verified 60000 keys"), "{report}");
+    assert!(shutdown.is_ok() && status.success(), "redis-server under clustermem run ended with {status:?}");
+    let s = read_stats(&stats);
+    assert!(s["size_bytes"].as_u64().unwrap() > 3 * (24 << 20), "the dataset lives in cluster memory: {s}");
+    assert!(s["pages_evicted"].as_u64().unwrap() > 1000, "{s}");
+    assert!(s["pages_fetched"].as_u64().unwrap() > 0, "{s}");
+}
