@@ -12,6 +12,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use clustermem_host::MemoryHost;
+use clustermem_runtime::{PrefetchMode, WritebackMode};
 use serde_json::{json, Map, Value};
 
 use crate::size::parse_size;
@@ -57,6 +58,15 @@ pub struct RunArgs {
     /// Busy-poll while faults are outstanding (see `clustermem bench --help`).
     #[arg(long)]
     low_latency: bool,
+    /// Write dirty pages back at least this often, in milliseconds (0: only on eviction).
+    #[arg(long, default_value_t = 100)]
+    flush_interval_ms: u64,
+    /// Write back changed 64-byte lines (line) or whole pages (page).
+    #[arg(long, default_value = "line", value_parser = |s: &str| s.parse::<WritebackMode>().map(|_| s.to_string()))]
+    writeback: String,
+    /// Prefetch along sequential and strided miss streams (auto) or not (off).
+    #[arg(long, default_value = "auto", value_parser = |s: &str| s.parse::<PrefetchMode>().map(|_| s.to_string()))]
+    prefetch: String,
     /// The program and its arguments (after `--`).
     #[arg(trailing_var_arg = true, required = true, value_name = "CMD")]
     command: Vec<String>,
@@ -127,7 +137,10 @@ pub fn run(args: &RunArgs) -> Result<u8> {
         .env("CLUSTERMEM_LOCAL_MEM", args.local_mem.to_string())
         .env("CLUSTERMEM_ARENA", args.arena.to_string())
         .env("CLUSTERMEM_MIN_BYTES", args.min_bytes.to_string())
-        .env("CLUSTERMEM_LOW_LATENCY", if args.low_latency { "1" } else { "0" });
+        .env("CLUSTERMEM_LOW_LATENCY", if args.low_latency { "1" } else { "0" })
+        .env("CLUSTERMEM_FLUSH_INTERVAL_MS", args.flush_interval_ms.to_string())
+        .env("CLUSTERMEM_WRITEBACK", &args.writeback)
+        .env("CLUSTERMEM_PREFETCH", &args.prefetch);
     if let Some(dir) = &stats_dir {
         cmd.env("CLUSTERMEM_STATS_DIR", dir);
     }

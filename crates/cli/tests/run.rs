@@ -220,3 +220,32 @@ fn redis_server_keeps_every_key_with_a_small_local_limit() {
     assert!(s["pages_evicted"].as_u64().unwrap() > 1000, "{s}");
     assert!(s["pages_fetched"].as_u64().unwrap() > 0, "{s}");
 }
+
+/// GNU sort with two threads sorting in a large malloc'd buffer, far over the local limit:
+/// the same bytes out as an ordinary run.
+#[test]
+fn threaded_sort_matches_an_ordinary_run() {
+    require_userfaultfd();
+    require_preload_library();
+    let dir = std::env::temp_dir().join(format!("clustermem-sort-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = dir.join("lines.txt");
+    let mut text = String::new();
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for i in 0..200_000u64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        text.push_str(&format!("{x:016x} {i}\n"));
+    }
+    std::fs::write(&input, text).unwrap();
+    let args = ["-S", "16M", "--parallel=2", input.to_str().unwrap()];
+    let plain = Command::new("sort").args(args).output().expect("running sort");
+    assert!(plain.status.success());
+    let mut run_args = vec!["run", "--local-mem", "4M", "--", "sort"];
+    run_args.extend(args);
+    let run = run_with_timeout(&run_args, Duration::from_secs(120));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(run.status.success(), "{:?} {}", run.status, stderr(&run));
+    assert!(run.stdout == plain.stdout, "sort output differs under clustermem run");
+}

@@ -12,6 +12,7 @@
 //! Configuration comes from the environment `clustermem run` sets:
 //! `CLUSTERMEM_HOSTS` (required; without it the library does nothing), `CLUSTERMEM_LOCAL_MEM`,
 //! `CLUSTERMEM_ARENA`, `CLUSTERMEM_MIN_BYTES` (bytes), `CLUSTERMEM_LOW_LATENCY` (`1`),
+//! `CLUSTERMEM_FLUSH_INTERVAL_MS`, `CLUSTERMEM_WRITEBACK` (`line|page`), `CLUSTERMEM_PREFETCH`,
 //! `CLUSTERMEM_STATS_DIR` (each process writes `PID.json` there at exit).
 //!
 //! fork: the arena is MADV_DONTFORK and the runtime's thread does not survive a fork, so a
@@ -22,13 +23,14 @@
 mod arena;
 mod hooks;
 mod malloc;
+mod small;
 mod state;
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use clustermem_runtime::{Runtime, RuntimeConfig, PAGE_SIZE};
+use clustermem_runtime::{PrefetchMode, Runtime, RuntimeConfig, WritebackMode, PAGE_SIZE};
 
 use state::{set_bypass, State, ARENA_BASE, ARENA_LEN, FORKED, STATE};
 
@@ -120,6 +122,13 @@ fn env_bytes(name: &str, default: u64) -> Result<u64, String> {
     }
 }
 
+fn env_parse<T: std::str::FromStr<Err = String>>(name: &str, default: T) -> Result<T, String> {
+    match std::env::var(name) {
+        Ok(v) => v.parse().map_err(|e| format!("{name}: {e}")),
+        Err(_) => Ok(default),
+    }
+}
+
 fn die(what: &str) -> ! {
     eprintln!("clustermem: {what}");
     // SAFETY: ends the process without running the program's exit handlers, which may
@@ -135,6 +144,12 @@ extern "C" fn init() {
             hosts: hosts.split(',').filter(|h| !h.is_empty()).map(str::to_string).collect(),
             local_mem_bytes: env_bytes("CLUSTERMEM_LOCAL_MEM", 256 << 20)?,
             low_latency: std::env::var("CLUSTERMEM_LOW_LATENCY").is_ok_and(|v| v == "1"),
+            flush_interval: match env_bytes("CLUSTERMEM_FLUSH_INTERVAL_MS", 100)? {
+                0 => None,
+                ms => Some(Duration::from_millis(ms)),
+            },
+            writeback: env_parse("CLUSTERMEM_WRITEBACK", WritebackMode::default())?,
+            prefetch: env_parse("CLUSTERMEM_PREFETCH", PrefetchMode::default())?,
             on_handler_start: Some(|| set_bypass(true)),
             ..RuntimeConfig::default()
         };

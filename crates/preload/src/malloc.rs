@@ -1,6 +1,9 @@
 //! The program's malloc, routed. glibc's malloc maps its large chunks with an internal mmap
-//! that no preload can see, so under glibc's allocator the large blocks (at least
-//! `min_bytes`) are placed in the arena here and the rest go to glibc. A program with an
+//! and grows its heap with brk, neither of which a preload can see, so under glibc's
+//! allocator this library is the program's malloc: blocks of at least `min_bytes` get pages
+//! of their own in the arena, smaller ones come from size classes in the arena (`small.rs`),
+//! and glibc keeps only what cannot be routed (over-aligned small blocks, memory of a forked
+//! child, blocks made before the arena existed). A program with an
 //! allocator of its own (jemalloc, tcmalloc...) keeps it: every call is forwarded, and the
 //! allocator's own `mmap` calls are routed by `hooks.rs` instead.
 //!
@@ -14,6 +17,7 @@ use std::sync::OnceLock;
 
 use libc::{c_int, c_void};
 
+use crate::small::SMALL_MAX;
 use crate::state::{active, page_round, PlaceError, State};
 use clustermem_runtime::PAGE_SIZE;
 
@@ -115,14 +119,17 @@ fn placing() -> Option<&'static State> {
     next().filter(|n| n.glibc).and(active())
 }
 
-/// Places a large block in the arena: `Some(null)` when the hosts refuse it (malloc fails as
-/// it would when out of memory), `None` when it should go to the next allocator.
+/// Places a block in the arena: `Some(null)` when the hosts refuse it (malloc fails as it
+/// would when out of memory), `None` when it should go to the next allocator.
 fn place(st: &State, size: usize, align: usize) -> Option<*mut c_void> {
     if size < st.min_bytes {
-        return None;
+        if align > 16 || size > SMALL_MAX {
+            return None;
+        }
+        return st.small.alloc(st, size).map(|p| p as *mut c_void);
     }
     let len = page_round(size)?;
-    match st.allocate(len, align) {
+    match st.allocate(len, align.max(PAGE_SIZE)) {
         Ok(addr) => {
             st.add_block(addr, len);
             Some(addr as *mut c_void)
@@ -137,9 +144,26 @@ fn place(st: &State, size: usize, align: usize) -> Option<*mut c_void> {
     }
 }
 
+/// A malloc block in the arena.
+#[derive(Debug, Clone, Copy)]
+enum Block {
+    /// Pages of its own, this long.
+    Large(usize),
+    /// A size-class block of this size.
+    Small(usize),
+}
+
+impl Block {
+    fn size(self) -> usize {
+        match self {
+            Self::Large(n) | Self::Small(n) => n,
+        }
+    }
+}
+
 /// The arena block at `p`, if `p` lies in the arena. A pointer into the arena that starts no
 /// block is a bug in the program (as glibc would say, an invalid pointer): abort.
-fn block_of(p: *mut c_void) -> Option<(&'static State, usize)> {
+fn block_of(p: *mut c_void) -> Option<(&'static State, Block)> {
     // Only under glibc's allocator are arena blocks malloc's; another allocator's blocks may
     // lie in the arena (its mmap calls are routed) and are its own to free.
     next().filter(|n| n.glibc)?;
@@ -147,8 +171,11 @@ fn block_of(p: *mut c_void) -> Option<(&'static State, usize)> {
     if !st.contains(p as usize, 1) {
         return None;
     }
+    if let Some(size) = st.small.block_size(st, p as usize) {
+        return Some((st, Block::Small(size)));
+    }
     match st.block_len(p as usize) {
-        Some(len) => Some((st, len)),
+        Some(len) => Some((st, Block::Large(len))),
         None => {
             eprintln!("clustermem: free(): invalid pointer {p:p} into cluster memory");
             std::process::abort();
@@ -157,10 +184,14 @@ fn block_of(p: *mut c_void) -> Option<(&'static State, usize)> {
 }
 
 /// Frees an arena block (in a forked child the arena is not mapped: the block is left alone).
-fn free_block(st: &State, p: *mut c_void, len: usize) {
+fn free_block(st: &State, p: *mut c_void, block: Block) {
     if crate::state::FORKED.load(Relaxed) {
         return;
     }
+    let len = match block {
+        Block::Small(_) => return st.small.free(st, p as usize),
+        Block::Large(len) => len,
+    };
     st.set_block(p as usize, None);
     if let Err(e) = st.free(p as usize, len) {
         eprintln!("clustermem: freeing {len} bytes of cluster memory failed: {e}");
@@ -170,7 +201,7 @@ fn free_block(st: &State, p: *mut c_void, len: usize) {
 /// `malloc(3)`.
 #[no_mangle]
 pub extern "C" fn malloc(size: usize) -> *mut c_void {
-    if let Some(p) = placing().and_then(|st| place(st, size, PAGE_SIZE)) {
+    if let Some(p) = placing().and_then(|st| place(st, size, 16)) {
         return p;
     }
     match next() {
@@ -189,8 +220,8 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
     if p.is_null() || is_boot(p) {
         return;
     }
-    if let Some((st, len)) = block_of(p) {
-        free_block(st, p, len);
+    if let Some((st, block)) = block_of(p) {
+        free_block(st, p, block);
         return;
     }
     if let Some(n) = next() {
@@ -207,7 +238,13 @@ pub extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
         unsafe { *libc::__errno_location() = libc::ENOMEM };
         return std::ptr::null_mut();
     };
-    if let Some(p) = placing().and_then(|st| place(st, total, PAGE_SIZE)) {
+    if let Some(p) = placing().and_then(|st| place(st, total, 16)) {
+        if total < PAGE_SIZE && !p.is_null() {
+            // A small block may be a reused one; page-sized blocks come fresh (zero) from the
+            // arena.
+            // SAFETY: `p` is a fresh block of at least `total` bytes.
+            unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0, total) };
+        }
         return p;
     }
     match next() {
@@ -238,13 +275,14 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
         }
         return q;
     }
-    if let Some((st, len)) = block_of(p) {
-        return realloc_block(st, p, len, size);
+    if let Some((st, block)) = block_of(p) {
+        return realloc_block(st, p, block, size);
     }
     let Some(n) = next() else { return std::ptr::null_mut() };
-    if let Some(st) = placing().filter(|st| size >= st.min_bytes) {
-        // Growing past the threshold: move the block into the arena.
-        if let Some(q) = place(st, size, PAGE_SIZE).filter(|q| !q.is_null()) {
+    if let Some(st) = placing() {
+        // A block glibc made before routing began (or an over-aligned one): move it into
+        // the arena.
+        if let Some(q) = place(st, size, 16).filter(|q| !q.is_null()) {
             // SAFETY: `p` is a live block of the next allocator of at least `old` bytes; `q`
             // is a fresh block of at least `size` bytes.
             unsafe {
@@ -259,11 +297,25 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
     unsafe { (n.realloc)(p, size) }
 }
 
-fn realloc_block(st: &State, p: *mut c_void, len: usize, size: usize) -> *mut c_void {
+fn realloc_block(st: &State, p: *mut c_void, block: Block, size: usize) -> *mut c_void {
     if size == 0 {
-        free_block(st, p, len);
+        free_block(st, p, block);
         return std::ptr::null_mut();
     }
+    let len = match block {
+        // Still fits, and not so small that the block wastes most of itself.
+        Block::Small(n) if size <= n && size > n / 2 => return p,
+        Block::Small(n) => {
+            let q = malloc(size);
+            if !q.is_null() {
+                // SAFETY: `p` holds `n` bytes, `q` at least `size`; distinct blocks.
+                unsafe { std::ptr::copy_nonoverlapping(p.cast::<u8>(), q.cast::<u8>(), n.min(size)) };
+                free_block(st, p, block);
+            }
+            return q;
+        }
+        Block::Large(len) => len,
+    };
     let Some(new) = page_round(size) else { return std::ptr::null_mut() };
     if new <= len {
         if new < len && st.free(p as usize + new, len - new).is_ok() {
@@ -279,7 +331,7 @@ fn realloc_block(st: &State, p: *mut c_void, len: usize, size: usize) -> *mut c_
     if !q.is_null() {
         // SAFETY: `p` holds `len` bytes, `q` at least `size > len`; distinct blocks.
         unsafe { std::ptr::copy_nonoverlapping(p.cast::<u8>(), q.cast::<u8>(), len) };
-        free_block(st, p, len);
+        free_block(st, p, block);
     }
     q
 }
@@ -305,7 +357,7 @@ pub unsafe extern "C" fn reallocarray(p: *mut c_void, n: usize, size: usize) -> 
 #[no_mangle]
 pub extern "C" fn memalign(align: usize, size: usize) -> *mut c_void {
     if align.is_power_of_two() {
-        if let Some(p) = placing().and_then(|st| place(st, size, align.max(PAGE_SIZE))) {
+        if let Some(p) = placing().and_then(|st| place(st, size, align)) {
             return p;
         }
     }
@@ -362,8 +414,8 @@ pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
     if p.is_null() || is_boot(p) {
         return 0;
     }
-    if let Some((_, len)) = block_of(p) {
-        return len;
+    if let Some((_, block)) = block_of(p) {
+        return block.size();
     }
     // SAFETY: `p` came from the next allocator.
     next().map_or(0, |n| unsafe { (n.usable_size)(p) })

@@ -9,6 +9,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use clustermem_runtime::{Region, Runtime, RuntimeError, PAGE_SIZE};
 
 use crate::arena::Arena;
+use crate::small::SmallHeap;
 
 /// The live state, once the constructor has started the runtime.
 pub(crate) static STATE: OnceLock<State> = OnceLock::new();
@@ -70,6 +71,8 @@ pub(crate) struct State {
     span_bytes: usize,
     book: Mutex<Book>,
     warned_full: AtomicBool,
+    /// Malloc blocks below `min_bytes` (glibc's allocator only).
+    pub(crate) small: SmallHeap,
 }
 
 pub(crate) fn page_round(len: usize) -> Option<usize> {
@@ -98,6 +101,7 @@ impl State {
             min_bytes,
             span_bytes,
             warned_full: AtomicBool::new(false),
+            small: SmallHeap::new(len),
         }
     }
 
