@@ -105,7 +105,9 @@ fn parse_bench_target(s: &str) -> Result<BenchTarget, String> {
 #[derive(Args, Debug)]
 struct BenchArgs {
     /// seq-read | seq-write | random (uniform read-modify-write) | zipf (skewed) | quicksort |
-    /// sparse-write (K random lines per page) | tx (failure-atomic transactions on --pool)
+    /// sparse-write (K random lines per page) | stride (every --stride-th page, wrapping) |
+    /// list-walk (pointer chasing through a list scattered over the region) | bfs (search of an
+    /// RMAT graph stored in CSR form) | tx (failure-atomic transactions on --pool)
     #[arg(value_parser = parse_bench_target)]
     workload: BenchTarget,
     /// Region size (e.g. 512M, 2G, 1GiB, or bytes).
@@ -117,7 +119,8 @@ struct BenchArgs {
     /// Memory hosts, comma-separated host:port. None: an embedded host on loopback.
     #[arg(long, value_delimiter = ',')]
     hosts: Vec<String>,
-    /// Operations in the measured phase (default: one pass for seq-*, 2x pages for random/zipf).
+    /// Operations in the measured phase (default: one pass for seq-* and stride, 2x pages for
+    /// random, zipf and list-walk nodes; bfs always runs one whole search).
     #[arg(long)]
     ops: Option<u64>,
     /// Threads in the measured phase (and the fill).
@@ -141,6 +144,9 @@ struct BenchArgs {
     /// swap with a memory cgroup limit (see bench/swap/run.sh); ignores --local-mem and --hosts.
     #[arg(long, default_value = "clustermem", value_parser = |s: &str| s.parse::<Backend>())]
     backend: Backend,
+    /// stride: pages between two touched pages.
+    #[arg(long, default_value_t = 16)]
+    stride: u64,
     /// sparse-write: 64-byte lines changed per page per operation.
     #[arg(long, default_value_t = 2)]
     lines_per_page: u32,
@@ -245,6 +251,7 @@ fn run_bench(args: &BenchArgs) -> Result<bool> {
         line_threshold: args.line_threshold,
         flush_interval: (args.flush_interval_ms > 0).then(|| Duration::from_millis(args.flush_interval_ms)),
         prefetch: args.prefetch,
+        stride_pages: args.stride,
     };
     let report = clustermem_bench::run(&opts).context("benchmark failed")?;
     if args.json {

@@ -14,7 +14,7 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 #[test]
 fn every_workload_verifies_against_the_embedded_host() {
     require_userfaultfd();
-    for workload in ["seq-read", "seq-write", "random", "zipf", "quicksort"] {
+    for workload in ["seq-read", "seq-write", "random", "zipf", "quicksort", "stride", "list-walk", "bfs"] {
         let out =
             run_with_timeout(&["bench", workload, "--size", "16M", "--local-mem", "25%", "--json"], TIMEOUT);
         assert!(out.status.success(), "{workload}: {}", stderr(&out));
@@ -159,6 +159,10 @@ fn bad_flags_are_explained() {
     assert!(stderr(&out).contains("expected one of: seq-read"), "{}", stderr(&out));
     let out = run_with_timeout(&["bench", "random", "--size", "8M", "--local-mem", "200%"], TIMEOUT);
     assert!(stderr(&out).contains("(0, 100]"), "{}", stderr(&out));
+    let out = run_with_timeout(&["bench", "stride", "--size", "8M", "--stride", "0"], TIMEOUT);
+    assert!(stderr(&out).contains("--stride must be 1..2048"), "{}", stderr(&out));
+    let out = run_with_timeout(&["bench", "list-walk", "--size", "8M", "--threads", "2"], TIMEOUT);
+    assert!(stderr(&out).contains("list-walk runs on one thread"), "{}", stderr(&out));
     let out = run_with_timeout(&["host", "--capacity", "lots"], TIMEOUT);
     assert!(stderr(&out).contains("has no number"), "{}", stderr(&out));
 }
