@@ -120,6 +120,8 @@ pub struct BenchOptions {
     pub prefetch: PrefetchMode,
     /// stride: pages between two touched pages.
     pub stride_pages: u64,
+    /// Pointer prefetches later than this are abandoned.
+    pub prefetch_deadline: std::time::Duration,
 }
 
 /// Where a benchmark's memory comes from.
@@ -274,7 +276,7 @@ pub struct BenchReport {
     pub page_granular_bytes: u64,
     /// Dirty pages written back by the periodic flusher or a flush.
     pub pages_flushed: u64,
-    /// `auto` or `off`.
+    /// `off`, `auto` or `pointer`.
     pub prefetch: &'static str,
     /// Pages fetched ahead of a fault.
     pub prefetch_issued: u64,
@@ -283,6 +285,13 @@ pub struct BenchReport {
     /// Prefetched pages evicted without having been seen in use (reads of a prefetched page
     /// are invisible to a userspace pager unless the stream passes it).
     pub prefetch_wasted: u64,
+    /// Of `prefetch_issued`, pages a fetched page pointed to (`--prefetch pointer`).
+    pub pointer_prefetch_issued: u64,
+    /// Faults on a page whose prefetch was still in flight: the thread waited, but for a
+    /// fetch already under way (not counted in `remote_faults`).
+    pub prefetch_waits: u64,
+    /// Pointer prefetches dropped for missing their deadline.
+    pub prefetch_abandoned: u64,
     /// Fraction of operations served without a remote fault (random and zipf).
     pub hit_rate: Option<f64>,
     /// Hit rate of an exact LRU cache of the same size on the same access trace (zipf).
@@ -346,6 +355,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             line_threshold: opts.line_threshold,
             flush_interval: opts.flush_interval,
             prefetch: opts.prefetch,
+            prefetch_deadline: opts.prefetch_deadline,
             ..RuntimeConfig::default()
         })?),
         Backend::Local => None,
@@ -471,13 +481,13 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         dirty_lines_written: snap.dirty_lines_written,
         page_granular_bytes: snap.page_granular_bytes,
         pages_flushed: snap.pages_flushed,
-        prefetch: match opts.prefetch {
-            PrefetchMode::Auto => "auto",
-            PrefetchMode::Off => "off",
-        },
+        prefetch: opts.prefetch.name(),
         prefetch_issued: snap.prefetch_issued,
         prefetch_used: snap.prefetch_used,
         prefetch_wasted: snap.prefetch_wasted,
+        pointer_prefetch_issued: snap.pointer_prefetch_issued,
+        prefetch_waits: snap.prefetch_waits,
+        prefetch_abandoned: snap.prefetch_abandoned,
         hit_rate,
         lru_hit_rate,
         verified: verify_error.is_none(),

@@ -158,10 +158,17 @@ struct BenchArgs {
     /// Line mode: send the whole page when more than this many of its 64 lines changed.
     #[arg(long, default_value_t = 48)]
     line_threshold: u32,
-    /// Prefetch: auto (follow sequential and strided miss streams; random streams get nothing)
-    /// or off.
+    /// Prefetch: auto (follow sequential and strided miss streams; random streams get nothing),
+    /// pointer (auto, plus: when a page arrives for a fault, the 8-byte values in the faulting
+    /// 64-byte line that are addresses inside the region have their pages fetched too, and
+    /// the chain is followed from each arrival, up to 16 hops ahead of the program; for
+    /// linked lists, trees, graphs of pointers), or off.
     #[arg(long, default_value = "auto", value_parser = |s: &str| s.parse::<PrefetchMode>())]
     prefetch: PrefetchMode,
+    /// pointer: a pointer prefetch not back within this many microseconds is dropped (its
+    /// page faults normally when touched) unless a thread already waits for it.
+    #[arg(long, default_value_t = 5000)]
+    prefetch_deadline_us: u64,
     /// Write dirty pages back at least this often, in milliseconds (0: only on eviction).
     #[arg(long, default_value_t = 100)]
     flush_interval_ms: u64,
@@ -252,6 +259,7 @@ fn run_bench(args: &BenchArgs) -> Result<bool> {
         flush_interval: (args.flush_interval_ms > 0).then(|| Duration::from_millis(args.flush_interval_ms)),
         prefetch: args.prefetch,
         stride_pages: args.stride,
+        prefetch_deadline: Duration::from_micros(args.prefetch_deadline_us),
     };
     let report = clustermem_bench::run(&opts).context("benchmark failed")?;
     if args.json {
@@ -387,8 +395,12 @@ fn print_summary(r: &BenchReport) {
     }
     if r.prefetch_issued > 0 {
         println!(
-            "  prefetch       {} pages issued, {} seen used, {} evicted unseen",
-            r.prefetch_issued, r.prefetch_used, r.prefetch_wasted
+            "  prefetch       {} pages issued ({} by pointer), {} seen used, {} evicted unseen",
+            r.prefetch_issued, r.pointer_prefetch_issued, r.prefetch_used, r.prefetch_wasted
+        );
+        println!(
+            "                 {} faults waited for a prefetch in flight, {} abandoned past the deadline",
+            r.prefetch_waits, r.prefetch_abandoned
         );
     }
     if let Some(h) = r.hit_rate {

@@ -5,6 +5,9 @@
 //! with some noise mixed in; a random stream has none and gets no prefetch at all. The depth
 //! doubles each time the stream runs off the end of what was prefetched (every prefetched page
 //! was needed) and falls back to the minimum when the trend breaks.
+//!
+//! Pointer mode adds content-directed prefetch for linked structures, which have no trend to
+//! find: see `Core::follow_pointers` in `handler.rs`.
 
 /// Deltas remembered per region.
 const HISTORY: usize = 8;
@@ -20,6 +23,22 @@ pub enum PrefetchMode {
     /// Follow sequential and strided miss streams (default).
     #[default]
     Auto,
+    /// As `Auto`, and follow pointers: when a page arrives for a fault, the 8-byte values
+    /// near the faulting address that point into the region have their pages fetched too,
+    /// and so on from those pages (a chain of bounded depth), each abandoned if it misses
+    /// its deadline.
+    Pointer,
+}
+
+impl PrefetchMode {
+    /// The mode's name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Auto => "auto",
+            Self::Pointer => "pointer",
+        }
+    }
 }
 
 impl std::str::FromStr for PrefetchMode {
@@ -28,7 +47,8 @@ impl std::str::FromStr for PrefetchMode {
         match s {
             "off" => Ok(Self::Off),
             "auto" => Ok(Self::Auto),
-            _ => Err(format!("unknown prefetch mode {s:?} (expected off or auto)")),
+            "pointer" => Ok(Self::Pointer),
+            _ => Err(format!("unknown prefetch mode {s:?} (expected off, auto or pointer)")),
         }
     }
 }
