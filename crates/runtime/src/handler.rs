@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use clustermem_net::{FrameReader, RecvError};
 use clustermem_proto::{Message, PAGE_SIZE};
-use clustermem_uffd::{Event, RegisterMode, Uffd};
+use clustermem_uffd::{CopyOutcome, Event, RegisterMode, Uffd};
 
 use crate::dirty::{gather_lines, Twin, TwinPool, WritebackMode};
 use crate::policy::{EvictionPolicy, PageKey};
@@ -201,6 +201,8 @@ struct Core {
     /// Reused stack of resident pages a pointer chain passes through: (region page, byte
     /// offset pointed to, depth).
     chase_work: Vec<(usize, Option<u16>, u8)>,
+    /// Reused list of evicted pages' addresses, dropped together.
+    dropped: Vec<usize>,
 }
 
 /// An error with its causes, for log lines.
@@ -313,6 +315,7 @@ impl Handler {
                 exact_addresses,
                 chases: 0,
                 chase_work: Vec::new(),
+                dropped: Vec::new(),
             },
             readers,
             commands,
@@ -686,11 +689,14 @@ impl Core {
         } else if state & PageState::FETCHING != 0 {
             // The install of the fetch in flight wakes this thread too; a prefetch in flight
             // is now needed, so it will not be abandoned.
+            region.pages[page] = (state | PageState::WANTED) & !PageState::PREFETCHED;
             if state & PageState::PREFETCHED != 0 {
                 self.stats.prefetch_waits.fetch_add(1, Relaxed);
                 self.stats.prefetch_used.fetch_add(1, Relaxed);
+                if region.prefetch != PrefetchMode::Off {
+                    self.prefetch_on_wait(id, page);
+                }
             }
-            region.pages[page] = (state | PageState::WANTED) & !PageState::PREFETCHED;
         } else if state & PageState::ON_HOST != 0 {
             let (slab, slab_page) = region.slab_of(page).expect("a page written back has a slab");
             region.pages[page] |= PageState::FETCHING;
@@ -743,27 +749,60 @@ impl Core {
             return;
         };
         if prediction.window_consumed {
-            // The stream ran off the end of the last window: every page of it was used.
+            // The stream ran off the end of the windows: every page of them was used.
             if let Some((first, delta, count)) = region.window.take() {
-                for k in 0..count as i64 {
-                    let Ok(p) = usize::try_from(first as i64 + k * delta) else { break };
-                    if p < region.pages.len() && region.pages[p] & PageState::PREFETCHED != 0 {
-                        region.pages[p] &= !PageState::PREFETCHED;
-                        self.stats.prefetch_used.fetch_add(1, Relaxed);
-                    }
-                }
+                self.mark_used(id, first, delta, count);
             }
         }
+        self.issue_window(id, prediction);
+    }
+
+    /// A thread waits for `page` of region `id`, a prefetch in flight: the stream reached it,
+    /// so the window's pages before it were used, and the next window may be due.
+    fn prefetch_on_wait(&mut self, id: u32, page: usize) {
+        let region = self.regions.get_mut(&id).expect("caller checked");
+        if let Some((first, delta, count)) = region.window {
+            let passed = (page as i64 - first as i64) / delta;
+            if (page as i64 - first as i64) % delta == 0 && (0..count as i64).contains(&passed) {
+                let passed = passed as usize;
+                region.window = Some((page, delta, count - passed));
+                self.mark_used(id, first, delta, passed);
+            }
+        }
+        let region = self.regions.get_mut(&id).expect("caller checked");
+        if let Some(prediction) = region.stream.on_wait(page) {
+            self.issue_window(id, prediction);
+        }
+    }
+
+    /// Counts the prefetched pages among `count` pages at `first + k * delta` as used.
+    fn mark_used(&mut self, id: u32, first: usize, delta: i64, count: usize) {
+        let region = self.regions.get_mut(&id).expect("caller checked");
+        for k in 0..count as i64 {
+            let Ok(p) = usize::try_from(first as i64 + k * delta) else { break };
+            if p < region.pages.len() && region.pages[p] & PageState::PREFETCHED != 0 {
+                region.pages[p] &= !PageState::PREFETCHED;
+                self.stats.prefetch_used.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// Fetches the pages of a predicted window that are on a host and not already here or
+    /// coming, adjacent ones in one request, and extends the region's window over them.
+    fn issue_window(&mut self, id: u32, prediction: crate::prefetch::Prediction) {
+        let region = self.regions.get_mut(&id).expect("caller checked");
         let (delta, depth) = (prediction.delta, prediction.depth);
         let mut run: Option<(usize, u32)> = None; // (first page, pages) of adjacent fetchable pages
         let mut issued = 0u64;
         let mut first_window_page = None;
-        for k in 1..=depth as i64 {
-            let Ok(p) = usize::try_from(page as i64 + k * delta) else { break };
+        let mut window_pages = 0;
+        for k in 0..depth as i64 {
+            let Ok(p) = usize::try_from(prediction.start + k * delta) else { break };
             if p >= region.pages.len() {
                 break;
             }
             first_window_page.get_or_insert(p);
+            window_pages += 1;
             let s = region.pages[p];
             let fetchable = s & PageState::ON_HOST != 0
                 && s & (PageState::RESIDENT | PageState::FETCHING | PageState::LOST) == 0;
@@ -787,7 +826,13 @@ impl Core {
             issued += send_prefetch(region, &mut self.links, id, first, n);
         }
         if let Some(first) = first_window_page {
-            region.window = Some((first, delta, depth));
+            // A window issued on a wait continues the one before: account for both together.
+            region.window = match region.window {
+                Some((old, d, n)) if d == delta && old as i64 + n as i64 * d == first as i64 => {
+                    Some((old, d, n + window_pages))
+                }
+                _ => Some((first, delta, window_pages)),
+            };
         }
         self.stats.prefetch_issued.fetch_add(issued, Relaxed);
     }
@@ -909,6 +954,29 @@ impl Core {
         );
     }
 
+    /// Installs `data`, several pages from `first` of region `id`, clean, with one copy. If
+    /// the copy fails part-way (a page was there after all), each page is installed alone.
+    fn install_run(&mut self, id: u32, first: usize, data: &[u8]) {
+        let Some(region) = self.regions.get_mut(&id) else { return };
+        let pages = data.len() / PAGE_SIZE;
+        if pages == 1
+            || !matches!(self.uffd.copy(region.addr(first), data, true, true), Ok(CopyOutcome::Installed))
+        {
+            for (k, chunk) in data.chunks_exact(PAGE_SIZE).enumerate() {
+                self.install(id, first + k, chunk, false);
+            }
+            return;
+        }
+        for page in first..first + pages {
+            region.pages[page] &= !(PageState::FETCHING | PageState::WANTED);
+            region.pages[page] |= PageState::RESIDENT;
+            self.policy.insert(key(id, page));
+        }
+        self.resident += pages;
+        self.last_install = Instant::now();
+        self.enforce_limit_if_far_over();
+    }
+
     /// Installs `data` as page `page` of region `id`; dirty if it was a write fault.
     fn install(&mut self, id: u32, page: usize, data: &[u8], write: bool) {
         let Some(region) = self.regions.get_mut(&id) else { return };
@@ -948,22 +1016,46 @@ impl Core {
         }
     }
 
-    /// Evicts until resident pages and twins fit the local-memory limit.
+    /// Evicts until resident pages and twins fit the local-memory limit. Victims are dropped
+    /// together at the end, adjacent pages with one `madvise` (and one TLB flush) per run:
+    /// a scan evicts in the order it installed, so runs are long.
     fn enforce_limit(&mut self) {
+        let mut dropped = std::mem::take(&mut self.dropped);
         while self.over_limit() > 0 {
             let Some(victim) = self.policy.evict() else { break };
-            if !self.evict(victim) {
+            match self.evict(victim) {
+                Some(Some(addr)) => dropped.push(addr),
+                Some(None) => {}
                 // Over the limit for now rather than spin on a page that cannot leave.
-                break;
+                None => break,
             }
         }
+        dropped.sort_unstable();
+        let mut i = 0;
+        while i < dropped.len() {
+            let mut n = 1;
+            while i + n < dropped.len() && dropped[i + n] == dropped[i] + n * PAGE_SIZE {
+                n += 1;
+            }
+            // SAFETY: these pages lie in mappings this runtime owns (no region was removed
+            // since they were chosen); dropping them only makes the next touch fault to us.
+            let rc =
+                unsafe { libc::madvise(dropped[i] as *mut libc::c_void, n * PAGE_SIZE, libc::MADV_DONTNEED) };
+            debug_assert_eq!(rc, 0);
+            i += n;
+        }
+        dropped.clear();
+        self.dropped = dropped;
     }
 
-    /// Gives one resident page back: write-protect, write back if dirty, drop. Returns false
-    /// if the page could not be evicted (it stays resident and tracked).
-    fn evict(&mut self, victim: PageKey) -> bool {
+    /// Gives one resident page back: write-protect, write back if dirty, and mark it gone.
+    /// Returns the address the caller must then drop (`MADV_DONTNEED`), Some(None) if its
+    /// region is gone, or None if the page could not be evicted (it stays resident and
+    /// tracked). Until the drop a reader still sees the page; a writer faults (it is
+    /// write-protected) and is served after the drop, by a fetch.
+    fn evict(&mut self, victim: PageKey) -> Option<Option<usize>> {
         let (id, page) = unkey(victim);
-        let Some(region) = self.regions.get_mut(&id) else { return true };
+        let Some(region) = self.regions.get_mut(&id) else { return Some(None) };
         let addr = region.addr(page);
         let state = region.pages[page];
         debug_assert!(state & PageState::RESIDENT != 0);
@@ -973,22 +1065,18 @@ impl Core {
             if let Err(e) = self.uffd.write_protect(addr, PAGE_SIZE, true, true) {
                 eprintln!("clustermem: cannot write-protect {addr:#x} for eviction: {}", chain(&e));
                 self.policy.insert(victim);
-                return false;
+                return None;
             }
             self.write_back(id, page);
         }
         let region = self.regions.get_mut(&id).expect("checked above");
-        // SAFETY: the page lies in a mapping this runtime owns; dropping it only makes the next
-        // touch fault back to us.
-        let rc = unsafe { libc::madvise(addr as *mut libc::c_void, PAGE_SIZE, libc::MADV_DONTNEED) };
-        debug_assert_eq!(rc, 0);
         if region.pages[page] & PageState::PREFETCHED != 0 {
             self.stats.prefetch_wasted.fetch_add(1, Relaxed);
         }
         region.pages[page] &= !(PageState::RESIDENT | PageState::DIRTY | PageState::PREFETCHED);
         self.resident -= 1;
         self.stats.pages_evicted.fetch_add(1, Relaxed);
-        true
+        Some(Some(addr))
     }
 
     /// Queues the write-back of a resident, write-protected page of region `id`: the lines
@@ -1173,16 +1261,26 @@ impl Core {
             (Pending::Prefetch { region, first, count }, Message::Pages { data, .. }) => {
                 self.stats.pages_fetched.fetch_add(u64::from(count), Relaxed);
                 self.stats.bytes_fetched.fetch_add(data.len() as u64, Relaxed);
-                for (i, chunk) in data.chunks_exact(PAGE_SIZE).enumerate().take(count as usize) {
-                    let page = first + i;
-                    let waiting = self.regions.get(&region).is_some_and(|r| {
-                        r.pages[page] & (PageState::FETCHING | PageState::RESIDENT) == PageState::FETCHING
-                    });
-                    if waiting {
-                        // Clean and write-protected, and cold in the policy: a wrong guess
-                        // must not push out the working set.
-                        self.install(region, page, chunk, false);
+                // Runs of pages still awaited are installed with one copy each. Clean and
+                // write-protected, and cold in the policy: a wrong guess must not push out
+                // the working set.
+                let count = (count as usize).min(data.len() / PAGE_SIZE);
+                let mut i = 0;
+                while i < count {
+                    let waiting = |k: usize| {
+                        self.regions.get(&region).is_some_and(|r| {
+                            r.pages[first + k] & (PageState::FETCHING | PageState::RESIDENT)
+                                == PageState::FETCHING
+                        })
+                    };
+                    let mut n = 0;
+                    while i + n < count && waiting(i + n) {
+                        n += 1;
                     }
+                    if n > 0 {
+                        self.install_run(region, first + i, &data[i * PAGE_SIZE..(i + n) * PAGE_SIZE]);
+                    }
+                    i += n.max(1);
                 }
             }
             (Pending::Prefetch { region, first, count }, _) => {
