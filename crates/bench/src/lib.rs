@@ -334,7 +334,8 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let pages = size / PAGE_SIZE;
     if opts.workload == Workload::Stride && !(1..pages as u64).contains(&opts.stride_pages) {
         return Err(BenchError::Options(format!(
-            "--stride must be 1..{pages} (pages of the region), got {}",
+            "--stride must be 1 to {} (the region has {pages} pages), got {}",
+            pages.saturating_sub(1),
             opts.stride_pages
         )));
     }

@@ -160,7 +160,7 @@ fn bad_flags_are_explained() {
     let out = run_with_timeout(&["bench", "random", "--size", "8M", "--local-mem", "200%"], TIMEOUT);
     assert!(stderr(&out).contains("(0, 100]"), "{}", stderr(&out));
     let out = run_with_timeout(&["bench", "stride", "--size", "8M", "--stride", "0"], TIMEOUT);
-    assert!(stderr(&out).contains("--stride must be 1..2048"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--stride must be 1 to 2047"), "{}", stderr(&out));
     let out = run_with_timeout(&["bench", "list-walk", "--size", "8M", "--threads", "2"], TIMEOUT);
     assert!(stderr(&out).contains("list-walk runs on one thread"), "{}", stderr(&out));
     let out = run_with_timeout(&["host", "--capacity", "lots"], TIMEOUT);
