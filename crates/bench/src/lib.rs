@@ -4,8 +4,11 @@
 //! so that the measured phase really reads from the hosts; the figures cover the measured
 //! phase only (`setup_s` reports the fill). Every workload then verifies its result against
 //! a computation that never touches the region (checksums kept outside it, a sortedness and
-//! permutation check), and the report says whether it matched.
+//! permutation check, a list walk or graph search recomputed from the seed), and the report
+//! says whether it matched.
 
+mod graph;
+mod list;
 mod lru;
 mod progress;
 mod rng;
@@ -42,17 +45,26 @@ pub enum Workload {
     Quicksort,
     /// Change `--lines-per-page` random 64-byte lines of a random page per operation.
     SparseWrite,
+    /// Read-modify-write one word of every `--stride`-th page, wrapping to the next offset.
+    Stride,
+    /// Walk a linked list of 64-byte nodes scattered over the region (pointer chasing).
+    ListWalk,
+    /// Breadth-first search over an RMAT graph stored in the region in CSR form.
+    Bfs,
 }
 
 impl Workload {
     /// Every workload, for `--help` and errors.
-    pub const ALL: [(&'static str, Workload); 6] = [
+    pub const ALL: [(&'static str, Workload); 9] = [
         ("seq-read", Self::SeqRead),
         ("seq-write", Self::SeqWrite),
         ("random", Self::Random),
         ("zipf", Self::Zipf),
         ("quicksort", Self::Quicksort),
         ("sparse-write", Self::SparseWrite),
+        ("stride", Self::Stride),
+        ("list-walk", Self::ListWalk),
+        ("bfs", Self::Bfs),
     ];
 
     /// The workload's name on the command line.
@@ -106,6 +118,10 @@ pub struct BenchOptions {
     pub flush_interval: Option<std::time::Duration>,
     /// Prefetching.
     pub prefetch: PrefetchMode,
+    /// stride: pages between two touched pages.
+    pub stride_pages: u64,
+    /// Pointer prefetches later than this are abandoned.
+    pub prefetch_deadline: std::time::Duration,
 }
 
 /// Where a benchmark's memory comes from.
@@ -210,7 +226,8 @@ pub struct BenchReport {
     /// Eviction policy.
     pub policy: String,
     /// Operations in the measured phase (pages for the sequential workloads, read-modify-writes
-    /// for random and zipf, elements for quicksort).
+    /// for random, zipf and stride, elements for quicksort, nodes for list-walk, edges scanned
+    /// for bfs).
     pub ops: u64,
     /// Time to fill the region before measuring.
     pub setup_s: f64,
@@ -259,7 +276,7 @@ pub struct BenchReport {
     pub page_granular_bytes: u64,
     /// Dirty pages written back by the periodic flusher or a flush.
     pub pages_flushed: u64,
-    /// `auto` or `off`.
+    /// `off`, `auto` or `pointer`.
     pub prefetch: &'static str,
     /// Pages fetched ahead of a fault.
     pub prefetch_issued: u64,
@@ -268,6 +285,13 @@ pub struct BenchReport {
     /// Prefetched pages evicted without having been seen in use (reads of a prefetched page
     /// are invisible to a userspace pager unless the stream passes it).
     pub prefetch_wasted: u64,
+    /// Of `prefetch_issued`, pages a fetched page pointed to (`--prefetch pointer`).
+    pub pointer_prefetch_issued: u64,
+    /// Faults on a page whose prefetch was still in flight: the thread waited, but for a
+    /// fetch already under way (not counted in `remote_faults`).
+    pub prefetch_waits: u64,
+    /// Pointer prefetches dropped for missing their deadline.
+    pub prefetch_abandoned: u64,
     /// Fraction of operations served without a remote fault (random and zipf).
     pub hit_rate: Option<f64>,
     /// Hit rate of an exact LRU cache of the same size on the same access trace (zipf).
@@ -295,11 +319,33 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             opts.lines_per_page
         )));
     }
-    if opts.workload == Workload::Quicksort && opts.threads != 1 {
-        return Err(BenchError::Options("quicksort runs on one thread; drop --threads".into()));
+    let serial = matches!(opts.workload, Workload::Quicksort | Workload::ListWalk | Workload::Bfs);
+    if serial && opts.threads != 1 {
+        return Err(BenchError::Options(format!(
+            "{} runs on one thread; drop --threads",
+            opts.workload.name()
+        )));
+    }
+    if opts.workload == Workload::Bfs && opts.ops.is_some() {
+        return Err(BenchError::Options("bfs runs one whole search; drop --ops".into()));
     }
     let size =
         usize::try_from(opts.size_bytes).map_err(|_| BenchError::Options("--size too large".into()))?;
+    let pages = size / PAGE_SIZE;
+    if opts.workload == Workload::Stride && !(1..pages as u64).contains(&opts.stride_pages) {
+        return Err(BenchError::Options(format!(
+            "--stride must be 1 to {} (the region has {pages} pages), got {}",
+            pages.saturating_sub(1),
+            opts.stride_pages
+        )));
+    }
+    let graph = match opts.workload {
+        Workload::Bfs => Some(
+            graph::Rmat::for_words(size / 8, opts.seed)
+                .ok_or_else(|| BenchError::Options("--size is too small for a graph".into()))?,
+        ),
+        _ => None,
+    };
     let runtime = match opts.backend {
         Backend::Clustermem => Some(Runtime::start(RuntimeConfig {
             hosts: opts.hosts.clone(),
@@ -310,6 +356,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             line_threshold: opts.line_threshold,
             flush_interval: opts.flush_interval,
             prefetch: opts.prefetch,
+            prefetch_deadline: opts.prefetch_deadline,
             ..RuntimeConfig::default()
         })?),
         Backend::Local => None,
@@ -319,11 +366,16 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         None => Memory::local(size)?,
     };
     let words = memory.words().len();
-    let pages = words / WORDS_PER_PAGE;
     let progress = Progress::new(opts.progress);
+    let list = (opts.workload == Workload::ListWalk)
+        .then(|| list::List::new(memory.words().as_ptr() as u64, words, opts.seed));
 
     let t = Instant::now();
-    fill(memory.words(), opts.seed, opts.threads, &progress);
+    match (&list, &graph) {
+        (Some(list), _) => list.fill(memory.words(), opts.seed, opts.threads, &progress),
+        (_, Some(graph)) => graph.fill(memory.words(), &progress),
+        _ => fill(memory.words(), opts.seed, opts.threads, &progress),
+    }
     let setup_s = t.elapsed().as_secs_f64();
     let no_stats = RuntimeStats::default();
     let stats = runtime.as_ref().map_or(&no_stats, Runtime::stats);
@@ -331,13 +383,18 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let app_faults = Histogram::default();
 
     let default_ops = match opts.workload {
-        Workload::SeqRead | Workload::SeqWrite => pages as u64,
-        Workload::Random | Workload::Zipf | Workload::SparseWrite => {
+        Workload::SeqRead | Workload::SeqWrite | Workload::Stride => pages as u64,
+        Workload::Random | Workload::Zipf | Workload::SparseWrite | Workload::ListWalk => {
             (pages as u64 * 2).clamp(10_000, 2_000_000)
         }
         Workload::Quicksort => words as u64,
+        // Replaced by the edges the search scanned.
+        Workload::Bfs => 0,
     };
-    let ops = opts.ops.unwrap_or(default_ops);
+    let mut ops = opts.ops.unwrap_or(default_ops);
+    if let Some(list) = &list {
+        ops = ops.min(list.nodes());
+    }
     let mut trace = Vec::new();
     // Workloads call `end` between their measured phase and their verification.
     let measured = std::cell::OnceCell::new();
@@ -360,6 +417,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         Workload::Random | Workload::Zipf => rmw(memory.words(), &ctx, &mut trace),
         Workload::Quicksort => quicksort(memory.values_mut(), &ctx),
         Workload::SparseWrite => sparse_write(memory.words(), &ctx),
+        Workload::Stride => stride(memory.words(), &ctx),
+        Workload::ListWalk => list::list_walk(memory.words(), &ctx),
+        Workload::Bfs => graph::run(memory.words(), &ctx).map(|scanned| ops = scanned),
     };
     end();
     let (t_end, snap) = *measured.get().expect("set by end()");
@@ -422,13 +482,13 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         dirty_lines_written: snap.dirty_lines_written,
         page_granular_bytes: snap.page_granular_bytes,
         pages_flushed: snap.pages_flushed,
-        prefetch: match opts.prefetch {
-            PrefetchMode::Auto => "auto",
-            PrefetchMode::Off => "off",
-        },
+        prefetch: opts.prefetch.name(),
         prefetch_issued: snap.prefetch_issued,
         prefetch_used: snap.prefetch_used,
         prefetch_wasted: snap.prefetch_wasted,
+        pointer_prefetch_issued: snap.pointer_prefetch_issued,
+        prefetch_waits: snap.prefetch_waits,
+        prefetch_abandoned: snap.prefetch_abandoned,
         hit_rate,
         lru_hit_rate,
         verified: verify_error.is_none(),
@@ -579,15 +639,57 @@ fn rmw(words: &[AtomicU64], ctx: &Ctx<'_>, trace: &mut Vec<u32>) -> Result<(), S
         }
         trace.extend(t);
     }
+    check_increments(words, opts.seed, &counts)
+}
+
+/// Checks that each page's words sum to their fill values plus the increments counted for it
+/// outside the region.
+fn check_increments(words: &[AtomicU64], seed: u64, counts: &[u64]) -> Result<(), String> {
     for (page, &n) in counts.iter().enumerate() {
         let range = page * WORDS_PER_PAGE..(page + 1) * WORDS_PER_PAGE;
-        let expected = range.clone().fold(n, |s, i| s.wrapping_add(fill_value(opts.seed, i)));
+        let expected = range.clone().fold(n, |s, i| s.wrapping_add(fill_value(seed, i)));
         let got = words[range].iter().fold(0u64, |s, w| s.wrapping_add(w.load(Relaxed)));
         if got != expected {
             return Err(format!("page {page}: sum {got:#x}, expected {expected:#x} after {n} increments"));
         }
     }
     Ok(())
+}
+
+/// The page the `op`-th stride operation touches: pages 0, s, 2s, ... to the end of the
+/// region, then 1, 1+s, 1+2s, ..., so `pages` operations touch every page once.
+fn stride_page(op: u64, pages: u64, stride: u64) -> u64 {
+    let k = op % pages;
+    let (rows, rem) = (pages / stride, pages % stride);
+    // The first `rem` offsets have one page more than the others.
+    let long = rem * (rows + 1);
+    let (offset, row) = if k < long {
+        (k / (rows + 1), k % (rows + 1))
+    } else {
+        (rem + (k - long) / rows, (k - long) % rows)
+    };
+    offset + row * stride
+}
+
+/// `ops` read-modify-writes, one word of each `--stride`-th page (see `stride_page`); threads
+/// take contiguous runs of operations and count increments per page outside the region.
+fn stride(words: &[AtomicU64], ctx: &Ctx<'_>) -> Result<(), String> {
+    let (opts, ops, progress) = (ctx.opts, ctx.ops, ctx.progress);
+    let pages = words.len() / WORDS_PER_PAGE;
+    progress.phase("stride", ops);
+    let counts: Vec<AtomicU64> = (0..pages).map(|_| AtomicU64::new(0)).collect();
+    parallel_chunks(usize::try_from(ops).expect("fits"), opts.threads, |range| {
+        for op in range {
+            let page = stride_page(op as u64, pages as u64, opts.stride_pages) as usize;
+            let word = page * WORDS_PER_PAGE + (mix(opts.seed ^ op as u64) % WORDS_PER_PAGE as u64) as usize;
+            words[word].fetch_add(1, Relaxed);
+            counts[page].fetch_add(1, Relaxed);
+            progress.advance(1);
+        }
+    });
+    (ctx.end)();
+    let counts: Vec<u64> = counts.into_iter().map(AtomicU64::into_inner).collect();
+    check_increments(words, opts.seed, &counts)
 }
 
 /// The value word `word` of line `line` of page `page` holds after its `version`-th change.
@@ -669,5 +771,33 @@ fn quicksort(values: &mut [u64], ctx: &Ctx<'_>) -> Result<(), String> {
         Ok(())
     } else {
         Err("sorted values are not a permutation of the input".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stride_touches_every_page_once_per_sweep() {
+        for (pages, stride) in [(10u64, 3u64), (12, 4), (4096, 16), (7, 6), (5, 1)] {
+            let order: Vec<u64> = (0..pages).map(|op| stride_page(op, pages, stride)).collect();
+            let mut seen = order.clone();
+            seen.sort_unstable();
+            assert_eq!(seen, (0..pages).collect::<Vec<_>>(), "pages {pages} stride {stride}");
+            // Within a row the step is the stride; the sweep wraps.
+            assert_eq!(order[1], stride, "{order:?}");
+            assert_eq!(stride_page(pages, pages, stride), order[0]);
+        }
+    }
+
+    #[test]
+    fn increment_check_catches_a_lost_update() {
+        let words: Vec<AtomicU64> =
+            (0..2 * WORDS_PER_PAGE).map(|i| AtomicU64::new(fill_value(4, i))).collect();
+        words[WORDS_PER_PAGE + 3].fetch_add(2, Relaxed);
+        assert_eq!(check_increments(&words, 4, &[0, 2]), Ok(()));
+        assert!(check_increments(&words, 4, &[0, 3]).is_err());
+        assert!(check_increments(&words, 4, &[1, 2]).is_err());
     }
 }

@@ -105,7 +105,9 @@ fn parse_bench_target(s: &str) -> Result<BenchTarget, String> {
 #[derive(Args, Debug)]
 struct BenchArgs {
     /// seq-read | seq-write | random (uniform read-modify-write) | zipf (skewed) | quicksort |
-    /// sparse-write (K random lines per page) | tx (failure-atomic transactions on --pool)
+    /// sparse-write (K random lines per page) | stride (every --stride-th page, wrapping) |
+    /// list-walk (pointer chasing through a list scattered over the region) | bfs (search of an
+    /// RMAT graph stored in CSR form) | tx (failure-atomic transactions on --pool)
     #[arg(value_parser = parse_bench_target)]
     workload: BenchTarget,
     /// Region size (e.g. 512M, 2G, 1GiB, or bytes).
@@ -117,7 +119,8 @@ struct BenchArgs {
     /// Memory hosts, comma-separated host:port. None: an embedded host on loopback.
     #[arg(long, value_delimiter = ',')]
     hosts: Vec<String>,
-    /// Operations in the measured phase (default: one pass for seq-*, 2x pages for random/zipf).
+    /// Operations in the measured phase (default: one pass for seq-* and stride, 2x pages for
+    /// random, zipf and list-walk nodes; bfs always runs one whole search).
     #[arg(long)]
     ops: Option<u64>,
     /// Threads in the measured phase (and the fill).
@@ -141,6 +144,9 @@ struct BenchArgs {
     /// swap with a memory cgroup limit (see bench/swap/run.sh); ignores --local-mem and --hosts.
     #[arg(long, default_value = "clustermem", value_parser = |s: &str| s.parse::<Backend>())]
     backend: Backend,
+    /// stride: pages between two touched pages.
+    #[arg(long, default_value_t = 16)]
+    stride: u64,
     /// sparse-write: 64-byte lines changed per page per operation.
     #[arg(long, default_value_t = 2)]
     lines_per_page: u32,
@@ -152,10 +158,17 @@ struct BenchArgs {
     /// Line mode: send the whole page when more than this many of its 64 lines changed.
     #[arg(long, default_value_t = 48)]
     line_threshold: u32,
-    /// Prefetch: auto (follow sequential and strided miss streams; random streams get nothing)
-    /// or off.
+    /// Prefetch: auto (follow sequential and strided miss streams; random streams get nothing),
+    /// pointer (auto, plus: when a page arrives for a fault, the 8-byte values in the faulting
+    /// 64-byte line that are addresses inside the region have their pages fetched too, and
+    /// the chain is followed from each arrival, up to 16 hops ahead of the program; for
+    /// linked lists, trees, graphs of pointers), or off.
     #[arg(long, default_value = "auto", value_parser = |s: &str| s.parse::<PrefetchMode>())]
     prefetch: PrefetchMode,
+    /// pointer: a pointer prefetch not back within this many microseconds is dropped (its
+    /// page faults normally when touched) unless a thread already waits for it.
+    #[arg(long, default_value_t = 5000)]
+    prefetch_deadline_us: u64,
     /// Write dirty pages back at least this often, in milliseconds (0: only on eviction).
     #[arg(long, default_value_t = 100)]
     flush_interval_ms: u64,
@@ -245,6 +258,8 @@ fn run_bench(args: &BenchArgs) -> Result<bool> {
         line_threshold: args.line_threshold,
         flush_interval: (args.flush_interval_ms > 0).then(|| Duration::from_millis(args.flush_interval_ms)),
         prefetch: args.prefetch,
+        stride_pages: args.stride,
+        prefetch_deadline: Duration::from_micros(args.prefetch_deadline_us),
     };
     let report = clustermem_bench::run(&opts).context("benchmark failed")?;
     if args.json {
@@ -380,8 +395,12 @@ fn print_summary(r: &BenchReport) {
     }
     if r.prefetch_issued > 0 {
         println!(
-            "  prefetch       {} pages issued, {} seen used, {} evicted unseen",
-            r.prefetch_issued, r.prefetch_used, r.prefetch_wasted
+            "  prefetch       {} pages issued ({} by pointer), {} seen used, {} evicted unseen",
+            r.prefetch_issued, r.pointer_prefetch_issued, r.prefetch_used, r.prefetch_wasted
+        );
+        println!(
+            "                 {} faults waited for a prefetch in flight, {} abandoned past the deadline",
+            r.prefetch_waits, r.prefetch_abandoned
         );
     }
     if let Some(h) = r.hit_rate {

@@ -14,7 +14,7 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 #[test]
 fn every_workload_verifies_against_the_embedded_host() {
     require_userfaultfd();
-    for workload in ["seq-read", "seq-write", "random", "zipf", "quicksort"] {
+    for workload in ["seq-read", "seq-write", "random", "zipf", "quicksort", "stride", "list-walk", "bfs"] {
         let out =
             run_with_timeout(&["bench", workload, "--size", "16M", "--local-mem", "25%", "--json"], TIMEOUT);
         assert!(out.status.success(), "{workload}: {}", stderr(&out));
@@ -159,6 +159,10 @@ fn bad_flags_are_explained() {
     assert!(stderr(&out).contains("expected one of: seq-read"), "{}", stderr(&out));
     let out = run_with_timeout(&["bench", "random", "--size", "8M", "--local-mem", "200%"], TIMEOUT);
     assert!(stderr(&out).contains("(0, 100]"), "{}", stderr(&out));
+    let out = run_with_timeout(&["bench", "stride", "--size", "8M", "--stride", "0"], TIMEOUT);
+    assert!(stderr(&out).contains("--stride must be 1 to 2047"), "{}", stderr(&out));
+    let out = run_with_timeout(&["bench", "list-walk", "--size", "8M", "--threads", "2"], TIMEOUT);
+    assert!(stderr(&out).contains("list-walk runs on one thread"), "{}", stderr(&out));
     let out = run_with_timeout(&["host", "--capacity", "lots"], TIMEOUT);
     assert!(stderr(&out).contains("has no number"), "{}", stderr(&out));
 }
@@ -253,6 +257,33 @@ fn prefetch_follows_scans_and_ignores_random_streams() {
     assert!(off["remote_faults"].as_u64().unwrap() > pages * 9 / 10, "{off}");
     let random = run("random", "auto");
     assert_eq!(random["prefetch_issued"], 0, "{random}");
+    // Pointer mode finds no addresses in random data: nothing issued.
+    let random = run("random", "pointer");
+    assert_eq!(random["prefetch_issued"], 0, "{random}");
+}
+
+/// Pointer prefetch follows a linked list scattered over the region: the walk sends far fewer
+/// fetches of its own than without it (faults on a page already in flight only wait).
+#[test]
+fn pointer_prefetch_follows_a_list_walk() {
+    require_userfaultfd();
+    let run = |prefetch: &str| {
+        let out = run_with_timeout(
+            &["bench", "list-walk", "--size", "16M", "--local-mem", "25%", "--prefetch", prefetch, "--json"],
+            TIMEOUT,
+        );
+        assert!(out.status.success(), "{prefetch}: {}", stderr(&out));
+        let r = json(&out);
+        assert_eq!(r["verified"], true, "{r}");
+        r
+    };
+    let off = run("off");
+    let auto = run("auto");
+    let pointer = run("pointer");
+    let faults = |r: &serde_json::Value| r["remote_faults"].as_u64().unwrap();
+    assert_eq!(auto["prefetch_issued"], 0, "a scattered list has no stride: {auto}");
+    assert!(pointer["pointer_prefetch_issued"].as_u64().unwrap() > faults(&off) / 2, "{pointer}");
+    assert!(faults(&pointer) * 2 < faults(&off), "off: {off}\npointer: {pointer}");
 }
 
 /// A host that stops answering (SIGSTOP: its connections stay open) is declared dead after

@@ -14,6 +14,8 @@
 //!   in the fault queue), queues the write-back from the page itself, then drops it.
 //!   Requests on a link are answered in order, so a later fetch of it sees the write.
 //! - `LOST`: its host died; a touch gets `SIGBUS` (poisoned), never a silent zero page.
+//! - `PREFETCHED`: requested or installed by a prefetch, not yet seen in use. A fault on it
+//!   while in flight sets `WANTED`: a thread now waits for it, so it is never abandoned.
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
@@ -24,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use clustermem_net::{FrameReader, RecvError};
 use clustermem_proto::{Message, PAGE_SIZE};
-use clustermem_uffd::{Event, RegisterMode, Uffd};
+use clustermem_uffd::{CopyOutcome, Event, RegisterMode, Uffd};
 
 use crate::dirty::{gather_lines, Twin, TwinPool, WritebackMode};
 use crate::policy::{EvictionPolicy, PageKey};
@@ -41,8 +43,10 @@ impl PageState {
     const DIRTY: u8 = 4;
     const FETCHING: u8 = 8;
     const LOST: u8 = 16;
-    /// Installed by a prefetch and not yet known to be used.
+    /// Requested or installed by a prefetch and not yet known to be used.
     const PREFETCHED: u8 = 32;
+    /// A thread faulted on it while its prefetch was in flight and waits for the install.
+    const WANTED: u8 = 64;
 }
 
 /// Wire bytes of a whole-page write-back (header, slab and page ids, data): what a
@@ -61,6 +65,15 @@ const EVICTION_DEFER: Duration = Duration::from_micros(10);
 /// How long a low-latency handler keeps busy-polling after its last fault.
 const SPIN_WINDOW: Duration = Duration::from_micros(100);
 
+/// Pointer prefetch: hops a chain may run ahead of the last page a thread was seen to need.
+/// A linked list is walked serially, so only a chain that runs ahead saves faults; the bound
+/// stops one that follows pointers nobody will use.
+const CHASE_DEPTH: u8 = 16;
+/// Pointers followed per scanned page (a 64-byte line holds 8).
+const POINTERS_PER_PAGE: usize = 8;
+/// Pointer prefetches in flight at once, across regions: bounds fan-out (trees, junk).
+const CHASES_IN_FLIGHT: usize = 32;
+
 /// Requests from `Runtime`/`Region` handles to the handler thread.
 pub(crate) enum Command {
     AddRegion {
@@ -68,6 +81,7 @@ pub(crate) enum Command {
         len: usize,
         /// Allocate host memory now (true) or only when `Commit` asks (a reserved region).
         commit: bool,
+        prefetch: PrefetchMode,
         reply: Sender<Result<u32, RuntimeError>>,
         error: Arc<Mutex<Option<String>>>,
     },
@@ -116,6 +130,7 @@ struct RegionState {
     lost: usize,
     /// Clean twins of dirty pages (line write-back only).
     twins: HashMap<usize, Twin>,
+    prefetch: PrefetchMode,
     /// The miss stream, for prefetching.
     stream: Stream,
     /// The last prefetch window: first page, delta, pages.
@@ -131,13 +146,6 @@ impl RegionState {
     fn slab_of(&self, page: usize) -> Option<(SlabRef, u64)> {
         Some((self.slabs[page / self.slab_pages]?, (page % self.slab_pages) as u64))
     }
-    /// Pages of a prefetch that will not arrive: no longer in flight.
-    fn abandon_fetch(&mut self, first: usize, count: u32) {
-        for state in &mut self.pages[first..first + count as usize] {
-            *state &= !PageState::FETCHING;
-        }
-    }
-
     fn record_loss(&mut self, page: usize, why: &str) {
         self.pages[page] |= PageState::LOST;
         self.lost += 1;
@@ -154,7 +162,8 @@ pub(crate) struct HandlerConfig {
     pub line_threshold: u32,
     /// Dirty pages are written back at least this often (None: only on eviction and flush).
     pub flush_interval: Option<Duration>,
-    pub prefetch: PrefetchMode,
+    /// A pointer prefetch later than this is dropped unless a thread waits for it.
+    pub prefetch_deadline: Duration,
     pub low_latency: bool,
     pub slab_bytes: usize,
     pub request_timeout: Duration,
@@ -185,6 +194,15 @@ struct Core {
     twin_gate: TwinGate,
     /// When a page was last installed (see the eviction deferral in the run loop).
     last_install: Instant,
+    /// Fault messages carry the faulting address within the page.
+    exact_addresses: bool,
+    /// Pointer prefetches in flight.
+    chases: usize,
+    /// Reused stack of resident pages a pointer chain passes through: (region page, byte
+    /// offset pointed to, depth).
+    chase_work: Vec<(usize, Option<u16>, u8)>,
+    /// Reused list of evicted pages' addresses, dropped together.
+    dropped: Vec<usize>,
 }
 
 /// An error with its causes, for log lines.
@@ -240,7 +258,7 @@ fn send_prefetch(region: &mut RegionState, links: &mut [Link], id: u32, first: u
         Pending::Prefetch { region: id, first, count },
     );
     for p in first..first + count as usize {
-        region.pages[p] |= PageState::FETCHING;
+        region.pages[p] |= PageState::FETCHING | PageState::PREFETCHED;
     }
     u64::from(count)
 }
@@ -272,6 +290,7 @@ impl Handler {
         wakeup_fd: i32,
     ) -> Self {
         let poison_supported = uffd.features().contains(clustermem_uffd::Features::POISON);
+        let exact_addresses = uffd.features().contains(clustermem_uffd::Features::EXACT_ADDRESS);
         let (links, readers) = connections.into_iter().unzip();
         Self {
             core: Core {
@@ -293,6 +312,10 @@ impl Handler {
                 scratch: Vec::with_capacity(PAGE_SIZE),
                 twin_gate: TwinGate { dense_fraction: 0.0, dirtied: 0 },
                 last_install: Instant::now(),
+                exact_addresses,
+                chases: 0,
+                chase_work: Vec::new(),
+                dropped: Vec::new(),
             },
             readers,
             commands,
@@ -312,6 +335,8 @@ impl Handler {
                 self.core.write_back_dirty(None);
                 last_flush = Instant::now();
             }
+            // Before reading faults, so a fault on a late prefetch fetches its page itself.
+            self.core.expire_chases();
             match self.core.uffd.read_events(&mut events) {
                 Ok(n) => {
                     for ev in &events[..n] {
@@ -473,8 +498,8 @@ impl Handler {
 
     fn on_command(&mut self, cmd: Command) {
         match cmd {
-            Command::AddRegion { base, len, commit, reply, error } => {
-                let result = self.add_region(base, len, commit, error);
+            Command::AddRegion { base, len, commit, prefetch, reply, error } => {
+                let result = self.add_region(base, len, commit, prefetch, error);
                 let _ = reply.send(result);
             }
             Command::Commit { id, first, count, reply } => {
@@ -497,6 +522,7 @@ impl Handler {
         base: usize,
         len: usize,
         commit: bool,
+        prefetch: PrefetchMode,
         error: Arc<Mutex<Option<String>>>,
     ) -> Result<u32, RuntimeError> {
         let pages = len / PAGE_SIZE;
@@ -513,6 +539,7 @@ impl Handler {
                 error,
                 lost: 0,
                 twins: HashMap::new(),
+                prefetch,
                 stream: Stream::default(),
                 window: None,
             },
@@ -625,7 +652,7 @@ impl Core {
     }
 
     fn on_event(&mut self, ev: Event) {
-        let Event::PageFault { addr, write, write_protect, .. } = ev else { return };
+        let Event::PageFault { addr, exact_addr, write, write_protect, .. } = ev else { return };
         let started = Instant::now();
         let Some((id, page)) = self.lookup(addr) else {
             // Not ours (a region being removed): wake, the thread will refault elsewhere.
@@ -660,7 +687,16 @@ impl Core {
                 let _ = self.uffd.wake(addr, PAGE_SIZE);
             }
         } else if state & PageState::FETCHING != 0 {
-            // The install of the fetch in flight wakes this thread too.
+            // The install of the fetch in flight wakes this thread too; a prefetch in flight
+            // is now needed, so it will not be abandoned.
+            region.pages[page] = (state | PageState::WANTED) & !PageState::PREFETCHED;
+            if state & PageState::PREFETCHED != 0 {
+                self.stats.prefetch_waits.fetch_add(1, Relaxed);
+                self.stats.prefetch_used.fetch_add(1, Relaxed);
+                if region.prefetch != PrefetchMode::Off {
+                    self.prefetch_on_wait(id, page);
+                }
+            }
         } else if state & PageState::ON_HOST != 0 {
             let (slab, slab_page) = region.slab_of(page).expect("a page written back has a slab");
             region.pages[page] |= PageState::FETCHING;
@@ -671,11 +707,12 @@ impl Core {
                 self.poison(addr);
                 return;
             }
+            let offset = self.exact_addresses.then(|| (exact_addr - addr) as u16);
             link.send(
                 &Message::ReadPages { slab_id: slab.slab_id, first_page: slab_page, count: 1 },
-                Pending::Fetch { region: id, page, write, started },
+                Pending::Fetch { region: id, page, write, started, offset },
             );
-            if self.config.prefetch == PrefetchMode::Auto {
+            if region.prefetch != PrefetchMode::Off {
                 self.prefetch_after(id, page);
             }
         } else {
@@ -712,27 +749,60 @@ impl Core {
             return;
         };
         if prediction.window_consumed {
-            // The stream ran off the end of the last window: every page of it was used.
+            // The stream ran off the end of the windows: every page of them was used.
             if let Some((first, delta, count)) = region.window.take() {
-                for k in 0..count as i64 {
-                    let Ok(p) = usize::try_from(first as i64 + k * delta) else { break };
-                    if p < region.pages.len() && region.pages[p] & PageState::PREFETCHED != 0 {
-                        region.pages[p] &= !PageState::PREFETCHED;
-                        self.stats.prefetch_used.fetch_add(1, Relaxed);
-                    }
-                }
+                self.mark_used(id, first, delta, count);
             }
         }
+        self.issue_window(id, prediction);
+    }
+
+    /// A thread waits for `page` of region `id`, a prefetch in flight: the stream reached it,
+    /// so the window's pages before it were used, and the next window may be due.
+    fn prefetch_on_wait(&mut self, id: u32, page: usize) {
+        let region = self.regions.get_mut(&id).expect("caller checked");
+        if let Some((first, delta, count)) = region.window {
+            let passed = (page as i64 - first as i64) / delta;
+            if (page as i64 - first as i64) % delta == 0 && (0..count as i64).contains(&passed) {
+                let passed = passed as usize;
+                region.window = Some((page, delta, count - passed));
+                self.mark_used(id, first, delta, passed);
+            }
+        }
+        let region = self.regions.get_mut(&id).expect("caller checked");
+        if let Some(prediction) = region.stream.on_wait(page) {
+            self.issue_window(id, prediction);
+        }
+    }
+
+    /// Counts the prefetched pages among `count` pages at `first + k * delta` as used.
+    fn mark_used(&mut self, id: u32, first: usize, delta: i64, count: usize) {
+        let region = self.regions.get_mut(&id).expect("caller checked");
+        for k in 0..count as i64 {
+            let Ok(p) = usize::try_from(first as i64 + k * delta) else { break };
+            if p < region.pages.len() && region.pages[p] & PageState::PREFETCHED != 0 {
+                region.pages[p] &= !PageState::PREFETCHED;
+                self.stats.prefetch_used.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// Fetches the pages of a predicted window that are on a host and not already here or
+    /// coming, adjacent ones in one request, and extends the region's window over them.
+    fn issue_window(&mut self, id: u32, prediction: crate::prefetch::Prediction) {
+        let region = self.regions.get_mut(&id).expect("caller checked");
         let (delta, depth) = (prediction.delta, prediction.depth);
         let mut run: Option<(usize, u32)> = None; // (first page, pages) of adjacent fetchable pages
         let mut issued = 0u64;
         let mut first_window_page = None;
-        for k in 1..=depth as i64 {
-            let Ok(p) = usize::try_from(page as i64 + k * delta) else { break };
+        let mut window_pages = 0;
+        for k in 0..depth as i64 {
+            let Ok(p) = usize::try_from(prediction.start + k * delta) else { break };
             if p >= region.pages.len() {
                 break;
             }
             first_window_page.get_or_insert(p);
+            window_pages += 1;
             let s = region.pages[p];
             let fetchable = s & PageState::ON_HOST != 0
                 && s & (PageState::RESIDENT | PageState::FETCHING | PageState::LOST) == 0;
@@ -756,16 +826,162 @@ impl Core {
             issued += send_prefetch(region, &mut self.links, id, first, n);
         }
         if let Some(first) = first_window_page {
-            region.window = Some((first, delta, depth));
+            // A window issued on a wait continues the one before: account for both together.
+            region.window = match region.window {
+                Some((old, d, n)) if d == delta && old as i64 + n as i64 * d == first as i64 => {
+                    Some((old, d, n + window_pages))
+                }
+                _ => Some((first, delta, window_pages)),
+            };
         }
         self.stats.prefetch_issued.fetch_add(issued, Relaxed);
+    }
+
+    /// After a page arrived (or was found resident) for an access at byte `offset` (None:
+    /// unknown), fetches the pages that the 8-byte values of that access's 64-byte line point
+    /// to (the whole page's when the offset is unknown, at most POINTERS_PER_PAGE). Targets
+    /// that are resident are scanned at once, from the line pointed to, so a chain runs
+    /// through the cache without a round trip; fetched targets continue it when they arrive.
+    /// Pages with no values in the region (random data, indices) issue nothing.
+    fn follow_pointers(&mut self, id: u32, page: usize, offset: Option<u16>, depth: u8) {
+        let Some(region) = self.regions.get_mut(&id) else { return };
+        let len = region.pages.len() * PAGE_SIZE;
+        let mut work = std::mem::take(&mut self.chase_work);
+        work.push((page, offset, depth));
+        while let Some((page, offset, depth)) = work.pop() {
+            if region.pages[page] & PageState::RESIDENT == 0 || depth >= CHASE_DEPTH {
+                continue;
+            }
+            let bytes = match offset {
+                Some(o) => usize::from(o) & !63..(usize::from(o) & !63) + 64,
+                None => 0..PAGE_SIZE,
+            };
+            let mut pointers = 0;
+            for at in bytes.step_by(8) {
+                // SAFETY: the page is resident (only this thread evicts) and mapped for the
+                // region's life, and `at` is an aligned word inside it. A racing store may
+                // give an old value, which only misdirects a prefetch.
+                let value = unsafe { std::ptr::read_volatile((region.addr(page) + at) as *const u64) };
+                let Some(rel) =
+                    usize::try_from(value).ok().and_then(|v| v.checked_sub(region.base)).filter(|&r| r < len)
+                else {
+                    continue;
+                };
+                pointers += 1;
+                if pointers > POINTERS_PER_PAGE {
+                    break;
+                }
+                let (target, target_offset) = (rel / PAGE_SIZE, (rel % PAGE_SIZE) as u16);
+                let state = region.pages[target];
+                if state & PageState::RESIDENT != 0 {
+                    if work.len() < usize::from(CHASE_DEPTH) * POINTERS_PER_PAGE {
+                        work.push((target, Some(target_offset), depth + 1));
+                    }
+                    continue;
+                }
+                let fetchable = state & PageState::ON_HOST != 0
+                    && state & (PageState::FETCHING | PageState::LOST) == 0
+                    && self.chases < CHASES_IN_FLIGHT;
+                let Some((slab, slab_page)) = region.slab_of(target).filter(|_| fetchable) else { continue };
+                let link = &mut self.links[slab.host];
+                if link.dead.is_some() {
+                    continue;
+                }
+                link.send(
+                    &Message::ReadPages { slab_id: slab.slab_id, first_page: slab_page, count: 1 },
+                    Pending::Chase { region: id, page: target, offset: target_offset, depth: depth + 1 },
+                );
+                region.pages[target] |= PageState::FETCHING | PageState::PREFETCHED;
+                self.chases += 1;
+                self.stats.prefetch_issued.fetch_add(1, Relaxed);
+                self.stats.pointer_prefetch_issued.fetch_add(1, Relaxed);
+            }
+        }
+        self.chase_work = work;
+    }
+
+    /// Drops pointer prefetches that missed their deadline and nobody waits for: their pages
+    /// are no longer in flight (a fault on one fetches it normally) and their replies are
+    /// ignored. Requests on a link were sent in order, so the scan stops at the first young one.
+    fn expire_chases(&mut self) {
+        if self.chases == 0 {
+            return;
+        }
+        let now = Instant::now();
+        for link in &mut self.links {
+            for (_, pending, sent) in &mut link.pending {
+                if now.duration_since(*sent) <= self.config.prefetch_deadline {
+                    break;
+                }
+                let Pending::Chase { region, page, .. } = *pending else { continue };
+                let Some(r) = self.regions.get_mut(&region) else { continue };
+                if r.pages[page] & PageState::WANTED != 0 {
+                    continue;
+                }
+                r.pages[page] &= !(PageState::FETCHING | PageState::PREFETCHED);
+                *pending = Pending::Ignore;
+                self.chases -= 1;
+                self.stats.prefetch_abandoned.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// A prefetch of `page` will not be installed. If a thread faulted on it meanwhile, that
+    /// thread asked for it: fetch it for the thread (or fail it, if its host is dead).
+    /// Otherwise the page just faults normally when touched.
+    fn drop_prefetch(&mut self, id: u32, page: usize) {
+        let Some(region) = self.regions.get_mut(&id) else { return };
+        let state = region.pages[page];
+        if state & (PageState::FETCHING | PageState::RESIDENT) != PageState::FETCHING {
+            return;
+        }
+        region.pages[page] &= !(PageState::FETCHING | PageState::PREFETCHED | PageState::WANTED);
+        if state & PageState::WANTED == 0 {
+            return;
+        }
+        let (slab, slab_page) = region.slab_of(page).expect("a prefetched page has a slab");
+        let link = &mut self.links[slab.host];
+        if let Some(why) = link.dead.clone() {
+            region.record_loss(page, &why);
+            let addr = region.addr(page);
+            self.poison(addr);
+            return;
+        }
+        region.pages[page] |= PageState::FETCHING;
+        link.send(
+            &Message::ReadPages { slab_id: slab.slab_id, first_page: slab_page, count: 1 },
+            Pending::Fetch { region: id, page, write: false, started: Instant::now(), offset: None },
+        );
+    }
+
+    /// Installs `data`, several pages from `first` of region `id`, clean, with one copy. If
+    /// the copy fails part-way (a page was there after all), each page is installed alone.
+    fn install_run(&mut self, id: u32, first: usize, data: &[u8]) {
+        let Some(region) = self.regions.get_mut(&id) else { return };
+        let pages = data.len() / PAGE_SIZE;
+        if pages == 1
+            || !matches!(self.uffd.copy(region.addr(first), data, true, true), Ok(CopyOutcome::Installed))
+        {
+            for (k, chunk) in data.chunks_exact(PAGE_SIZE).enumerate() {
+                self.install(id, first + k, chunk, false);
+            }
+            return;
+        }
+        for page in first..first + pages {
+            region.pages[page] &= !(PageState::FETCHING | PageState::WANTED);
+            region.pages[page] |= PageState::RESIDENT;
+            self.policy.insert(key(id, page));
+        }
+        self.resident += pages;
+        self.last_install = Instant::now();
+        self.enforce_limit_if_far_over();
     }
 
     /// Installs `data` as page `page` of region `id`; dirty if it was a write fault.
     fn install(&mut self, id: u32, page: usize, data: &[u8], write: bool) {
         let Some(region) = self.regions.get_mut(&id) else { return };
         let addr = region.addr(page);
-        region.pages[page] &= !PageState::FETCHING;
+        region.pages[page] &= !(PageState::FETCHING | PageState::WANTED);
         region.pages[page] |= PageState::RESIDENT | if write { PageState::DIRTY } else { 0 };
         self.last_install = Instant::now();
         match self.uffd.copy(addr, data, !write, true) {
@@ -800,22 +1016,46 @@ impl Core {
         }
     }
 
-    /// Evicts until resident pages and twins fit the local-memory limit.
+    /// Evicts until resident pages and twins fit the local-memory limit. Victims are dropped
+    /// together at the end, adjacent pages with one `madvise` (and one TLB flush) per run:
+    /// a scan evicts in the order it installed, so runs are long.
     fn enforce_limit(&mut self) {
+        let mut dropped = std::mem::take(&mut self.dropped);
         while self.over_limit() > 0 {
             let Some(victim) = self.policy.evict() else { break };
-            if !self.evict(victim) {
+            match self.evict(victim) {
+                Some(Some(addr)) => dropped.push(addr),
+                Some(None) => {}
                 // Over the limit for now rather than spin on a page that cannot leave.
-                break;
+                None => break,
             }
         }
+        dropped.sort_unstable();
+        let mut i = 0;
+        while i < dropped.len() {
+            let mut n = 1;
+            while i + n < dropped.len() && dropped[i + n] == dropped[i] + n * PAGE_SIZE {
+                n += 1;
+            }
+            // SAFETY: these pages lie in mappings this runtime owns (no region was removed
+            // since they were chosen); dropping them only makes the next touch fault to us.
+            let rc =
+                unsafe { libc::madvise(dropped[i] as *mut libc::c_void, n * PAGE_SIZE, libc::MADV_DONTNEED) };
+            debug_assert_eq!(rc, 0);
+            i += n;
+        }
+        dropped.clear();
+        self.dropped = dropped;
     }
 
-    /// Gives one resident page back: write-protect, write back if dirty, drop. Returns false
-    /// if the page could not be evicted (it stays resident and tracked).
-    fn evict(&mut self, victim: PageKey) -> bool {
+    /// Gives one resident page back: write-protect, write back if dirty, and mark it gone.
+    /// Returns the address the caller must then drop (`MADV_DONTNEED`), Some(None) if its
+    /// region is gone, or None if the page could not be evicted (it stays resident and
+    /// tracked). Until the drop a reader still sees the page; a writer faults (it is
+    /// write-protected) and is served after the drop, by a fetch.
+    fn evict(&mut self, victim: PageKey) -> Option<Option<usize>> {
         let (id, page) = unkey(victim);
-        let Some(region) = self.regions.get_mut(&id) else { return true };
+        let Some(region) = self.regions.get_mut(&id) else { return Some(None) };
         let addr = region.addr(page);
         let state = region.pages[page];
         debug_assert!(state & PageState::RESIDENT != 0);
@@ -825,22 +1065,18 @@ impl Core {
             if let Err(e) = self.uffd.write_protect(addr, PAGE_SIZE, true, true) {
                 eprintln!("clustermem: cannot write-protect {addr:#x} for eviction: {}", chain(&e));
                 self.policy.insert(victim);
-                return false;
+                return None;
             }
             self.write_back(id, page);
         }
         let region = self.regions.get_mut(&id).expect("checked above");
-        // SAFETY: the page lies in a mapping this runtime owns; dropping it only makes the next
-        // touch fault back to us.
-        let rc = unsafe { libc::madvise(addr as *mut libc::c_void, PAGE_SIZE, libc::MADV_DONTNEED) };
-        debug_assert_eq!(rc, 0);
         if region.pages[page] & PageState::PREFETCHED != 0 {
             self.stats.prefetch_wasted.fetch_add(1, Relaxed);
         }
         region.pages[page] &= !(PageState::RESIDENT | PageState::DIRTY | PageState::PREFETCHED);
         self.resident -= 1;
         self.stats.pages_evicted.fetch_add(1, Relaxed);
-        true
+        Some(Some(addr))
     }
 
     /// Queues the write-back of a resident, write-protected page of region `id`: the lines
@@ -963,7 +1199,7 @@ impl Core {
     }
 
     fn on_reply(&mut self, h: usize, id: u64, msg: &Message<'_>) {
-        let Some((want, pending, _)) = self.links[h].pending.pop_front() else {
+        let Some((want, pending, sent)) = self.links[h].pending.pop_front() else {
             self.host_died(h, "host sent a reply nobody asked for");
             return;
         };
@@ -972,7 +1208,7 @@ impl Core {
             return;
         }
         match (pending, msg) {
-            (Pending::Fetch { region, page, write, started }, Message::Pages { data, .. }) => {
+            (Pending::Fetch { region, page, write, started, offset }, Message::Pages { data, .. }) => {
                 self.stats.remote_faults.fetch_add(1, Relaxed);
                 self.stats.pages_fetched.fetch_add(1, Relaxed);
                 self.stats.bytes_fetched.fetch_add(data.len() as u64, Relaxed);
@@ -993,29 +1229,64 @@ impl Core {
                 self.stats
                     .fault_service
                     .record(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
+                if self.regions.get(&region).is_some_and(|r| r.prefetch == PrefetchMode::Pointer) {
+                    self.follow_pointers(region, page, offset, 0);
+                }
+            }
+            (Pending::Chase { region, page, offset, depth }, Message::Pages { data, .. }) => {
+                self.chases -= 1;
+                self.stats.pages_fetched.fetch_add(1, Relaxed);
+                self.stats.bytes_fetched.fetch_add(data.len() as u64, Relaxed);
+                let Some(r) = self.regions.get_mut(&region) else { return };
+                let state = r.pages[page];
+                if state & (PageState::FETCHING | PageState::RESIDENT) != PageState::FETCHING {
+                    return;
+                }
+                let wanted = state & PageState::WANTED != 0;
+                if !wanted && sent.elapsed() > self.config.prefetch_deadline {
+                    // Too late to count on: leave the page to fault normally.
+                    r.pages[page] &= !(PageState::FETCHING | PageState::PREFETCHED);
+                    self.stats.prefetch_abandoned.fetch_add(1, Relaxed);
+                    return;
+                }
+                self.install(region, page, &data[..PAGE_SIZE], false);
+                // A thread waiting here means the chain has been caught up with: its lead
+                // may grow again from here.
+                self.follow_pointers(region, page, Some(offset), if wanted { 0 } else { depth });
+            }
+            (Pending::Chase { region, page, .. }, _) => {
+                self.chases -= 1;
+                self.drop_prefetch(region, page);
             }
             (Pending::Prefetch { region, first, count }, Message::Pages { data, .. }) => {
                 self.stats.pages_fetched.fetch_add(u64::from(count), Relaxed);
                 self.stats.bytes_fetched.fetch_add(data.len() as u64, Relaxed);
-                for (i, chunk) in data.chunks_exact(PAGE_SIZE).enumerate().take(count as usize) {
-                    let page = first + i;
-                    let waiting = self.regions.get(&region).is_some_and(|r| {
-                        r.pages[page] & (PageState::FETCHING | PageState::RESIDENT) == PageState::FETCHING
-                    });
-                    if waiting {
-                        // Clean and write-protected, and cold in the policy: a wrong guess
-                        // must not push out the working set.
-                        self.install(region, page, chunk, false);
-                        if let Some(r) = self.regions.get_mut(&region) {
-                            r.pages[page] |= PageState::PREFETCHED;
-                        }
+                // Runs of pages still awaited are installed with one copy each. Clean and
+                // write-protected, and cold in the policy: a wrong guess must not push out
+                // the working set.
+                let count = (count as usize).min(data.len() / PAGE_SIZE);
+                let mut i = 0;
+                while i < count {
+                    let waiting = |k: usize| {
+                        self.regions.get(&region).is_some_and(|r| {
+                            r.pages[first + k] & (PageState::FETCHING | PageState::RESIDENT)
+                                == PageState::FETCHING
+                        })
+                    };
+                    let mut n = 0;
+                    while i + n < count && waiting(i + n) {
+                        n += 1;
                     }
+                    if n > 0 {
+                        self.install_run(region, first + i, &data[i * PAGE_SIZE..(i + n) * PAGE_SIZE]);
+                    }
+                    i += n.max(1);
                 }
             }
             (Pending::Prefetch { region, first, count }, _) => {
                 // A refused prefetch costs nothing: the pages fault normally later.
-                if let Some(r) = self.regions.get_mut(&region) {
-                    r.abandon_fetch(first, count);
+                for page in first..first + count as usize {
+                    self.drop_prefetch(region, page);
                 }
             }
             (Pending::WriteBack { .. }, Message::Ok) | (Pending::Ignore, _) => {}
@@ -1062,9 +1333,13 @@ impl Core {
                     }
                 }
                 Pending::Prefetch { region, first, count } => {
-                    if let Some(r) = self.regions.get_mut(&region) {
-                        r.abandon_fetch(first, count);
+                    for page in first..first + count as usize {
+                        self.drop_prefetch(region, page);
                     }
+                }
+                Pending::Chase { region, page, .. } => {
+                    self.chases -= 1;
+                    self.drop_prefetch(region, page);
                 }
                 Pending::Barrier(token) => {
                     if let Some((_, reply)) = self.flushes.remove(&token) {
@@ -1108,11 +1383,16 @@ impl Core {
                 "pages {first}+{count} outside a region of {pages} pages"
             )));
         }
+        // Threads waiting for a page in flight are served zeros below: the reply to a
+        // prefetch of a discarded page is dropped, and would leave them asleep.
+        let mut waiting = Vec::new();
         for page in first..first + count {
             let state = std::mem::take(&mut region.pages[page]);
             if state & PageState::RESIDENT != 0 {
                 self.policy.remove(key(id, page));
                 self.resident -= 1;
+            } else if state & PageState::WANTED != 0 {
+                waiting.push(page);
             }
             if let Some(t) = region.twins.remove(&page) {
                 self.twins.release(t);
@@ -1127,6 +1407,12 @@ impl Core {
                 source: std::io::Error::last_os_error(),
             });
         }
+        let zeros = std::mem::take(&mut self.zero_page);
+        for page in waiting {
+            self.install(id, page, &zeros, false);
+        }
+        self.zero_page = zeros;
+        let region = self.regions.get_mut(&id).expect("checked above");
         // The host gives the memory back; sent after any write-back of these pages on the same
         // connection, so it cannot be overtaken by one.
         let mut page = first;

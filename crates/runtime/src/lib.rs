@@ -115,11 +115,14 @@ pub struct RuntimeConfig {
     pub line_threshold: u32,
     /// Write dirty pages back at least this often, not only on eviction (None: never).
     pub flush_interval: Option<Duration>,
-    /// Fetch ahead of sequential and strided miss streams.
+    /// Prefetching of the regions `Runtime::map` makes (`map_with_prefetch` picks per region).
     pub prefetch: PrefetchMode,
     /// Run first on the fault-handler thread (e.g. to mark it, for an allocator hook that must
     /// never route the handler's own allocations into region memory it serves).
     pub on_handler_start: Option<fn()>,
+    /// A pointer prefetch not back within this long is abandoned: its page stays not present
+    /// and faults normally, unless a thread already waits for it.
+    pub prefetch_deadline: Duration,
 }
 
 impl Default for RuntimeConfig {
@@ -137,6 +140,7 @@ impl Default for RuntimeConfig {
             flush_interval: Some(Duration::from_millis(100)),
             prefetch: PrefetchMode::default(),
             on_handler_start: None,
+            prefetch_deadline: Duration::from_millis(5),
         }
     }
 }
@@ -149,6 +153,7 @@ pub struct Runtime {
     thread: Option<JoinHandle<()>>,
     stats: Arc<RuntimeStats>,
     hosts: Vec<String>,
+    prefetch: PrefetchMode,
     // Dropped after the handler has stopped (field order), so its connections close first.
     _embedded: Option<RunningHost>,
 }
@@ -166,7 +171,13 @@ impl Runtime {
         // Poison (6.6+) lets a lost page fail its thread with SIGBUS instead of hanging it.
         let available = Uffd::available_features()?;
         let poison = if available.contains(Features::POISON) { Features::POISON } else { Features::empty() };
-        let uffd = Arc::new(Uffd::open(Features::PAGEFAULT_FLAG_WP.union(poison))?);
+        // The exact faulting address (5.18+) tells pointer prefetch which pointers matter.
+        let exact = if available.contains(Features::EXACT_ADDRESS) {
+            Features::EXACT_ADDRESS
+        } else {
+            Features::empty()
+        };
+        let uffd = Arc::new(Uffd::open(Features::PAGEFAULT_FLAG_WP.union(poison).union(exact))?);
         let (embedded, hosts) = if config.hosts.is_empty() {
             let host = MemoryHost::bind("127.0.0.1:0", config.embedded_capacity_bytes)?.spawn();
             let addr = host.addr().to_string();
@@ -195,7 +206,7 @@ impl Runtime {
                 writeback: config.writeback,
                 line_threshold: config.line_threshold.min(dirty::MAX_LINES),
                 flush_interval: config.flush_interval.filter(|d| !d.is_zero()),
-                prefetch: config.prefetch,
+                prefetch_deadline: config.prefetch_deadline,
                 slab_bytes: config.slab_bytes.max(PAGE_SIZE),
                 request_timeout: config.request_timeout,
             },
@@ -216,7 +227,15 @@ impl Runtime {
                 handler.run();
             })
             .map_err(|source| RuntimeError::Os { what: "spawning the fault handler", source })?;
-        Ok(Self { commands: tx, wakeup_fd, thread: Some(thread), stats, hosts, _embedded: embedded })
+        Ok(Self {
+            commands: tx,
+            wakeup_fd,
+            thread: Some(thread),
+            stats,
+            hosts,
+            prefetch: config.prefetch,
+            _embedded: embedded,
+        })
     }
 
     fn command(&self, cmd: handler::Command) -> Result<(), RuntimeError> {
@@ -228,9 +247,16 @@ impl Runtime {
     }
 
     /// Maps a region of `len` bytes (rounded up to whole pages) backed by the hosts, with
-    /// host memory allocated for all of it now (a full host fails here, not later).
+    /// host memory allocated for all of it now (a full host fails here, not later), and the
+    /// runtime's prefetch mode.
     pub fn map(&self, len: usize) -> Result<Region<'_>, RuntimeError> {
-        self.add_region(len, true)
+        self.add_region(len, true, self.prefetch)
+    }
+
+    /// As [`Runtime::map`], prefetching as `prefetch` says: e.g. `Pointer` for a region that
+    /// holds a linked structure, `Off` for one only ever accessed at random.
+    pub fn map_with_prefetch(&self, len: usize, prefetch: PrefetchMode) -> Result<Region<'_>, RuntimeError> {
+        self.add_region(len, true, prefetch)
     }
 
     /// Reserves a region of `len` bytes of address space with no host memory yet: call
@@ -238,10 +264,15 @@ impl Runtime {
     /// large arena into allocations (`clustermem run`). A page written outside every committed
     /// range cannot be kept: it is reported lost when evicted.
     pub fn reserve(&self, len: usize) -> Result<Region<'_>, RuntimeError> {
-        self.add_region(len, false)
+        self.add_region(len, false, self.prefetch)
     }
 
-    fn add_region(&self, len: usize, commit: bool) -> Result<Region<'_>, RuntimeError> {
+    fn add_region(
+        &self,
+        len: usize,
+        commit: bool,
+        prefetch: PrefetchMode,
+    ) -> Result<Region<'_>, RuntimeError> {
         if len == 0 {
             return Err(RuntimeError::Config("a region needs at least one byte".into()));
         }
@@ -258,6 +289,7 @@ impl Runtime {
                 base: map.as_ptr() as usize,
                 len,
                 commit,
+                prefetch,
                 reply,
                 error: Arc::clone(&error),
             })

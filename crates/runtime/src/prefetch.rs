@@ -5,6 +5,15 @@
 //! with some noise mixed in; a random stream has none and gets no prefetch at all. The depth
 //! doubles each time the stream runs off the end of what was prefetched (every prefetched page
 //! was needed) and falls back to the minimum when the trend breaks.
+//!
+//! A pager sees misses only, and a working prefetcher removes the very misses the trend is
+//! made of. So a miss just past the window counts as one more step of the trend (the pages
+//! between were used), and a thread caught waiting for a page still in flight in the second
+//! half of the window issues the next window at once: the stream keeps going without a
+//! blocking miss per window.
+//!
+//! Pointer mode adds content-directed prefetch for linked structures, which have no trend to
+//! find: see `Core::follow_pointers` in `handler.rs`.
 
 /// Deltas remembered per region.
 const HISTORY: usize = 8;
@@ -20,6 +29,22 @@ pub enum PrefetchMode {
     /// Follow sequential and strided miss streams (default).
     #[default]
     Auto,
+    /// As `Auto`, and follow pointers: when a page arrives for a fault, the 8-byte values
+    /// near the faulting address that point into the region have their pages fetched too,
+    /// and so on from those pages (a chain of bounded depth), each abandoned if it misses
+    /// its deadline.
+    Pointer,
+}
+
+impl PrefetchMode {
+    /// The mode's name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Auto => "auto",
+            Self::Pointer => "pointer",
+        }
+    }
 }
 
 impl std::str::FromStr for PrefetchMode {
@@ -28,14 +53,16 @@ impl std::str::FromStr for PrefetchMode {
         match s {
             "off" => Ok(Self::Off),
             "auto" => Ok(Self::Auto),
-            _ => Err(format!("unknown prefetch mode {s:?} (expected off or auto)")),
+            "pointer" => Ok(Self::Pointer),
+            _ => Err(format!("unknown prefetch mode {s:?} (expected off, auto or pointer)")),
         }
     }
 }
 
-/// What to prefetch after a miss: `depth` pages at `start + k * delta`, k = 1..=depth.
+/// What to prefetch: `depth` pages at `start + k * delta`, k = 0..depth.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Prediction {
+    pub start: i64,
     pub delta: i64,
     pub depth: usize,
     /// The miss landed exactly past the previous prefetch window: all of it was used.
@@ -50,6 +77,8 @@ pub(crate) struct Stream {
     next: usize,
     last: Option<usize>,
     depth: usize,
+    /// The delta of the last prefetch window.
+    trend: i64,
     /// The page just past the last prefetch window.
     window_end: Option<usize>,
 }
@@ -59,7 +88,9 @@ impl Stream {
     pub(crate) fn on_miss(&mut self, page: usize) -> Option<Prediction> {
         let window_consumed = self.window_end == Some(page);
         if let Some(last) = self.last {
-            let delta = page as i64 - last as i64;
+            // Past a consumed window the stream went on by its trend; the raw distance
+            // (the window's length) would hide it.
+            let delta = if window_consumed { self.trend } else { page as i64 - last as i64 };
             self.deltas[self.next] = delta;
             self.next = (self.next + 1) % HISTORY;
             self.filled = (self.filled + 1).min(HISTORY);
@@ -75,8 +106,25 @@ impl Stream {
         } else {
             self.depth.max(MIN_DEPTH)
         };
+        self.trend = delta;
         self.window_end = usize::try_from(page as i64 + delta * (self.depth as i64 + 1)).ok();
-        Some(Prediction { delta, depth: self.depth, window_consumed })
+        Some(Prediction { start: page as i64 + delta, delta, depth: self.depth, window_consumed })
+    }
+
+    /// A thread waits for `page`, a prefetch still in flight. If it lies in the second half of
+    /// the last window, the stream is catching up with the prefetches: returns the next
+    /// window (twice as deep), which starts where the last one ends.
+    pub(crate) fn on_wait(&mut self, page: usize) -> Option<Prediction> {
+        let end = self.window_end?;
+        let (delta, depth) = (self.trend, self.depth);
+        let left = (end as i64 - page as i64) / delta;
+        if (end as i64 - page as i64) % delta != 0 || left < 1 || left > (depth as i64 + 1) / 2 {
+            return None;
+        }
+        self.depth = (depth * 2).min(MAX_DEPTH);
+        self.last = Some(page);
+        self.window_end = usize::try_from(end as i64 + delta * self.depth as i64).ok();
+        Some(Prediction { start: end as i64, delta, depth: self.depth, window_consumed: false })
     }
 
     /// The delta held by more than half of the remembered deltas (at least two), if any.
@@ -108,11 +156,33 @@ mod tests {
         assert_eq!(s.on_miss(10), None);
         assert_eq!(s.on_miss(11), None, "one delta is not a trend");
         let p = s.on_miss(12).expect("two equal deltas are");
-        assert_eq!((p.delta, p.depth), (1, MIN_DEPTH));
-        // The next miss lands just past the window: everything prefetched was used.
-        let p = s.on_miss(12 + MIN_DEPTH + 1).expect("still a trend");
+        assert_eq!((p.start, p.delta, p.depth), (13, 1, MIN_DEPTH));
+        // The next misses land just past each window: everything prefetched was used, and
+        // the trend holds although the misses are a window apart.
+        let mut page = 12 + MIN_DEPTH + 1;
+        for depth in [2, 4, 8, 16].map(|k| k * MIN_DEPTH) {
+            let p = s.on_miss(page).expect("still a trend");
+            assert!(p.window_consumed);
+            assert_eq!((p.start, p.depth), (page as i64 + 1, depth));
+            page += depth + 1;
+        }
+    }
+
+    #[test]
+    fn a_wait_late_in_the_window_issues_the_next_one() {
+        let mut s = Stream::default();
+        for page in [100, 102, 104] {
+            s.on_miss(page);
+        }
+        // Window: 106, 108, 110, 112 (end 114).
+        assert_eq!(s.on_wait(106), None, "early in the window: nothing yet");
+        assert_eq!(s.on_wait(107), None, "not a page of the stream");
+        let p = s.on_wait(110).expect("second half");
+        assert_eq!((p.start, p.delta, p.depth), (114, 2, 2 * MIN_DEPTH));
+        // A miss right past the extended window still continues the stream.
+        let p = s.on_miss(114 + 2 * 2 * MIN_DEPTH).expect("consumed");
         assert!(p.window_consumed);
-        assert_eq!(p.depth, 2 * MIN_DEPTH);
+        assert_eq!(p.delta, 2);
     }
 
     #[test]

@@ -111,6 +111,13 @@ pub struct RuntimeStats {
     pub prefetch_used: AtomicU64,
     /// Prefetched pages evicted without having been seen in use.
     pub prefetch_wasted: AtomicU64,
+    /// Of `prefetch_issued`, pages requested because a fetched page pointed to them.
+    pub pointer_prefetch_issued: AtomicU64,
+    /// Faults on a page whose prefetch was still in flight: the thread waited for it (these
+    /// are not in `remote_faults`, which counts faults that sent a fetch of their own).
+    pub prefetch_waits: AtomicU64,
+    /// Pointer prefetches that missed their deadline: dropped, the page left to fault.
+    pub prefetch_abandoned: AtomicU64,
     /// Time from reading a remote fault to installing its page, in the handler.
     pub fault_service: Histogram,
 }
@@ -134,6 +141,9 @@ impl RuntimeStats {
             &self.prefetch_issued,
             &self.prefetch_used,
             &self.prefetch_wasted,
+            &self.pointer_prefetch_issued,
+            &self.prefetch_waits,
+            &self.prefetch_abandoned,
         ] {
             c.store(0, Relaxed);
         }
@@ -158,6 +168,9 @@ impl RuntimeStats {
             prefetch_issued: self.prefetch_issued.load(Relaxed),
             prefetch_used: self.prefetch_used.load(Relaxed),
             prefetch_wasted: self.prefetch_wasted.load(Relaxed),
+            pointer_prefetch_issued: self.pointer_prefetch_issued.load(Relaxed),
+            prefetch_waits: self.prefetch_waits.load(Relaxed),
+            prefetch_abandoned: self.prefetch_abandoned.load(Relaxed),
             service_p50_us: self.fault_service.quantile_us(0.5),
             service_p99_us: self.fault_service.quantile_us(0.99),
         }
@@ -197,6 +210,12 @@ pub struct StatsSnapshot {
     pub prefetch_used: u64,
     /// See [`RuntimeStats::prefetch_wasted`].
     pub prefetch_wasted: u64,
+    /// See [`RuntimeStats::pointer_prefetch_issued`].
+    pub pointer_prefetch_issued: u64,
+    /// See [`RuntimeStats::prefetch_waits`].
+    pub prefetch_waits: u64,
+    /// See [`RuntimeStats::prefetch_abandoned`].
+    pub prefetch_abandoned: u64,
     /// Median fault service time in the handler.
     pub service_p50_us: f64,
     /// 99th percentile fault service time in the handler.

@@ -31,6 +31,8 @@ pub(crate) enum Pending {
         write: bool,
         /// When the fault was read.
         started: Instant,
+        /// Byte offset of the faulting access in its page, when the kernel reports it.
+        offset: Option<u16>,
     },
     /// A page write-back of region `region`; an error reply means its data is lost.
     WriteBack {
@@ -48,9 +50,21 @@ pub(crate) enum Pending {
         /// Pages requested.
         count: u32,
     },
+    /// A pointer prefetch of page `page` of region `region`, which a fetched page pointed to
+    /// at byte `offset`; `depth` hops from the last page a thread was seen to need.
+    Chase {
+        /// Region id.
+        region: u32,
+        /// Page index in the region.
+        page: usize,
+        /// Byte offset in the page that was pointed to.
+        offset: u16,
+        /// Hops since a thread last needed a page of this chain.
+        depth: u8,
+    },
     /// A barrier: replies to everything sent before it have arrived.
     Barrier(u64),
-    /// A reply nobody waits for (slab frees).
+    /// A reply nobody waits for (slab frees, abandoned pointer prefetches).
     Ignore,
 }
 

@@ -31,6 +31,8 @@ impl Features {
     pub const PAGEFAULT_FLAG_WP: Self = Self(1 << 0);
     /// Fault messages carry the faulting thread id.
     pub const THREAD_ID: Self = Self(1 << 8);
+    /// Fault messages carry the exact faulting address, not just its page (Linux 5.18+).
+    pub const EXACT_ADDRESS: Self = Self(1 << 11);
     /// `UFFDIO_WRITEPROTECT` also protects never-populated PTEs (Linux 6.4+).
     pub const WP_UNPOPULATED: Self = Self(1 << 13);
     /// `UFFDIO_POISON` is available (Linux 6.6+).
@@ -140,6 +142,8 @@ pub enum Event {
     PageFault {
         /// Page-aligned faulting address.
         addr: usize,
+        /// The faulting address itself when `EXACT_ADDRESS` was granted, else `addr`.
+        exact_addr: usize,
         /// The access was a write.
         write: bool,
         /// The fault is a write-protect fault (the page is present).
@@ -384,8 +388,10 @@ impl Uffd {
         let count = n.unsigned_abs() / std::mem::size_of::<UffdMsg>();
         for (slot, msg) in out.iter_mut().zip(&raw[..count]) {
             *slot = if msg.event == UFFD_EVENT_PAGEFAULT {
+                let exact_addr = usize::try_from(msg.pf_address).expect("addresses fit usize");
                 Event::PageFault {
-                    addr: usize::try_from(msg.pf_address).expect("addresses fit usize") & !(PAGE_SIZE - 1),
+                    addr: exact_addr & !(PAGE_SIZE - 1),
+                    exact_addr,
                     write: msg.pf_flags & UFFD_PAGEFAULT_FLAG_WRITE != 0,
                     write_protect: msg.pf_flags & UFFD_PAGEFAULT_FLAG_WP != 0,
                     tid: msg.pf_ptid,

@@ -1,0 +1,127 @@
+//! Pointer-directed prefetch against the embedded host: a chain of pages that point to each
+//! other is fetched ahead of a walk, and a prefetch that misses its deadline leaves its page
+//! to fault normally, with the right contents.
+
+use std::time::Duration;
+
+use clustermem_runtime::{PrefetchMode, Region, Runtime, RuntimeConfig, PAGE_SIZE};
+
+const PAGES: usize = 256;
+/// Where in each page the link (and, after it, the page's marker) sits.
+const LINK_AT: usize = 1000;
+const HOPS: usize = 48;
+
+/// The walk's order: a fixed shuffle of the pages (Fisher-Yates with xorshift), so no page
+/// repeats and there is no stride for the stream prefetcher to find.
+fn chain_order() -> Vec<usize> {
+    let mut order: Vec<usize> = (0..PAGES).collect();
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for i in (1..PAGES).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        order.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    order
+}
+
+fn marker(page: usize) -> u64 {
+    0xABCD_0000_0000 + page as u64
+}
+
+fn runtime(deadline: Duration) -> Runtime {
+    clustermem_runtime::check_userfaultfd().expect("this test needs userfaultfd");
+    Runtime::start(RuntimeConfig {
+        local_mem_bytes: (64 * PAGE_SIZE) as u64,
+        prefetch_deadline: deadline,
+        ..RuntimeConfig::default()
+    })
+    .expect("starting the runtime")
+}
+
+/// Fills the pages in address order with bytes that are not addresses, linking the chain on
+/// the way: the word at LINK_AT of each page holds the address of the next chain page's
+/// LINK_AT, the word after it the page's marker. Only about the last 64 pages stay resident.
+fn build_chain(region: &mut Region<'_>) {
+    let order = chain_order();
+    let mut next = vec![0; PAGES];
+    for i in 0..PAGES {
+        next[order[i]] = order[(i + 1) % PAGES];
+    }
+    let base = region.as_ptr() as u64;
+    let bytes = region.as_mut_slice();
+    for (page, &next) in next.iter().enumerate() {
+        let first = page * PAGE_SIZE;
+        for (i, b) in bytes[first..first + PAGE_SIZE].iter_mut().enumerate() {
+            *b = ((first + i) % 251) as u8;
+        }
+        let link = base + (next * PAGE_SIZE + LINK_AT) as u64;
+        bytes[first + LINK_AT..first + LINK_AT + 8].copy_from_slice(&link.to_ne_bytes());
+        bytes[first + LINK_AT + 8..first + LINK_AT + 16].copy_from_slice(&marker(page).to_ne_bytes());
+    }
+}
+
+/// Follows the chain for HOPS hops from its first page, checking each page's marker and a byte of its
+/// filler; returns how many hops landed on a page that was not resident before the walk.
+fn walk(region: &Region<'_>) -> usize {
+    let base = region.as_ptr() as usize;
+    let words = region.as_atomic_u64s();
+    let order = chain_order();
+    let mut at = order[0] * PAGE_SIZE + LINK_AT;
+    let mut cold = 0;
+    for (i, &want) in order.iter().enumerate().take(HOPS) {
+        let page = at / PAGE_SIZE;
+        assert_eq!(page, want, "hop {i}");
+        cold += usize::from(page < PAGES - 64);
+        // The marker first (the access that faults), then the link, as a list walk does.
+        let got = words[at / 8 + 1].load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(got, marker(page), "marker of page {page}");
+        let filler = page * PAGE_SIZE + 17;
+        assert_eq!(region.as_slice()[filler], (filler % 251) as u8, "filler of page {page}");
+        let link = words[at / 8].load(std::sync::atomic::Ordering::Relaxed) as usize;
+        at = link - base;
+    }
+    cold
+}
+
+#[test]
+fn pointer_prefetch_fetches_a_chain_ahead_of_its_walk() {
+    let rt = runtime(Duration::from_secs(10));
+    let mut region = rt.map_with_prefetch(PAGES * PAGE_SIZE, PrefetchMode::Pointer).unwrap();
+    build_chain(&mut region);
+    rt.stats().reset();
+    let cold = walk(&region);
+    let s = rt.stats().snapshot();
+    assert!(cold > HOPS / 2, "the walk must mostly touch pages that were pushed out ({cold})");
+    assert!(s.pointer_prefetch_issued >= cold as u64 / 2, "{s:?}");
+    // Each cold hop was fetched by the chain (arrived, or waited for in flight), except where
+    // the chain stopped at its depth bound and a fault restarted it.
+    assert!(s.remote_faults * 4 < cold as u64, "{cold} cold hops, {s:?}");
+    assert_eq!(s.prefetch_abandoned, 0, "{s:?}");
+    // The same walk without pointer prefetch faults on every cold hop.
+    drop(region);
+    let mut region = rt.map_with_prefetch(PAGES * PAGE_SIZE, PrefetchMode::Auto).unwrap();
+    build_chain(&mut region);
+    rt.stats().reset();
+    let cold = walk(&region);
+    let s = rt.stats().snapshot();
+    assert_eq!(s.pointer_prefetch_issued, 0, "{s:?}");
+    assert!(s.remote_faults >= cold as u64, "{cold} cold hops, {s:?}");
+}
+
+#[test]
+fn a_prefetch_past_its_deadline_leaves_the_page_to_fault_with_its_contents() {
+    // A zero deadline: every pointer prefetch is late by the time it could be installed.
+    let rt = runtime(Duration::ZERO);
+    let mut region = rt.map_with_prefetch(PAGES * PAGE_SIZE, PrefetchMode::Pointer).unwrap();
+    build_chain(&mut region);
+    rt.stats().reset();
+    let cold = walk(&region);
+    let s = rt.stats().snapshot();
+    assert!(s.pointer_prefetch_issued > 0, "{s:?}");
+    assert!(s.prefetch_abandoned > 0, "{s:?}");
+    // Abandoned pages were not installed: the walk faulted on them itself (the contents were
+    // checked by `walk`). Only a prefetch a thread was already waiting for is kept.
+    assert!(s.remote_faults + s.prefetch_waits >= cold as u64, "{cold} cold hops, {s:?}");
+    assert!(s.remote_faults > cold as u64 / 2, "{cold} cold hops, {s:?}");
+}
