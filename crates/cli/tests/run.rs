@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bin, require_userfaultfd, run_with_timeout, stderr};
+use common::{bin, output_with_timeout, require_userfaultfd, run_with_timeout, stderr};
 
 /// Builds `libclustermem_preload.so` next to the `clustermem` binary under test: `cargo test`
 /// builds the binary but not the workspace's cdylib, and a stale library would test old code.
@@ -171,6 +171,26 @@ fn redis_ping(port: u16) -> bool {
     s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
 }
 
+/// A program started under `clustermem run` for a test: stopped (SIGTERM, which `clustermem
+/// run` passes on, then SIGKILL) if the test ends without waiting for it.
+struct Background(std::process::Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let pid = i32::try_from(self.0.id()).expect("pid");
+            // SAFETY: kill(2) on our own child, which has not been reaped (try_wait said so).
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// redis-server under clustermem run with a local limit well below its ~100 MB dataset,
 /// loaded by redis-benchmark and a checker, every key read back and verified.
 #[test]
@@ -182,39 +202,62 @@ fn redis_server_keeps_every_key_with_a_small_local_limit() {
     }
     let port = free_port().to_string();
     let stats = stats_path("redis");
-    let mut server = Command::new(bin())
-        .args(["run", "--local-mem", "24M", "--stats-json", stats.to_str().unwrap(), "--"])
-        .args(["redis-server", "--port", &port, "--save", "", "--appendonly", "no", "--loglevel", "warning"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting redis-server under clustermem run");
+    let log = stats_path("redis-log");
+    let mut server = Background(
+        Command::new(bin())
+            .args(["run", "--local-mem", "24M", "--stats-json", stats.to_str().unwrap(), "--"])
+            .args([
+                "redis-server",
+                "--port",
+                &port,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--loglevel",
+                "warning",
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("creating the server log"))
+            .spawn()
+            .expect("starting redis-server under clustermem run"),
+    );
+    let server_log = || std::fs::read_to_string(&log).unwrap_or_default();
     let port_n: u16 = port.parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !redis_ping(port_n) {
-        assert!(Instant::now() < deadline, "redis-server did not answer PING under clustermem run");
-        assert!(server.try_wait().unwrap().is_none(), "redis-server exited early");
+        assert!(Instant::now() < deadline, "redis-server did not answer PING: {}", server_log());
+        assert!(server.0.try_wait().unwrap().is_none(), "redis-server exited early: {}", server_log());
         std::thread::sleep(Duration::from_millis(100));
     }
-    let bench = Command::new("redis-benchmark")
-        .args(["-p", &port, "-t", "set", "-n", "60000", "-r", "60000", "-d", "256", "-q"])
-        .output()
-        .expect("running redis-benchmark");
-    assert!(bench.status.success(), "redis-benchmark: {}", String::from_utf8_lossy(&bench.stderr));
-    let check = Command::new(python())
-        .args([&program("redis_check.py"), &port, "60000", "1024", "256"])
-        .output()
-        .expect("running the checker");
+    let mut bench = Command::new("redis-benchmark");
+    bench.args(["-p", &port, "-t", "set", "-n", "60000", "-r", "60000", "-d", "256", "-q"]);
+    let bench = output_with_timeout(bench, Duration::from_secs(120));
+    assert!(bench.status.success(), "redis-benchmark: {} / server: {}", stderr(&bench), server_log());
+    let mut check = Command::new(python());
+    check.args([&program("redis_check.py"), &port, "60000", "1024", "256"]);
+    let check = output_with_timeout(check, Duration::from_secs(120));
     let report = String::from_utf8_lossy(&check.stdout);
-    let shutdown = Command::new("redis-cli").args(["-p", &port, "shutdown", "nosave"]).output();
-    let status = server.wait().expect("waiting for clustermem run");
     assert!(
         check.status.success(),
-        "verification failed: {report} {}",
-        String::from_utf8_lossy(&check.stderr)
+        "verification failed: {report} {} / server: {}",
+        stderr(&check),
+        server_log()
     );
     assert!(report.contains("verified 60000 keys"), "{report}");
-    assert!(shutdown.is_ok() && status.success(), "redis-server under clustermem run ended with {status:?}");
+    let mut shutdown = Command::new("redis-cli");
+    shutdown.args(["-p", &port, "shutdown", "nosave"]);
+    output_with_timeout(shutdown, Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "redis-server did not stop on SHUTDOWN: {}", server_log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "redis-server under clustermem run ended with {status:?}: {}", server_log());
+    let _ = std::fs::remove_file(&log);
     let s = read_stats(&stats);
     assert!(s["size_bytes"].as_u64().unwrap() > 3 * (24 << 20), "the dataset lives in cluster memory: {s}");
     assert!(s["pages_evicted"].as_u64().unwrap() > 1000, "{s}");

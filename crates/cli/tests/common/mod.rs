@@ -95,12 +95,14 @@ impl Drop for HostProcess {
 
 /// Runs `clustermem ARGS`, killing it after `timeout`.
 pub fn run_with_timeout(args: &[&str], timeout: Duration) -> Output {
-    let child = Command::new(bin())
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning clustermem");
+    let mut cmd = Command::new(bin());
+    cmd.args(args);
+    output_with_timeout(cmd, timeout)
+}
+
+/// Runs `cmd` to completion with its output captured, killing it after `timeout`.
+pub fn output_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawning a test program");
     let pid = i32::try_from(child.id()).expect("pid");
     let (done, finished) = std::sync::mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
@@ -110,7 +112,7 @@ pub fn run_with_timeout(args: &[&str], timeout: Duration) -> Output {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     });
-    let out = child.wait_with_output().expect("waiting for clustermem");
+    let out = child.wait_with_output().expect("waiting for a test program");
     let _ = done.send(());
     let _ = watchdog.join();
     out
