@@ -144,12 +144,19 @@ pub fn run(args: &RunArgs) -> Result<u8> {
     if let Some(dir) = &stats_dir {
         cmd.env("CLUSTERMEM_STATS_DIR", dir);
     }
-    // SAFETY: between fork and exec the child only resets signal dispositions (async-signal
-    // safe), so the program starts with the defaults a shell would give it.
+    // SAFETY: between fork and exec the child only resets signal dispositions and sets its
+    // parent-death signal (async-signal safe), so the program starts with the defaults a
+    // shell would give it.
     unsafe {
-        cmd.pre_exec(|| {
+        let embedded = args.hosts.is_empty();
+        cmd.pre_exec(move || {
             libc::signal(libc::SIGINT, libc::SIG_DFL);
             libc::signal(libc::SIGQUIT, libc::SIG_DFL);
+            if embedded {
+                // This process holds the program's memory: if it dies, so must the program
+                // (it would otherwise fail page by page).
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            }
             Ok(())
         });
     }

@@ -1412,6 +1412,11 @@ impl Core {
             self.install(id, page, &zeros, false);
         }
         self.zero_page = zeros;
+        // Any other thread still asleep on a page of the range (its fetch was dropped above)
+        // retries its access and faults anew, on a page that now reads as zeros.
+        if let Err(e) = self.uffd.wake(addr, count * PAGE_SIZE) {
+            eprintln!("clustermem: cannot wake threads on a discarded range at {addr:#x}: {}", chain(&e));
+        }
         let region = self.regions.get_mut(&id).expect("checked above");
         // The host gives the memory back; sent after any write-back of these pages on the same
         // connection, so it cannot be overtaken by one.

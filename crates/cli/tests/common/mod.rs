@@ -100,16 +100,24 @@ pub fn run_with_timeout(args: &[&str], timeout: Duration) -> Output {
     output_with_timeout(cmd, timeout)
 }
 
-/// Runs `cmd` to completion with its output captured, killing it after `timeout`.
+/// Runs `cmd` to completion with its output captured, killing it and everything it started
+/// (its own process group) after `timeout`, so no orphan keeps its output pipes open.
 pub fn output_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
-    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawning a test program");
+    use std::os::unix::process::CommandExt;
+    let child = cmd
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning a test program");
     let pid = i32::try_from(child.id()).expect("pid");
     let (done, finished) = std::sync::mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
         if finished.recv_timeout(timeout).is_err() {
-            // SAFETY: kill(2) on our child. It is reaped only by `wait_with_output`, after which
-            // `done` is sent within microseconds, against a timeout of seconds.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            // SAFETY: kill(2) on our child's process group. The child is reaped only by
+            // `wait_with_output`, after which `done` is sent within microseconds, against a
+            // timeout of seconds.
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
         }
     });
     let out = child.wait_with_output().expect("waiting for a test program");
