@@ -58,8 +58,11 @@ pub struct RunArgs {
     /// Busy-poll while faults are outstanding (see `clustermem bench --help`).
     #[arg(long)]
     low_latency: bool,
-    /// Write dirty pages back at least this often, in milliseconds (0: only on eviction).
-    #[arg(long, default_value_t = 100)]
+    /// Write dirty pages back at least this often, in milliseconds (0, the default: only on
+    /// eviction). A flush write-protects the pages it writes back, so a program that keeps
+    /// writing them takes a fault per page per flush: redis SET ran at 25 K requests/s with
+    /// 100 ms and 105 K with 0 here.
+    #[arg(long, default_value_t = 0)]
     flush_interval_ms: u64,
     /// Write back changed 64-byte lines (line) or whole pages (page).
     #[arg(long, default_value = "line", value_parser = |s: &str| s.parse::<WritebackMode>().map(|_| s.to_string()))]

@@ -26,7 +26,7 @@ fn refuse_once(flag: &AtomicBool, what: &str) {
     }
 }
 
-pub(crate) unsafe fn sys_mmap(
+unsafe fn sys_mmap(
     addr: *mut c_void,
     len: usize,
     prot: c_int,

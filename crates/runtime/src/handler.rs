@@ -62,6 +62,9 @@ const EVICTION_SLACK_PAGES: usize = 64;
 /// How long eviction waits after an install for the woken thread's next fault.
 const EVICTION_DEFER: Duration = Duration::from_micros(10);
 
+/// Fresh pages filled with zeros at once for a program writing fresh memory in order.
+const ZERO_RUN: usize = 16;
+
 /// How long a low-latency handler keeps busy-polling after its last fault.
 const SPIN_WINDOW: Duration = Duration::from_micros(100);
 
@@ -133,6 +136,9 @@ struct RegionState {
     prefetch: PrefetchMode,
     /// The miss stream, for prefetching.
     stream: Stream,
+    /// The last page filled with zeros for a write fault (usize::MAX: none yet), to spot a
+    /// program writing fresh memory in order.
+    last_zero_write: usize,
     /// The last prefetch window: first page, delta, pages.
     window: Option<(usize, i64, usize)>,
 }
@@ -182,6 +188,8 @@ struct Core {
     stats: Arc<RuntimeStats>,
     links: Vec<Link>,
     zero_page: Box<[u8]>,
+    /// ZERO_RUN pages of zeros, for filling fresh memory ahead of a sequential writer.
+    zero_run: Box<[u8]>,
     /// Flushes waiting for their barriers: id -> (barriers left, reply).
     flushes: HashMap<u64, (usize, Sender<Result<(), RuntimeError>>)>,
     next_barrier: u64,
@@ -304,6 +312,7 @@ impl Handler {
                 stats,
                 links,
                 zero_page: vec![0u8; PAGE_SIZE].into_boxed_slice(),
+                zero_run: vec![0u8; ZERO_RUN * PAGE_SIZE].into_boxed_slice(),
                 flushes: HashMap::new(),
                 next_barrier: 0,
                 poison_supported,
@@ -542,6 +551,7 @@ impl Handler {
                 prefetch,
                 stream: Stream::default(),
                 window: None,
+                last_zero_write: usize::MAX,
             },
         );
         let committed = if commit { self.commit(id, 0, pages) } else { Ok(()) };
@@ -718,10 +728,51 @@ impl Core {
         } else {
             // Never written back: the host copy is zeros, so no network trip.
             self.stats.zero_faults.fetch_add(1, Relaxed);
+            let sequential = write && region.last_zero_write.wrapping_add(1) == page;
+            let run = if sequential {
+                1 + (1..ZERO_RUN)
+                    .take_while(|k| {
+                        region.pages.get(page + k) == Some(&0) && region.slab_of(page + k).is_some()
+                    })
+                    .count()
+            } else {
+                1
+            };
+            if write {
+                region.last_zero_write = page + run - 1;
+            }
+            if run > 1 && self.install_zero_run(id, page, run) {
+                return;
+            }
             let zeros = std::mem::take(&mut self.zero_page);
             self.install(id, page, &zeros, write);
             self.zero_page = zeros;
         }
+    }
+
+    /// Fills `n` fresh pages from `first` with zeros in one copy, writable and dirty: a
+    /// program writing fresh memory in order (an allocator carving new memory, a buffer being
+    /// filled) would otherwise take a fault per page. Their twins are "all zeros" (no buffer),
+    /// so one never written costs nothing at write-back. Returns false if the copy failed
+    /// (nothing was installed).
+    fn install_zero_run(&mut self, id: u32, first: usize, n: usize) -> bool {
+        let Some(region) = self.regions.get_mut(&id) else { return false };
+        let copied = self.uffd.copy(region.addr(first), &self.zero_run[..n * PAGE_SIZE], false, true);
+        if !matches!(copied, Ok(CopyOutcome::Installed)) {
+            return false;
+        }
+        for page in first..first + n {
+            region.pages[page] |= PageState::RESIDENT | PageState::DIRTY;
+            if self.config.writeback == WritebackMode::Line {
+                region.twins.insert(page, Twin::Zeros);
+            }
+            self.dirty.push(key(id, page));
+            self.policy.insert(key(id, page));
+        }
+        self.resident += n;
+        self.last_install = Instant::now();
+        self.enforce_limit_if_far_over();
+        true
     }
 
     fn poison(&self, addr: usize) {
