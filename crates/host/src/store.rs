@@ -211,6 +211,7 @@ impl Store {
             used_bytes: self.used_bytes.load(Ordering::Acquire),
             slabs: self.slabs.lock().unwrap_or_else(|e| e.into_inner()).len() as u64,
             clients: self.clients.load(Ordering::Relaxed),
+            orphaned_slabs: 0,
         }
     }
 }

@@ -228,8 +228,56 @@ mod tests {
         roundtrip(Message::WriteLines { slab_id: 1, page: 9, line_mask: 0b1011, lines: &lines });
         roundtrip(Message::Ok);
         roundtrip(Message::GetStats);
-        roundtrip(Message::Stats(HostStats { capacity_bytes: 1, used_bytes: 2, slabs: 3, clients: 4 }));
+        roundtrip(Message::Stats(HostStats {
+            capacity_bytes: 1,
+            used_bytes: 2,
+            slabs: 3,
+            clients: 4,
+            orphaned_slabs: 5,
+        }));
         roundtrip(Message::Error { code: ErrorCode::OutOfCapacity, message: "full" });
+        roundtrip(Message::ReadBytes { slab_id: 3, offset: 4096 * 5 + 1024, len: 1024 });
+        roundtrip(Message::Pages { first_page: 4096 * 5 + 1024, data: &page[..1024] });
+        roundtrip(Message::Resume { session: 0xdead_beef_1234 });
+    }
+
+    /// The wire layouts other implementations rely on, byte for byte.
+    #[test]
+    fn new_kinds_have_fixed_layouts() {
+        let msg = Message::ReadBytes { slab_id: 1, offset: 2, len: 3 };
+        assert_eq!(msg.kind(), 15);
+        let mut payload = Vec::new();
+        msg.encode_payload(&mut payload);
+        assert_eq!(payload, [&1u64.to_le_bytes()[..], &2u64.to_le_bytes(), &3u32.to_le_bytes()].concat());
+        let msg = Message::Resume { session: 7 };
+        assert_eq!(msg.kind(), 16);
+        payload.clear();
+        msg.encode_payload(&mut payload);
+        assert_eq!(payload, 7u64.to_le_bytes());
+        assert!(Message::decode(16, &[0; 7]).is_err(), "short Resume");
+        assert!(Message::decode(15, &[0; 21]).is_err(), "ReadBytes with trailing bytes");
+        assert!(Message::decode(7, &0u64.to_le_bytes()).is_err(), "Pages without data");
+        let mut frame = encode_frame(1, &Message::Ok);
+        frame[3] = 17;
+        assert_eq!(decode_frame(&frame), Err(DecodeError::UnknownKind(17)), "17 is still free");
+    }
+
+    /// A host from before `orphaned_slabs` sends four fields; they still decode.
+    #[test]
+    fn stats_from_an_older_host_decode_with_no_orphans() {
+        let payload: Vec<u8> = [10u64, 20, 30, 40].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(
+            Message::decode(12, &payload),
+            Ok(Message::Stats(HostStats {
+                capacity_bytes: 10,
+                used_bytes: 20,
+                slabs: 30,
+                clients: 40,
+                orphaned_slabs: 0
+            }))
+        );
+        let torn = [&payload[..], &[1, 2, 3, 4]].concat();
+        assert!(Message::decode(12, &torn).is_err(), "a torn fifth field is refused");
     }
 
     #[test]
@@ -295,6 +343,16 @@ mod tests {
         #[test]
         fn read_pages_roundtrips(slab in any::<u64>(), first in any::<u64>(), count in any::<u32>(), id in any::<u64>()) {
             let msg = Message::ReadPages { slab_id: slab, first_page: first, count };
+            let frame = encode_frame(id, &msg);
+            prop_assert_eq!(decode_frame(&frame), Ok(Some((id, msg, frame.len()))));
+        }
+
+        #[test]
+        fn read_bytes_and_resume_roundtrip(slab in any::<u64>(), offset in any::<u64>(), len in any::<u32>(), id in any::<u64>()) {
+            let msg = Message::ReadBytes { slab_id: slab, offset, len };
+            let frame = encode_frame(id, &msg);
+            prop_assert_eq!(decode_frame(&frame), Ok(Some((id, msg, frame.len()))));
+            let msg = Message::Resume { session: offset };
             let frame = encode_frame(id, &msg);
             prop_assert_eq!(decode_frame(&frame), Ok(Some((id, msg, frame.len()))));
         }

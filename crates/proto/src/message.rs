@@ -62,6 +62,10 @@ pub struct HostStats {
     pub slabs: u64,
     /// Connected clients.
     pub clients: u64,
+    /// Slabs whose session's connection ended and that wait, for the host's grace period, to
+    /// be adopted by a [`Message::Resume`] (counted in `slabs` and `used_bytes` too). On the
+    /// wire an optional fifth field: a 32-byte payload from an older host decodes with 0.
+    pub orphaned_slabs: u64,
 }
 
 /// One protocol message. Requests go client -> host; each gets exactly one reply with the
@@ -109,11 +113,15 @@ pub enum Message<'a> {
         /// Number of pages.
         count: u32,
     },
-    /// Page contents answering `ReadPages`.
+    /// Contents answering `ReadPages` (`first_page` and `count * PAGE_SIZE` bytes) or
+    /// `ReadBytes` (the byte `offset` in `first_page` and exactly `len` bytes). The decoder
+    /// only requires non-empty data: the requester knows what it asked for and must check the
+    /// length.
     Pages {
-        /// First page index (echoed, so replies are self-describing).
+        /// First page index, or the byte offset for `ReadBytes` (echoed, so replies are
+        /// self-describing).
         first_page: u64,
-        /// `count * PAGE_SIZE` bytes.
+        /// The bytes read.
         data: &'a [u8],
     },
     /// Overwrite whole pages.
@@ -159,9 +167,30 @@ pub enum Message<'a> {
         /// Number of pages.
         count: u32,
     },
+    /// Read `len` bytes from byte `offset` of a slab, any alignment: erasure-coded shards of
+    /// pages are smaller than a page. Answered by `Pages { first_page: offset, data }` with
+    /// exactly `len` bytes; each page the range touches is read atomically with respect to
+    /// writes, as for `ReadPages`.
+    ReadBytes {
+        /// The slab.
+        slab_id: u64,
+        /// Byte offset within the slab.
+        offset: u64,
+        /// Bytes to read: at least 1, and the reply must fit a frame (`MAX_PAYLOAD - 8`).
+        len: u32,
+    },
+    /// Binds this connection to the client-chosen, non-zero session token `session` (sent
+    /// right after `Hello`). When a bound connection ends its slabs are kept for the host's
+    /// grace period as orphans of the session, and a later connection that resumes the same
+    /// session adopts them: a client survives the loss of its TCP connection. Answered by
+    /// `Ok` once any orphans are adopted.
+    Resume {
+        /// The session token.
+        session: u64,
+    },
 }
 
-const KINDS: [&str; 14] = [
+const KINDS: [&str; 16] = [
     "Hello",
     "HelloOk",
     "AllocSlab",
@@ -176,6 +205,8 @@ const KINDS: [&str; 14] = [
     "Stats",
     "Error",
     "DiscardPages",
+    "ReadBytes",
+    "Resume",
 ];
 
 /// Name of a kind byte, or `None` when it names no message.
@@ -248,6 +279,8 @@ impl<'a> Message<'a> {
             Self::Stats(_) => 12,
             Self::Error { .. } => 13,
             Self::DiscardPages { .. } => 14,
+            Self::ReadBytes { .. } => 15,
+            Self::Resume { .. } => 16,
         }
     }
 
@@ -274,6 +307,12 @@ impl<'a> Message<'a> {
             Self::SlabAllocated { slab_id } | Self::FreeSlab { slab_id } => {
                 out.extend_from_slice(&slab_id.to_le_bytes());
             }
+            Self::ReadBytes { slab_id, offset, len } => {
+                out.extend_from_slice(&slab_id.to_le_bytes());
+                out.extend_from_slice(&offset.to_le_bytes());
+                out.extend_from_slice(&len.to_le_bytes());
+            }
+            Self::Resume { session } => out.extend_from_slice(&session.to_le_bytes()),
             Self::ReadPages { slab_id, first_page, count }
             | Self::DiscardPages { slab_id, first_page, count } => {
                 out.extend_from_slice(&slab_id.to_le_bytes());
@@ -295,7 +334,7 @@ impl<'a> Message<'a> {
             }
             Self::Ok | Self::GetStats => {}
             Self::Stats(s) => {
-                for v in [s.capacity_bytes, s.used_bytes, s.slabs, s.clients] {
+                for v in [s.capacity_bytes, s.used_bytes, s.slabs, s.clients, s.orphaned_slabs] {
                     out.extend_from_slice(&v.to_le_bytes());
                 }
             }
@@ -318,10 +357,14 @@ impl<'a> Message<'a> {
             5 => Self::FreeSlab { slab_id: r.u64()? },
             6 => Self::ReadPages { slab_id: r.u64()?, first_page: r.u64()?, count: r.u32()? },
             14 => Self::DiscardPages { slab_id: r.u64()?, first_page: r.u64()?, count: r.u32()? },
+            15 => Self::ReadBytes { slab_id: r.u64()?, offset: r.u64()?, len: r.u32()? },
+            16 => Self::Resume { session: r.u64()? },
             7 => {
                 let first_page = r.u64()?;
                 let data = r.rest();
-                whole_pages(name, data)?;
+                if data.is_empty() {
+                    return Err(DecodeError::Malformed { kind: name, why: "no data" });
+                }
                 Self::Pages { first_page, data }
             }
             8 => {
@@ -351,6 +394,8 @@ impl<'a> Message<'a> {
                 used_bytes: r.u64()?,
                 slabs: r.u64()?,
                 clients: r.u64()?,
+                // Absent from hosts older than session resumption.
+                orphaned_slabs: if r.rest.is_empty() { 0 } else { r.u64()? },
             }),
             13 => {
                 let code = ErrorCode::from_u16(r.u16()?);
