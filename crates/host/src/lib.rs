@@ -213,6 +213,21 @@ impl Session<'_> {
                     }
                 }
             }),
+            Message::ReadBytes { slab_id, offset, len } => self.slab(slab_id).and_then(|slab| {
+                let slab = Arc::clone(slab);
+                let start = out.begin_frame();
+                out.payload().extend_from_slice(&offset.to_le_bytes());
+                match slab.read_bytes(offset, u64::from(len), out.payload()) {
+                    Ok(()) => {
+                        out.finish_frame(start, Message::Pages { first_page: offset, data: &[] }.kind(), id);
+                        Ok(())
+                    }
+                    Err(refusal) => {
+                        out.payload().truncate(start);
+                        Err(refusal)
+                    }
+                }
+            }),
             Message::WritePages { slab_id, first_page, data } => self
                 .slab(slab_id)
                 .and_then(|s| s.write_pages(first_page, data))

@@ -10,12 +10,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use clustermem_mmap::AnonMapping;
-use clustermem_proto::{ErrorCode, HostStats, LINE_SIZE, PAGE_SIZE};
+use clustermem_proto::{ErrorCode, HostStats, LINE_SIZE, MAX_PAYLOAD, PAGE_SIZE};
 
 /// Largest slab one request may ask for (1 TiB): a sanity bound against garbage sizes.
 const MAX_SLAB_BYTES: u64 = 1 << 40;
 /// Lock stripes per slab; page `p` uses stripe `p % LOCK_STRIPES`.
 const LOCK_STRIPES: usize = 1024;
+/// Largest `ReadBytes` range: the `Pages` reply carries the 8-byte offset before the data and
+/// must fit one frame.
+pub(crate) const MAX_READ_BYTES: u64 = (MAX_PAYLOAD - 8) as u64;
 
 /// A refused request: the code for the wire and a sentence for the person reading it.
 pub(crate) type Refusal = (ErrorCode, String);
@@ -67,6 +70,41 @@ impl Slab {
             // SAFETY: the page lies inside the mapping (checked) and its writers are excluded
             // by the stripe lock held here.
             out.extend_from_slice(unsafe { std::slice::from_raw_parts(self.page_ptr(page), PAGE_SIZE) });
+        }
+        Ok(())
+    }
+
+    /// Appends `len` bytes from byte `offset` to `out`, any alignment. Each page the range
+    /// touches is copied under its stripe lock, so a page's part is seen before or after a
+    /// concurrent write of that page, never half of it: the guarantee `read_pages` gives.
+    pub(crate) fn read_bytes(&self, offset: u64, len: u64, out: &mut Vec<u8>) -> Result<(), Refusal> {
+        if len == 0 {
+            return Err((ErrorCode::BadRequest, "ReadBytes of 0 bytes".to_string()));
+        }
+        let slab_len = self.map.len() as u64;
+        match offset.checked_add(len) {
+            Some(end) if end <= slab_len && len <= MAX_READ_BYTES => {}
+            _ => {
+                return Err((
+                    ErrorCode::OutOfRange,
+                    format!(
+                        "bytes {offset}+{len} outside a slab of {slab_len} bytes or over the \
+                         {MAX_READ_BYTES}-byte limit"
+                    ),
+                ))
+            }
+        }
+        let mut pos = usize::try_from(offset).expect("< slab length");
+        let end = pos + usize::try_from(len).expect("< slab length");
+        out.reserve(end - pos);
+        while pos < end {
+            let page = pos / PAGE_SIZE;
+            let chunk = (PAGE_SIZE - pos % PAGE_SIZE).min(end - pos);
+            let _guard = self.stripe(page).read().unwrap_or_else(|e| e.into_inner());
+            // SAFETY: `pos + chunk <= end <= len()` (checked) and the chunk stays inside page
+            // `page`, whose writers are excluded by the stripe lock held here.
+            out.extend_from_slice(unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(pos), chunk) });
+            pos += chunk;
         }
         Ok(())
     }
@@ -138,6 +176,8 @@ pub(crate) struct Store {
     next_id: AtomicU64,
     slabs: Mutex<HashMap<u64, Arc<Slab>>>,
     pub(crate) clients: AtomicU64,
+    /// Slabs kept for a session whose connection ended (see `sessions`).
+    pub(crate) orphaned: AtomicU64,
 }
 
 impl Store {
@@ -148,6 +188,7 @@ impl Store {
             next_id: AtomicU64::new(1),
             slabs: Mutex::new(HashMap::new()),
             clients: AtomicU64::new(0),
+            orphaned: AtomicU64::new(0),
         }
     }
 
@@ -211,7 +252,7 @@ impl Store {
             used_bytes: self.used_bytes.load(Ordering::Acquire),
             slabs: self.slabs.lock().unwrap_or_else(|e| e.into_inner()).len() as u64,
             clients: self.clients.load(Ordering::Relaxed),
-            orphaned_slabs: 0,
+            orphaned_slabs: self.orphaned.load(Ordering::Relaxed),
         }
     }
 }
@@ -253,6 +294,57 @@ mod tests {
         assert!(out[PAGE_SIZE..2 * PAGE_SIZE].iter().all(|&b| b == 0));
         assert!(out[2 * PAGE_SIZE..].iter().all(|&b| b == 7));
         assert!(slab.discard_pages(15, 2).is_err(), "past the end is refused");
+    }
+
+    #[test]
+    fn byte_ranges_read_back_at_any_alignment() {
+        let store = Store::new(1 << 20);
+        let (_, slab) = store.alloc(4 * PAGE_SIZE as u64).unwrap();
+        let data: Vec<u8> = (0..4 * PAGE_SIZE).map(|i| (i % 251) as u8).collect();
+        slab.write_pages(0, &data).unwrap();
+        for (offset, len) in
+            [(0, 1), (5 * 512, 512), (1000, 2048), (4095, 2), (100, 3 * PAGE_SIZE), (0, 4 * PAGE_SIZE)]
+        {
+            let mut out = vec![0xAA];
+            slab.read_bytes(offset as u64, len as u64, &mut out).unwrap();
+            assert_eq!(&out[1..], &data[offset..offset + len], "{offset}+{len}");
+        }
+        let mut out = Vec::new();
+        assert_eq!(slab.read_bytes(0, 0, &mut out).unwrap_err().0, ErrorCode::BadRequest);
+        assert_eq!(
+            slab.read_bytes(4 * PAGE_SIZE as u64 - 1, 2, &mut out).unwrap_err().0,
+            ErrorCode::OutOfRange
+        );
+        assert_eq!(slab.read_bytes(u64::MAX, 2, &mut out).unwrap_err().0, ErrorCode::OutOfRange);
+        assert!(out.is_empty(), "a refused read appends nothing");
+        // Inside a large enough slab, a range whose reply would not fit one frame is refused.
+        let store = Store::new(32 << 20);
+        let (_, big) = store.alloc(32 << 20).unwrap();
+        assert_eq!(big.read_bytes(0, MAX_READ_BYTES + 1, &mut out).unwrap_err().0, ErrorCode::OutOfRange);
+    }
+
+    /// A byte range spanning pages sees each page whole while `WriteLines` rewrite it.
+    #[test]
+    fn byte_reads_never_see_half_a_line_write() {
+        let store = Store::new(1 << 20);
+        let (_, slab) = store.alloc(2 * PAGE_SIZE as u64).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for round in 0u8..=255 {
+                    let lines = vec![round; 64 * LINE_SIZE];
+                    slab.write_lines(1, u64::MAX, &lines).unwrap();
+                }
+                stop.store(true, Ordering::Release);
+            });
+            let mut out = Vec::new();
+            while !stop.load(Ordering::Acquire) {
+                out.clear();
+                slab.read_bytes(PAGE_SIZE as u64 - 100, PAGE_SIZE as u64, &mut out).unwrap();
+                let page1 = &out[100..];
+                assert!(page1.iter().all(|&b| b == page1[0]), "torn read of page 1");
+            }
+        });
     }
 
     #[test]
