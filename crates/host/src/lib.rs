@@ -4,9 +4,32 @@
 //! One thread per client connection: a connection's requests are answered in order (clients
 //! rely on it: a read queued after a write sees the write), replies are batched into one send
 //! while more requests are already buffered, and a misbehaving client (bad frames, a dropped
-//! connection) loses only its own connection. A client's slabs are freed when it disconnects:
-//! regions are not persistent, and a crashed client must not leak a host's memory.
+//! connection) loses only its own connection.
+//!
+//! # Slab lifetime and session resumption
+//!
+//! Regions are not persistent, and a crashed client must not leak a host's memory, but a
+//! client must survive the loss of a TCP connection. So:
+//!
+//! - A connection that never sends `Resume` has its slabs freed when it ends.
+//! - `Resume { session }` (after `Hello`; `session` a non-zero random token the client chose)
+//!   binds the connection to that session. When a bound connection ends, its slabs become
+//!   *orphans* of the session (counted in `HostStats::orphaned_slabs`) instead of being freed.
+//! - A later `Resume` of the same session adopts the orphans: they are owned by the new
+//!   connection as if it had allocated them, contents intact; the reply is `Ok`.
+//! - Orphans not adopted within the grace period ([`MemoryHost::with_orphan_grace`], default
+//!   [`DEFAULT_ORPHAN_GRACE`]) are freed; the accept loop looks at least every 100 ms. A grace
+//!   of zero frees a bound connection's slabs when it ends, as without `Resume`.
+//! - A `Resume` of a session a live connection holds takes it over: the old connection stops
+//!   serving (it checks the session's generation at least every 100 ms), and the `Resume`
+//!   waits up to 2 s for it to end, then adopts its slabs. If it has not ended by then (stuck
+//!   sending to a dead peer) the reply is `Error HostFault` and the client may send `Resume`
+//!   again on the same connection; the old slabs are orphaned when it does end.
+//! - `Resume` with token 0, or naming another session than the one the connection is bound
+//!   to, is `Error BadRequest`; a second `Resume` of the same session on one connection is a
+//!   retry.
 
+mod sessions;
 mod store;
 
 use std::collections::{HashMap, HashSet};
@@ -20,13 +43,19 @@ use std::time::{Duration, Instant};
 
 use clustermem_net::{FrameReader, FrameWriter, RecvError};
 use clustermem_proto::{ErrorCode, Message, HELLO_LOW_LATENCY, MAX_VERSION, MIN_VERSION};
+use sessions::{Binding, Sessions};
 use store::{Refusal, Slab, Store};
 use thiserror::Error;
 
 /// How long a low-latency connection busy-polls for its next request after a reply.
 const SPIN_WINDOW: Duration = Duration::from_micros(200);
-/// How often blocked threads look at the shutdown flag.
+/// How often blocked threads look at the shutdown flag (and connections at their session's
+/// generation, and the accept loop at orphans).
 const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
+/// How long a disconnected session's slabs wait for it to resume, unless configured: long
+/// enough for a client to notice a dead connection and reconnect, short enough that a client
+/// that died does not hold a host's memory for long.
+pub const DEFAULT_ORPHAN_GRACE: Duration = Duration::from_secs(30);
 
 /// Why a memory host could not start or stopped.
 #[derive(Debug, Error)]
@@ -50,6 +79,7 @@ pub enum HostError {
 pub struct MemoryHost {
     listener: TcpListener,
     store: Arc<Store>,
+    sessions: Arc<Sessions>,
     shutdown: Arc<AtomicBool>,
 }
 
@@ -62,8 +92,17 @@ impl MemoryHost {
         Ok(Self {
             listener,
             store: Arc::new(Store::new(capacity_bytes)),
+            sessions: Arc::new(Sessions::new(DEFAULT_ORPHAN_GRACE)),
             shutdown: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Sets how long the slabs of a resumable session whose connection ended are kept for it
+    /// to come back (see the crate documentation); zero frees them at once.
+    #[must_use]
+    pub fn with_orphan_grace(mut self, grace: Duration) -> Self {
+        self.sessions = Arc::new(Sessions::new(grace));
+        self
     }
 
     /// The address clients connect to.
@@ -80,13 +119,16 @@ impl MemoryHost {
     pub fn serve(self) -> Result<(), HostError> {
         let mut workers: Vec<JoinHandle<()>> = Vec::new();
         while !self.shutdown.load(Ordering::Acquire) {
+            // At least every SHUTDOWN_POLL: the accept below waits no longer than that.
+            self.sessions.reap(&self.store);
             match self.listener.accept() {
                 Ok((stream, peer)) => {
                     let store = Arc::clone(&self.store);
+                    let sessions = Arc::clone(&self.sessions);
                     let shutdown = Arc::clone(&self.shutdown);
                     let spawned = std::thread::Builder::new()
                         .name(format!("host-conn-{peer}"))
-                        .spawn(move || serve_client(stream, &store, &shutdown));
+                        .spawn(move || serve_client(stream, &store, &sessions, &shutdown));
                     match spawned {
                         Ok(handle) => workers.push(handle),
                         Err(e) => eprintln!("clustermem host: cannot start a thread for {peer}: {e}"),
@@ -162,6 +204,9 @@ impl Drop for RunningHost {
 /// no lock on the host-wide slab table.
 struct Session<'a> {
     store: &'a Store,
+    sessions: &'a Sessions,
+    /// Set by `Resume`: the slabs outlive the connection for the grace period.
+    binding: Option<Binding>,
     owned: HashSet<u64>,
     cache: HashMap<u64, Arc<Slab>>,
     low_latency: bool,
@@ -240,6 +285,12 @@ impl Session<'_> {
                 .slab(slab_id)
                 .and_then(|s| s.discard_pages(first_page, u64::from(count)))
                 .map(|()| out.push(id, &Message::Ok)),
+            Message::Resume { session } => {
+                self.sessions.resume(session, &mut self.binding, self.store).map(|adopted| {
+                    self.owned.extend(adopted);
+                    out.push(id, &Message::Ok);
+                })
+            }
             Message::GetStats => {
                 out.push(id, &Message::Stats(self.store.stats()));
                 Ok(())
@@ -272,7 +323,7 @@ impl Session<'_> {
     }
 }
 
-fn serve_client(stream: TcpStream, store: &Store, shutdown: &AtomicBool) {
+fn serve_client(stream: TcpStream, store: &Store, sessions: &Sessions, shutdown: &AtomicBool) {
     let peer = stream.peer_addr().map_or_else(|_| "?".to_string(), |a| a.to_string());
     let _ = stream.set_nodelay(true);
     let mut reader = match FrameReader::new(stream) {
@@ -283,8 +334,15 @@ fn serve_client(stream: TcpStream, store: &Store, shutdown: &AtomicBool) {
         }
     };
     store.clients.fetch_add(1, Ordering::Relaxed);
-    let mut session =
-        Session { store, owned: HashSet::new(), cache: HashMap::new(), low_latency: false, greeted: false };
+    let mut session = Session {
+        store,
+        sessions,
+        binding: None,
+        owned: HashSet::new(),
+        cache: HashMap::new(),
+        low_latency: false,
+        greeted: false,
+    };
     let mut out = FrameWriter::new();
     let mut last_request = Instant::now();
     loop {
@@ -296,6 +354,10 @@ fn serve_client(stream: TcpStream, store: &Store, shutdown: &AtomicBool) {
             }
         }
         if shutdown.load(Ordering::Acquire) {
+            break;
+        }
+        if session.binding.as_ref().is_some_and(Binding::superseded) {
+            eprintln!("clustermem host: {peer}: its session was resumed by a newer connection; closing");
             break;
         }
         let spin_until = session.low_latency.then(|| last_request + SPIN_WINDOW);
@@ -326,8 +388,13 @@ fn serve_client(stream: TcpStream, store: &Store, shutdown: &AtomicBool) {
             }
         }
     }
-    for slab_id in session.owned {
-        store.free(slab_id);
+    match session.binding {
+        Some(binding) => sessions.end(binding, session.owned, store),
+        None => {
+            for slab_id in session.owned {
+                store.free(slab_id);
+            }
+        }
     }
     store.clients.fetch_sub(1, Ordering::Relaxed);
     let _ = reader.stream().shutdown(std::net::Shutdown::Both);

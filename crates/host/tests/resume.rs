@@ -1,0 +1,216 @@
+//! Session resumption against a real host over loopback TCP: slabs survive a dropped
+//! connection when the client resumes its session, and are freed when it does not.
+
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use clustermem_host::{MemoryHost, RunningHost};
+use clustermem_net::{FrameReader, FrameWriter};
+use clustermem_proto::{ErrorCode, HostStats, Message, MAX_VERSION, MIN_VERSION, PAGE_SIZE};
+
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a reply was, owned so it outlives the reader's buffer.
+#[derive(Debug, PartialEq, Eq)]
+enum Reply {
+    Ok,
+    Slab(u64),
+    Data(u64, Vec<u8>),
+    Stats(HostStats),
+    Error(ErrorCode, String),
+    Other(String),
+}
+
+/// A blocking test client: one request at a time.
+struct Client {
+    reader: FrameReader,
+    next_id: u64,
+}
+
+impl Client {
+    fn connect(host: &RunningHost) -> Self {
+        let stream = TcpStream::connect(host.addr()).expect("connect");
+        let mut c = Self { reader: FrameReader::new(stream).expect("reader"), next_id: 1 };
+        let hello = Message::Hello { min_version: MIN_VERSION, max_version: MAX_VERSION, flags: 0 };
+        assert!(matches!(c.call_raw(&hello), Ok(Reply::Other(s)) if s.starts_with("HelloOk")));
+        c
+    }
+
+    /// Sends `msg` and waits for its reply; `Err` when the connection fails.
+    fn call_raw(&mut self, msg: &Message<'_>) -> Result<Reply, String> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut out = FrameWriter::new();
+        out.push(id, msg);
+        out.flush_to(self.reader.stream()).map_err(|e| format!("send: {e}"))?;
+        let (rid, reply) =
+            self.reader.recv(None, Some(Instant::now() + REPLY_TIMEOUT)).map_err(|e| format!("recv: {e}"))?;
+        assert_eq!(rid, id, "replies come in order");
+        Ok(match reply {
+            Message::Ok => Reply::Ok,
+            Message::SlabAllocated { slab_id } => Reply::Slab(slab_id),
+            Message::Pages { first_page, data } => Reply::Data(first_page, data.to_vec()),
+            Message::Stats(s) => Reply::Stats(s),
+            Message::Error { code, message } => Reply::Error(code, message.to_string()),
+            other => Reply::Other(format!("{other:?}")),
+        })
+    }
+
+    fn call(&mut self, msg: &Message<'_>) -> Reply {
+        self.call_raw(msg).expect("a reply")
+    }
+
+    fn alloc(&mut self, bytes: u64) -> u64 {
+        match self.call(&Message::AllocSlab { bytes }) {
+            Reply::Slab(id) => id,
+            other => panic!("AllocSlab: {other:?}"),
+        }
+    }
+
+    fn stats(&mut self) -> HostStats {
+        match self.call(&Message::GetStats) {
+            Reply::Stats(s) => s,
+            other => panic!("GetStats: {other:?}"),
+        }
+    }
+}
+
+fn host(grace: Duration) -> RunningHost {
+    MemoryHost::bind("127.0.0.1:0", 64 << 20).expect("bind").with_orphan_grace(grace).spawn()
+}
+
+/// Polls the host's stats until `done` holds, failing after `within`.
+fn wait_for_stats(host: &RunningHost, within: Duration, done: impl Fn(&HostStats) -> bool) -> HostStats {
+    let mut probe = Client::connect(host);
+    let deadline = Instant::now() + within;
+    loop {
+        let s = probe.stats();
+        if done(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "stats never reached the expected state: {s:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn page_of(byte: u8) -> Vec<u8> {
+    (0..PAGE_SIZE).map(|i| byte ^ (i % 256) as u8).collect()
+}
+
+/// Allocates a 16-page slab and writes page 3 on a connection bound to `session`.
+fn client_with_a_page(host: &RunningHost, session: Option<u64>) -> (Client, u64, Vec<u8>) {
+    let mut c = Client::connect(host);
+    if let Some(session) = session {
+        assert_eq!(c.call(&Message::Resume { session }), Reply::Ok);
+    }
+    let slab = c.alloc(16 * PAGE_SIZE as u64);
+    let page = page_of(0x5A);
+    assert_eq!(c.call(&Message::WritePages { slab_id: slab, first_page: 3, data: &page }), Reply::Ok);
+    (c, slab, page)
+}
+
+#[test]
+fn a_resumed_session_gets_its_slabs_back_intact() {
+    let host = host(Duration::from_secs(30));
+    let (c, slab, page) = client_with_a_page(&host, Some(0xC0FFEE));
+    drop(c);
+    let s = wait_for_stats(&host, Duration::from_secs(5), |s| s.orphaned_slabs == 1 && s.clients == 1);
+    assert_eq!(s.used_bytes, 16 * PAGE_SIZE as u64, "orphans keep their memory");
+
+    let mut again = Client::connect(&host);
+    assert_eq!(again.call(&Message::Resume { session: 0xC0FFEE }), Reply::Ok);
+    assert_eq!(again.stats().orphaned_slabs, 0, "adopted");
+    assert_eq!(
+        again.call(&Message::ReadPages { slab_id: slab, first_page: 3, count: 1 }),
+        Reply::Data(3, page.clone())
+    );
+    let offset = 3 * PAGE_SIZE as u64 + 1000;
+    assert_eq!(
+        again.call(&Message::ReadBytes { slab_id: slab, offset, len: 700 }),
+        Reply::Data(offset, page[1000..1700].to_vec())
+    );
+    // Owned again: this connection may free it.
+    assert_eq!(again.call(&Message::FreeSlab { slab_id: slab }), Reply::Ok);
+    assert_eq!(again.stats().used_bytes, 0);
+}
+
+#[test]
+fn without_resume_slabs_are_freed_at_disconnect() {
+    let host = host(Duration::from_secs(30));
+    let (c, _, _) = client_with_a_page(&host, None);
+    drop(c);
+    let s = wait_for_stats(&host, Duration::from_secs(5), |s| s.used_bytes == 0);
+    assert_eq!((s.slabs, s.orphaned_slabs), (0, 0));
+}
+
+#[test]
+fn orphans_are_freed_after_the_grace_period() {
+    let grace = Duration::from_secs(1);
+    let host = host(grace);
+    let (c, slab, _) = client_with_a_page(&host, Some(77));
+    drop(c);
+    let dropped = Instant::now();
+    wait_for_stats(&host, Duration::from_secs(5), |s| s.orphaned_slabs == 1);
+    let s = wait_for_stats(&host, Duration::from_secs(5), |s| s.used_bytes == 0);
+    assert!(dropped.elapsed() >= grace - Duration::from_millis(100), "freed before the grace period");
+    assert_eq!((s.slabs, s.orphaned_slabs), (0, 0));
+    // Too late: resuming adopts nothing.
+    let mut late = Client::connect(&host);
+    assert_eq!(late.call(&Message::Resume { session: 77 }), Reply::Ok);
+    assert!(matches!(
+        late.call(&Message::ReadPages { slab_id: slab, first_page: 3, count: 1 }),
+        Reply::Error(ErrorCode::NoSuchSlab, _)
+    ));
+}
+
+#[test]
+fn zero_grace_frees_a_sessions_slabs_at_disconnect() {
+    let host = host(Duration::ZERO);
+    let (c, _, _) = client_with_a_page(&host, Some(5));
+    drop(c);
+    let s = wait_for_stats(&host, Duration::from_secs(5), |s| s.used_bytes == 0);
+    assert_eq!((s.slabs, s.orphaned_slabs), (0, 0));
+}
+
+/// The client reconnects while the host still thinks the old connection is alive: the new
+/// connection takes the session over and the old one is closed.
+#[test]
+fn resume_takes_over_a_connection_the_host_thinks_alive() {
+    let host = host(Duration::from_secs(30));
+    let (mut old, slab, page) = client_with_a_page(&host, Some(0xABCD));
+    let mut new = Client::connect(&host);
+    let asked = Instant::now();
+    assert_eq!(new.call(&Message::Resume { session: 0xABCD }), Reply::Ok);
+    assert!(asked.elapsed() < Duration::from_secs(2), "took over within the wait");
+    assert_eq!(
+        new.call(&Message::ReadPages { slab_id: slab, first_page: 3, count: 1 }),
+        Reply::Data(3, page)
+    );
+    assert!(old.call_raw(&Message::GetStats).is_err(), "the old connection is closed");
+    assert_eq!(new.call(&Message::FreeSlab { slab_id: slab }), Reply::Ok, "the new one owns the slab");
+    let s = new.stats();
+    assert_eq!((s.used_bytes, s.orphaned_slabs, s.clients), (0, 0, 1));
+}
+
+#[test]
+fn bad_resumes_are_refused() {
+    let host = host(Duration::from_secs(30));
+    let mut c = Client::connect(&host);
+    assert!(matches!(c.call(&Message::Resume { session: 0 }), Reply::Error(ErrorCode::BadRequest, _)));
+    assert_eq!(c.call(&Message::Resume { session: 9 }), Reply::Ok);
+    assert_eq!(c.call(&Message::Resume { session: 9 }), Reply::Ok, "a retry of the same session");
+    assert!(matches!(c.call(&Message::Resume { session: 10 }), Reply::Error(ErrorCode::BadRequest, _)));
+    let slab = c.alloc(PAGE_SIZE as u64);
+    assert!(matches!(
+        c.call(&Message::ReadBytes { slab_id: slab, offset: 0, len: 0 }),
+        Reply::Error(ErrorCode::BadRequest, _)
+    ));
+    assert!(matches!(
+        c.call(&Message::ReadBytes { slab_id: slab, offset: 4000, len: 97 }),
+        Reply::Error(ErrorCode::OutOfRange, _)
+    ));
+    assert!(matches!(
+        c.call(&Message::ReadBytes { slab_id: slab + 1, offset: 0, len: 1 }),
+        Reply::Error(ErrorCode::NoSuchSlab, _)
+    ));
+}
