@@ -19,8 +19,8 @@ use std::time::Instant;
 
 use clustermem_mmap::AnonMapping;
 use clustermem_runtime::{
-    Histogram, PolicyKind, PrefetchMode, Region, Runtime, RuntimeConfig, RuntimeError, RuntimeStats,
-    WritebackMode, PAGE_SIZE,
+    Histogram, PolicyKind, PrefetchMode, Redundancy, Region, Runtime, RuntimeConfig, RuntimeError,
+    RuntimeStats, WritebackMode, PAGE_SIZE,
 };
 use progress::Progress;
 use rng::{mix, Rng, Zipf};
@@ -122,6 +122,8 @@ pub struct BenchOptions {
     pub stride_pages: u64,
     /// Pointer prefetches later than this are abandoned.
     pub prefetch_deadline: std::time::Duration,
+    /// Copies or erasure shards of the region on distinct hosts.
+    pub redundancy: Redundancy,
 }
 
 /// Where a benchmark's memory comes from.
@@ -292,6 +294,19 @@ pub struct BenchReport {
     pub prefetch_waits: u64,
     /// Pointer prefetches dropped for missing their deadline.
     pub prefetch_abandoned: u64,
+    /// `none`, `replicate:N` or `erasure:K+M`.
+    pub redundancy: String,
+    /// Memory hosts found dead during the measured phase.
+    pub hosts_lost: u64,
+    /// Pages whose lost copy or shard was rebuilt on another host.
+    pub pages_rebuilt: u64,
+    /// Bytes written to hosts by rebuilds.
+    pub bytes_rebuilt: u64,
+    /// Erasure-coded pages read through parity (a data shard's host was lost).
+    pub degraded_reads: u64,
+    /// From the first host loss to every lost shard rebuilt (the benchmark waits for it
+    /// after its measured phase, up to 10 minutes); None without a loss.
+    pub rebuild_s: Option<f64>,
     /// Fraction of operations served without a remote fault (random and zipf).
     pub hit_rate: Option<f64>,
     /// Hit rate of an exact LRU cache of the same size on the same access trace (zipf).
@@ -357,6 +372,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             flush_interval: opts.flush_interval,
             prefetch: opts.prefetch,
             prefetch_deadline: opts.prefetch_deadline,
+            redundancy: opts.redundancy,
             ..RuntimeConfig::default()
         })?),
         Backend::Local => None,
@@ -410,18 +426,55 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         remote_faults: runtime.as_ref().map(|rt| &rt.stats().remote_faults),
         app_faults: &app_faults,
     };
-    let t = Instant::now();
-    let outcome = match opts.workload {
-        Workload::SeqRead => seq_read(memory.words(), &ctx),
-        Workload::SeqWrite => seq_write(memory.words(), &ctx),
-        Workload::Random | Workload::Zipf => rmw(memory.words(), &ctx, &mut trace),
-        Workload::Quicksort => quicksort(memory.values_mut(), &ctx),
-        Workload::SparseWrite => sparse_write(memory.words(), &ctx),
-        Workload::Stride => stride(memory.words(), &ctx),
-        Workload::ListWalk => list::list_walk(memory.words(), &ctx),
-        Workload::Bfs => graph::run(memory.words(), &ctx).map(|scanned| ops = scanned),
+    // Notes when a host is first lost and when the rebuild after it ends.
+    let watch_stop = std::sync::atomic::AtomicBool::new(false);
+    let rebuild = std::sync::Mutex::new((None::<Instant>, None::<Instant>));
+    let watch = |stats: &RuntimeStats| {
+        use std::sync::atomic::Ordering::Relaxed;
+        while !watch_stop.load(Relaxed) {
+            let mut r = rebuild.lock().unwrap_or_else(|e| e.into_inner());
+            if r.0.is_none() && stats.hosts_lost.load(Relaxed) > 0 {
+                r.0 = Some(Instant::now());
+            }
+            if r.0.is_some() && stats.spans_rebuilding.load(Relaxed) == 0 && r.1.is_none() {
+                // Rebuilding may not have been queued yet: require a second look.
+                drop(r);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                if stats.spans_rebuilding.load(Relaxed) == 0 {
+                    rebuild.lock().unwrap_or_else(|e| e.into_inner()).1 = Some(Instant::now());
+                }
+                continue;
+            }
+            drop(r);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     };
-    end();
+    let t = Instant::now();
+    let outcome = std::thread::scope(|scope| {
+        scope.spawn(|| watch(stats));
+        let outcome = match opts.workload {
+            Workload::SeqRead => seq_read(memory.words(), &ctx),
+            Workload::SeqWrite => seq_write(memory.words(), &ctx),
+            Workload::Random | Workload::Zipf => rmw(memory.words(), &ctx, &mut trace),
+            Workload::Quicksort => quicksort(memory.values_mut(), &ctx),
+            Workload::SparseWrite => sparse_write(memory.words(), &ctx),
+            Workload::Stride => stride(memory.words(), &ctx),
+            Workload::ListWalk => list::list_walk(memory.words(), &ctx),
+            Workload::Bfs => graph::run(memory.words(), &ctx).map(|scanned| ops = scanned),
+        };
+        end();
+        if rebuild.lock().unwrap_or_else(|e| e.into_inner()).0.is_some() {
+            let deadline = Instant::now() + std::time::Duration::from_secs(600);
+            while rebuild.lock().unwrap_or_else(|e| e.into_inner()).1.is_none() && Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        watch_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        outcome
+    });
+    let (lost_at, rebuilt_at) = *rebuild.lock().unwrap_or_else(|e| e.into_inner());
+    let rebuild_s = lost_at.zip(rebuilt_at).map(|(a, b)| (b - a).as_secs_f64());
+    let after = stats.snapshot();
     let (t_end, snap) = *measured.get().expect("set by end()");
     let wall_s = (t_end - t).as_secs_f64();
     let verify_error = outcome.err();
@@ -489,6 +542,12 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         pointer_prefetch_issued: snap.pointer_prefetch_issued,
         prefetch_waits: snap.prefetch_waits,
         prefetch_abandoned: snap.prefetch_abandoned,
+        redundancy: opts.redundancy.to_string(),
+        hosts_lost: after.hosts_lost,
+        pages_rebuilt: after.pages_rebuilt,
+        bytes_rebuilt: after.bytes_rebuilt,
+        degraded_reads: after.degraded_reads,
+        rebuild_s,
         hit_rate,
         lru_hit_rate,
         verified: verify_error.is_none(),

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use clustermem_bench::{Backend, BenchOptions, BenchReport, Workload};
 use clustermem_host::MemoryHost;
-use clustermem_runtime::{PolicyKind, PrefetchMode, WritebackMode};
+use clustermem_runtime::{PolicyKind, PrefetchMode, Redundancy, WritebackMode};
 use size::{parse_size, parse_size_or_percent};
 
 #[derive(Parser, Debug)]
@@ -169,6 +169,14 @@ struct BenchArgs {
     /// page faults normally when touched) unless a thread already waits for it.
     #[arg(long, default_value_t = 5000)]
     prefetch_deadline_us: u64,
+    /// Survive the loss of memory hosts: none; replicate:N (every slab on N distinct hosts,
+    /// written to all, read from any live copy); or erasure:K+M (every page split into K data
+    /// and M parity shards on K+M distinct hosts, any K of which rebuild it; K a power of two
+    /// from 2 to 64; host memory (K+M)/K times the region; erasure-coded regions are not
+    /// prefetched). A lost host's share is rebuilt onto the others in the background; with
+    /// more hosts lost than the setting covers, the pages they held read as an error.
+    #[arg(long, default_value = "none", value_parser = |s: &str| s.parse::<Redundancy>())]
+    redundancy: Redundancy,
     /// Write dirty pages back at least this often, in milliseconds (0: only on eviction).
     #[arg(long, default_value_t = 100)]
     flush_interval_ms: u64,
@@ -260,6 +268,7 @@ fn run_bench(args: &BenchArgs) -> Result<bool> {
         prefetch: args.prefetch,
         stride_pages: args.stride,
         prefetch_deadline: Duration::from_micros(args.prefetch_deadline_us),
+        redundancy: args.redundancy,
     };
     let report = clustermem_bench::run(&opts).context("benchmark failed")?;
     if args.json {

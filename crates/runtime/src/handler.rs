@@ -17,7 +17,9 @@
 //! - `PREFETCHED`: requested or installed by a prefetch, not yet seen in use. A fault on it
 //!   while in flight sets `WANTED`: a thread now waits for it, so it is never abandoned.
 
-use std::collections::HashMap;
+mod redundant;
+
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
@@ -25,12 +27,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clustermem_net::{FrameReader, RecvError};
-use clustermem_proto::{Message, PAGE_SIZE};
+use clustermem_proto::{Message, LINE_SIZE, PAGE_SIZE};
 use clustermem_uffd::{CopyOutcome, Event, RegisterMode, Uffd};
 
-use crate::dirty::{gather_lines, Twin, TwinPool, WritebackMode};
+use crate::dirty::{Twin, TwinPool, WritebackMode};
 use crate::policy::{EvictionPolicy, PageKey};
 use crate::prefetch::{PrefetchMode, Stream};
+use crate::redundancy::{Coder, Redundancy};
 use crate::stats::RuntimeStats;
 use crate::transport::{Link, Pending};
 use crate::RuntimeError;
@@ -65,6 +68,9 @@ const EVICTION_DEFER: Duration = Duration::from_micros(10);
 /// Fresh pages filled with zeros at once for a program writing fresh memory in order.
 const ZERO_RUN: usize = 16;
 
+/// How long rebuilding waits after finding no host to rebuild onto.
+const REBUILD_RETRY: Duration = Duration::from_secs(1);
+
 /// How long a low-latency handler keeps busy-polling after its last fault.
 const SPIN_WINDOW: Duration = Duration::from_micros(100);
 
@@ -85,6 +91,7 @@ pub(crate) enum Command {
         /// Allocate host memory now (true) or only when `Commit` asks (a reserved region).
         commit: bool,
         prefetch: PrefetchMode,
+        redundancy: Redundancy,
         reply: Sender<Result<u32, RuntimeError>>,
         error: Arc<Mutex<Option<String>>>,
     },
@@ -114,7 +121,7 @@ pub(crate) enum Command {
     Shutdown,
 }
 
-/// Where a slab of a region lives.
+/// One host slab: a copy or a shard of a slab-sized span of a region.
 #[derive(Debug, Clone, Copy)]
 struct SlabRef {
     host: usize,
@@ -122,11 +129,47 @@ struct SlabRef {
     bytes: u64,
 }
 
+/// Whether a shard holds its data.
+#[derive(Debug)]
+enum ShardState {
+    Live,
+    /// Its host died; to be rebuilt elsewhere.
+    Lost,
+    /// Being copied onto a new host: `done[p]` once page p of the span is current there
+    /// (copied, or written back whole since), so later sparse write-backs may patch it.
+    Rebuilding {
+        done: Vec<bool>,
+    },
+}
+
+#[derive(Debug)]
+struct Shard {
+    slab: SlabRef,
+    state: ShardState,
+}
+
+/// Where a slab-sized span of a region lives: one shard per copy (none, replicate:N) or
+/// per erasure shard (K data then M parity).
+#[derive(Debug)]
+struct Placement {
+    shards: Vec<Shard>,
+}
+
+impl Placement {
+    /// Shards that hold their data and can serve reads.
+    fn live(&self) -> usize {
+        self.shards.iter().filter(|s| matches!(s.state, ShardState::Live)).count()
+    }
+}
+
 struct RegionState {
     base: usize,
     pages: Vec<u8>,
     /// One entry per slab-sized span; `None` until committed (reserved regions only).
-    slabs: Vec<Option<SlabRef>>,
+    slabs: Vec<Option<Placement>>,
+    redundancy: Redundancy,
+    /// The erasure code, for erasure-coded regions.
+    coder: Option<Coder>,
     slab_pages: usize,
     error: Arc<Mutex<Option<String>>>,
     /// Lost pages not yet named in `error`.
@@ -149,8 +192,25 @@ impl RegionState {
     }
     /// The slab holding `page` and the page's index in it; `None` for a page of a reserved
     /// region that was never committed.
-    fn slab_of(&self, page: usize) -> Option<(SlabRef, u64)> {
-        Some((self.slabs[page / self.slab_pages]?, (page % self.slab_pages) as u64))
+    /// Whether host memory backs `page`.
+    fn committed(&self, page: usize) -> bool {
+        self.slabs[page / self.slab_pages].is_some()
+    }
+
+    /// A live whole-page copy of `page` to read from (None: uncommitted, erasure-coded, or
+    /// every copy lost), and the page's index in it.
+    fn read_copy(&self, page: usize) -> Option<(SlabRef, u64)> {
+        if self.coder.is_some() {
+            return None;
+        }
+        let placement = self.slabs[page / self.slab_pages].as_ref()?;
+        let shard = placement.shards.iter().find(|s| matches!(s.state, ShardState::Live))?;
+        Some((shard.slab, (page % self.slab_pages) as u64))
+    }
+
+    /// Whether `page`'s host copies can still be read (enough live shards).
+    fn readable(&self, page: usize) -> bool {
+        self.slabs[page / self.slab_pages].as_ref().is_some_and(|p| p.live() >= self.redundancy.needed())
     }
     fn record_loss(&mut self, page: usize, why: &str) {
         self.pages[page] |= PageState::LOST;
@@ -159,6 +219,9 @@ impl RegionState {
         *error = Some(format!("{} page(s) lost, latest at {:#x}: {why}", self.lost, self.addr(page)));
     }
 }
+
+/// Where a flush's outcome goes.
+type FlushReply = Sender<Result<(), RuntimeError>>;
 
 /// Static configuration of a handler.
 pub(crate) struct HandlerConfig {
@@ -190,8 +253,8 @@ struct Core {
     zero_page: Box<[u8]>,
     /// ZERO_RUN pages of zeros, for filling fresh memory ahead of a sequential writer.
     zero_run: Box<[u8]>,
-    /// Flushes waiting for their barriers: id -> (barriers left, reply).
-    flushes: HashMap<u64, (usize, Sender<Result<(), RuntimeError>>)>,
+    /// Flushes waiting for their barriers: id -> (barriers left, region, reply).
+    flushes: HashMap<u64, (usize, u32, FlushReply)>,
     next_barrier: u64,
     poison_supported: bool,
     twins: TwinPool,
@@ -211,6 +274,18 @@ struct Core {
     chase_work: Vec<(usize, Option<u16>, u8)>,
     /// Reused list of evicted pages' addresses, dropped together.
     dropped: Vec<usize>,
+    /// State of the placement's random choices.
+    rng: u64,
+    /// Reads in flight that need several shards, by id.
+    gathers: HashMap<u64, redundant::Gather>,
+    next_gather: u64,
+    /// Lost shards to rebuild: (region, span, shard).
+    rebuild_queue: VecDeque<(u32, usize, usize)>,
+    /// Rebuilds under way.
+    rebuilds: Vec<redundant::RebuildJob>,
+    /// When no host could last take a rebuild: retried after REBUILD_RETRY, or sooner when
+    /// a host comes back.
+    rebuild_stalled: Option<Instant>,
 }
 
 /// An error with its causes, for log lines.
@@ -256,11 +331,8 @@ impl TwinGate {
 /// Queues a prefetch of `count` adjacent pages from `first` (all in one slab) and marks them
 /// in flight. Returns the pages queued (0 if their host is dead).
 fn send_prefetch(region: &mut RegionState, links: &mut [Link], id: u32, first: usize, count: u32) -> u64 {
-    let Some((slab, slab_page)) = region.slab_of(first) else { return 0 };
+    let Some((slab, slab_page)) = region.read_copy(first) else { return 0 };
     let link = &mut links[slab.host];
-    if link.dead.is_some() {
-        return 0;
-    }
     link.send(
         &Message::ReadPages { slab_id: slab.slab_id, first_page: slab_page, count },
         Pending::Prefetch { region: id, first, count },
@@ -325,6 +397,12 @@ impl Handler {
                 chases: 0,
                 chase_work: Vec::new(),
                 dropped: Vec::new(),
+                rng: 0x9E37_79B9_7F4A_7C15 ^ u64::from(std::process::id()),
+                gathers: HashMap::new(),
+                next_gather: 0,
+                rebuild_queue: VecDeque::new(),
+                rebuilds: Vec::new(),
+                rebuild_stalled: None,
             },
             readers,
             commands,
@@ -382,6 +460,15 @@ impl Handler {
             }
             progress |= self.poll_replies();
             self.check_timeouts();
+            if !self.core.rebuild_queue.is_empty()
+                && self.core.rebuild_stalled.is_none_or(|t| t.elapsed() >= REBUILD_RETRY)
+            {
+                self.start_rebuilds();
+            }
+            if !self.core.rebuilds.is_empty() {
+                self.core.pump_rebuilds();
+            }
+            self.core.stats.spans_rebuilding.store(self.core.rebuilds_pending() as u64, Relaxed);
             if progress {
                 continue;
             }
@@ -507,8 +594,8 @@ impl Handler {
 
     fn on_command(&mut self, cmd: Command) {
         match cmd {
-            Command::AddRegion { base, len, commit, prefetch, reply, error } => {
-                let result = self.add_region(base, len, commit, prefetch, error);
+            Command::AddRegion { base, len, commit, prefetch, redundancy, reply, error } => {
+                let result = self.add_region(base, len, commit, prefetch, redundancy, error);
                 let _ = reply.send(result);
             }
             Command::Commit { id, first, count, reply } => {
@@ -532,6 +619,7 @@ impl Handler {
         len: usize,
         commit: bool,
         prefetch: PrefetchMode,
+        redundancy: Redundancy,
         error: Arc<Mutex<Option<String>>>,
     ) -> Result<u32, RuntimeError> {
         let pages = len / PAGE_SIZE;
@@ -543,8 +631,10 @@ impl Handler {
             RegionState {
                 base,
                 pages: vec![0; pages],
-                slabs: vec![None; pages.div_ceil(slab_pages)],
+                slabs: (0..pages.div_ceil(slab_pages)).map(|_| None).collect(),
                 slab_pages,
+                redundancy,
+                coder: Coder::new(redundancy),
                 error,
                 lost: 0,
                 twins: HashMap::new(),
@@ -563,8 +653,8 @@ impl Handler {
             committed.and_then(|()| unsafe { self.core.uffd.register(base, len, mode) }.map_err(Into::into));
         if let Err(e) = registered {
             let region = self.core.regions.remove(&id).expect("inserted above");
-            for s in region.slabs.into_iter().flatten() {
-                self.core.free_slab(s);
+            for s in region.slabs.into_iter().flatten().flat_map(|p| p.shards) {
+                self.core.free_slab(s.slab);
             }
             return Err(e);
         }
@@ -573,14 +663,82 @@ impl Handler {
         Ok(id)
     }
 
+    /// Starts rebuilding queued lost shards, each onto a new slab on a live host that holds
+    /// no other shard of its span, up to REBUILDS_AT_ONCE at a time.
+    fn start_rebuilds(&mut self) {
+        while self.core.rebuilds.len() < redundant::REBUILDS_AT_ONCE {
+            let Some((id, span, shard)) = self.core.rebuild_queue.pop_front() else { return };
+            let Some(region) = self.core.regions.get(&id) else { continue };
+            let Some(p) = region.slabs[span].as_ref() else { continue };
+            if !matches!(p.shards[shard].state, ShardState::Lost) || p.live() < region.redundancy.needed() {
+                continue;
+            }
+            let span_pages = (region.pages.len() - span * region.slab_pages).min(region.slab_pages);
+            let bytes = p.shards[shard].slab.bytes;
+            let used: Vec<usize> = p
+                .shards
+                .iter()
+                .filter(|s| !matches!(s.state, ShardState::Lost))
+                .map(|s| s.slab.host)
+                .collect();
+            let Some(host) = self.core.place(bytes, &used) else {
+                eprintln!(
+                    "clustermem: no live memory host outside this span's has room to rebuild a lost shard; waiting for one"
+                );
+                self.core.rebuild_queue.push_front((id, span, shard));
+                self.core.rebuild_stalled = Some(Instant::now());
+                return;
+            };
+            match self.alloc_slab(host, bytes) {
+                Ok(slab_id) => {
+                    let Some(p) = self.core.regions.get_mut(&id).and_then(|r| r.slabs[span].as_mut()) else {
+                        continue;
+                    };
+                    p.shards[shard] = Shard {
+                        slab: SlabRef { host, slab_id, bytes },
+                        state: ShardState::Rebuilding { done: vec![false; span_pages] },
+                    };
+                    self.core.rebuilds.push(redundant::RebuildJob::new(id, span, shard, slab_id));
+                }
+                Err(e) => {
+                    eprintln!("clustermem: cannot allocate a slab to rebuild onto: {e}; retrying shortly");
+                    self.core.rebuild_queue.push_back((id, span, shard));
+                    self.core.rebuild_stalled = Some(Instant::now());
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Allocates a slab of `bytes` on host `host`.
+    fn alloc_slab(&mut self, host: usize, bytes: u64) -> Result<u64, RuntimeError> {
+        match self.call(host, &Message::AllocSlab { bytes }) {
+            Ok(OwnedReply::SlabAllocated(slab_id)) => {
+                self.core.links[host].allocated_bytes += bytes;
+                Ok(slab_id)
+            }
+            Ok(OwnedReply::Error(message)) => {
+                let addr = self.core.links[host].addr.to_string();
+                Err(RuntimeError::HostRefused { addr, message })
+            }
+            Ok(OwnedReply::Other(reply)) => {
+                Err(RuntimeError::Protocol(format!("unexpected reply to AllocSlab: {reply}")))
+            }
+            Err(why) => Err(RuntimeError::HostFailed(why)),
+        }
+    }
+
     /// Allocates host memory for every slab-sized span of region `id` that pages
     /// `first..first + count` touch and that has none yet: all of them or, on failure, none.
     fn commit(&mut self, id: u32, first: usize, count: usize) -> Result<(), RuntimeError> {
         let mut allocated = Vec::new();
         let result = self.commit_spans(id, first, count, &mut allocated);
         if let (Err(_), Some(region)) = (&result, self.core.regions.get_mut(&id)) {
-            let slabs: Vec<SlabRef> =
-                allocated.iter().filter_map(|&span| region.slabs[span].take()).collect();
+            let slabs: Vec<SlabRef> = allocated
+                .iter()
+                .filter_map(|&span| region.slabs[span].take())
+                .flat_map(|p| p.shards.into_iter().map(|s| s.slab))
+                .collect();
             for s in slabs {
                 self.core.free_slab(s);
             }
@@ -603,34 +761,43 @@ impl Handler {
                 "pages {first}+{count} outside a region of {pages} pages"
             )));
         }
+        let redundancy = region.redundancy;
         for span in first / slab_pages..=(first + count - 1) / slab_pages {
             if self.core.regions[&id].slabs[span].is_some() {
                 continue;
             }
-            let bytes = ((pages - span * slab_pages).min(slab_pages) * PAGE_SIZE) as u64;
-            // Greedy placement: the live host with the most unallocated capacity.
-            let host =
-                (0..self.core.links.len()).filter(|&h| self.core.links[h].dead.is_none()).max_by_key(|&h| {
-                    let l = &self.core.links[h];
-                    l.capacity_bytes.saturating_sub(l.allocated_bytes)
-                });
-            let host = host.ok_or(RuntimeError::NoLiveHost)?;
-            match self.call(host, &Message::AllocSlab { bytes }) {
-                Ok(OwnedReply::SlabAllocated(slab_id)) => {
-                    self.core.links[host].allocated_bytes += bytes;
-                    let region = self.core.regions.get_mut(&id).expect("checked above");
-                    region.slabs[span] = Some(SlabRef { host, slab_id, bytes });
-                    allocated.push(span);
+            let span_pages = (pages - span * slab_pages).min(slab_pages);
+            // A shard holds shard_len bytes of each page, in whole host pages.
+            let bytes = ((span_pages * redundancy.shard_len()).div_ceil(PAGE_SIZE) * PAGE_SIZE) as u64;
+            let mut shards: Vec<Shard> = Vec::with_capacity(redundancy.shards());
+            let result = (|| {
+                while shards.len() < redundancy.shards() {
+                    let used: Vec<usize> = shards.iter().map(|s| s.slab.host).collect();
+                    let host = self.core.place(bytes, &used).ok_or_else(|| {
+                        let live = self.core.links.iter().filter(|l| l.dead.is_none()).count();
+                        if redundancy.shards() > 1 {
+                            RuntimeError::Config(format!(
+                                "--redundancy {redundancy} needs {} live memory hosts for each slab; {live} are up",
+                                redundancy.shards()
+                            ))
+                        } else {
+                            RuntimeError::NoLiveHost
+                        }
+                    })?;
+                    let slab_id = self.alloc_slab(host, bytes)?;
+                    shards.push(Shard { slab: SlabRef { host, slab_id, bytes }, state: ShardState::Live });
                 }
-                Ok(OwnedReply::Error(message)) => {
-                    let addr = self.core.links[host].addr.to_string();
-                    return Err(RuntimeError::HostRefused { addr, message });
+                Ok(())
+            })();
+            if let Err(e) = result {
+                for shard in shards {
+                    self.core.free_slab(shard.slab);
                 }
-                Ok(OwnedReply::Other(reply)) => {
-                    return Err(RuntimeError::Protocol(format!("unexpected reply to AllocSlab: {reply}")));
-                }
-                Err(why) => return Err(RuntimeError::HostFailed(why)),
+                return Err(e);
             }
+            let region = self.core.regions.get_mut(&id).expect("checked above");
+            region.slabs[span] = Some(Placement { shards });
+            allocated.push(span);
         }
         Ok(())
     }
@@ -708,15 +875,19 @@ impl Core {
                 }
             }
         } else if state & PageState::ON_HOST != 0 {
-            let (slab, slab_page) = region.slab_of(page).expect("a page written back has a slab");
             region.pages[page] |= PageState::FETCHING;
-            let link = &mut self.links[slab.host];
-            if let Some(why) = link.dead.clone() {
-                region.pages[page] &= !PageState::FETCHING;
-                region.record_loss(page, &why);
-                self.poison(addr);
+            if region.coder.is_some() {
+                // K shards, decoded: no prefetching of erasure-coded regions (yet).
+                self.gather_start(id, page, 1, redundant::GatherFor::Fault { write, started });
                 return;
             }
+            let Some((slab, slab_page)) = region.read_copy(page) else {
+                region.pages[page] &= !PageState::FETCHING;
+                region.record_loss(page, "every copy of it is on a lost host");
+                self.poison(addr);
+                return;
+            };
+            let link = &mut self.links[slab.host];
             let offset = self.exact_addresses.then(|| (exact_addr - addr) as u16);
             link.send(
                 &Message::ReadPages { slab_id: slab.slab_id, first_page: slab_page, count: 1 },
@@ -731,9 +902,7 @@ impl Core {
             let sequential = write && region.last_zero_write.wrapping_add(1) == page;
             let run = if sequential {
                 1 + (1..ZERO_RUN)
-                    .take_while(|k| {
-                        region.pages.get(page + k) == Some(&0) && region.slab_of(page + k).is_some()
-                    })
+                    .take_while(|k| region.pages.get(page + k) == Some(&0) && region.committed(page + k))
                     .count()
             } else {
                 1
@@ -933,11 +1102,10 @@ impl Core {
                 let fetchable = state & PageState::ON_HOST != 0
                     && state & (PageState::FETCHING | PageState::LOST) == 0
                     && self.chases < CHASES_IN_FLIGHT;
-                let Some((slab, slab_page)) = region.slab_of(target).filter(|_| fetchable) else { continue };
-                let link = &mut self.links[slab.host];
-                if link.dead.is_some() {
+                let Some((slab, slab_page)) = region.read_copy(target).filter(|_| fetchable) else {
                     continue;
-                }
+                };
+                let link = &mut self.links[slab.host];
                 link.send(
                     &Message::ReadPages { slab_id: slab.slab_id, first_page: slab_page, count: 1 },
                     Pending::Chase { region: id, page: target, offset: target_offset, depth: depth + 1 },
@@ -990,19 +1158,8 @@ impl Core {
         if state & PageState::WANTED == 0 {
             return;
         }
-        let (slab, slab_page) = region.slab_of(page).expect("a prefetched page has a slab");
-        let link = &mut self.links[slab.host];
-        if let Some(why) = link.dead.clone() {
-            region.record_loss(page, &why);
-            let addr = region.addr(page);
-            self.poison(addr);
-            return;
-        }
         region.pages[page] |= PageState::FETCHING;
-        link.send(
-            &Message::ReadPages { slab_id: slab.slab_id, first_page: slab_page, count: 1 },
-            Pending::Fetch { region: id, page, write: false, started: Instant::now(), offset: None },
-        );
+        self.refetch(id, page, false, Instant::now(), "every copy of it is on a lost host");
     }
 
     /// Installs `data`, several pages from `first` of region `id`, clean, with one copy. If
@@ -1137,7 +1294,7 @@ impl Core {
         let region = self.regions.get_mut(&id).expect("caller checked");
         let addr = region.addr(page);
         let twin = region.twins.remove(&page);
-        let Some((slab, slab_page)) = region.slab_of(page) else {
+        if !region.committed(page) {
             // A reserved region's page outside every committed range (the program wrote
             // memory it never allocated): there is no host memory to keep it in.
             if let Some(t) = twin {
@@ -1145,9 +1302,9 @@ impl Core {
             }
             region.record_loss(page, "written outside every committed range of a reserved region");
             return;
-        };
+        }
         // SAFETY: the page is resident and write-protected, so it is readable and no store
-        // changes it while it is diffed and copied into the send buffer.
+        // changes it while it is diffed and copied into the send buffers.
         let data = unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) };
         let mask = match twin {
             Some(t) => {
@@ -1157,9 +1314,8 @@ impl Core {
             }
             None => u64::MAX,
         };
-        let link = &mut self.links[slab.host];
-        if let Some(why) = link.dead.clone() {
-            region.record_loss(page, &why);
+        if !region.readable(page) {
+            region.record_loss(page, "every copy of it is on a lost host");
             return;
         }
         if mask == 0 {
@@ -1172,28 +1328,12 @@ impl Core {
         if matches!(twin, Some(Twin::Slot(_))) {
             self.twin_gate.observe(lines > self.config.line_threshold);
         }
-        let pending = Pending::WriteBack { region: id, page };
-        let bytes = if lines > self.config.line_threshold {
-            let mut prefix = [0u8; 16];
-            prefix[..8].copy_from_slice(&slab.slab_id.to_le_bytes());
-            prefix[8..].copy_from_slice(&slab_page.to_le_bytes());
-            let kind = Message::WritePages { slab_id: 0, first_page: 0, data: &[] }.kind();
-            link.send_parts(kind, &prefix, data, pending)
-        } else {
-            // Prefix and lines go into one reused buffer: no allocation per write-back.
-            self.scratch.clear();
-            clustermem_proto::encode_write_lines_prefix(&mut self.scratch, slab.slab_id, slab_page, mask);
-            let prefix_len = self.scratch.len();
-            gather_lines(data, mask, &mut self.scratch);
-            let kind = Message::WriteLines { slab_id: 0, page: 0, line_mask: 1, lines: &[] }.kind();
-            let (prefix, lines) = self.scratch.split_at(prefix_len);
-            link.send_parts(kind, prefix, lines, pending)
-        };
+        let bytes = self.send_write_back(id, page, data, mask);
         self.stats.pages_written_back.fetch_add(1, Relaxed);
         self.stats.dirty_lines_written.fetch_add(u64::from(lines), Relaxed);
         self.stats.bytes_written_back.fetch_add(bytes, Relaxed);
         self.stats.page_granular_bytes.fetch_add(PAGE_FRAME_BYTES, Relaxed);
-        region.pages[page] |= PageState::ON_HOST;
+        self.regions.get_mut(&id).expect("checked above").pages[page] |= PageState::ON_HOST;
     }
 
     /// Writes back the dirty pages of region `only` (or of every region) and marks them clean
@@ -1259,7 +1399,10 @@ impl Core {
             return;
         }
         match (pending, msg) {
-            (Pending::Fetch { region, page, write, started, offset }, Message::Pages { data, .. }) => {
+            // A reply of the wrong length is handled as a refusal, below.
+            (Pending::Fetch { region, page, write, started, offset }, Message::Pages { data, .. })
+                if data.len() == PAGE_SIZE =>
+            {
                 self.stats.remote_faults.fetch_add(1, Relaxed);
                 self.stats.pages_fetched.fetch_add(1, Relaxed);
                 self.stats.bytes_fetched.fetch_add(data.len() as u64, Relaxed);
@@ -1284,7 +1427,9 @@ impl Core {
                     self.follow_pointers(region, page, offset, 0);
                 }
             }
-            (Pending::Chase { region, page, offset, depth }, Message::Pages { data, .. }) => {
+            (Pending::Chase { region, page, offset, depth }, Message::Pages { data, .. })
+                if data.len() == PAGE_SIZE =>
+            {
                 self.chases -= 1;
                 self.stats.pages_fetched.fetch_add(1, Relaxed);
                 self.stats.bytes_fetched.fetch_add(data.len() as u64, Relaxed);
@@ -1309,7 +1454,9 @@ impl Core {
                 self.chases -= 1;
                 self.drop_prefetch(region, page);
             }
-            (Pending::Prefetch { region, first, count }, Message::Pages { data, .. }) => {
+            (Pending::Prefetch { region, first, count }, Message::Pages { data, .. })
+                if data.len() == count as usize * PAGE_SIZE =>
+            {
                 self.stats.pages_fetched.fetch_add(u64::from(count), Relaxed);
                 self.stats.bytes_fetched.fetch_add(data.len() as u64, Relaxed);
                 // Runs of pages still awaited are installed with one copy each. Clean and
@@ -1341,15 +1488,8 @@ impl Core {
                 }
             }
             (Pending::WriteBack { .. }, Message::Ok) | (Pending::Ignore, _) => {}
-            (Pending::Barrier(token), _) => {
-                if let Some(entry) = self.flushes.get_mut(&token) {
-                    entry.0 -= 1;
-                    if entry.0 == 0 {
-                        let (_, reply) = self.flushes.remove(&token).expect("present");
-                        let _ = reply.send(Ok(()));
-                    }
-                }
-            }
+            (Pending::Part { gather, shard }, msg) => self.on_part(gather, shard, msg),
+            (Pending::Barrier(token), _) => self.barrier_passed(token),
             (Pending::Fetch { region, page, .. } | Pending::WriteBack { region, page }, reply) => {
                 let why = format!("host {} refused: {reply:?}", self.links[h].addr);
                 if let Some(r) = self.regions.get_mut(&region) {
@@ -1362,27 +1502,47 @@ impl Core {
         }
     }
 
-    /// Marks host `h` dead: its pending fetches and write-backs are lost, and the pages
-    /// waiting on them are poisoned so no thread hangs.
+    /// A flush's barrier was answered (or its host died): the flush is done once every host
+    /// has passed it, successfully unless pages of its region were lost.
+    fn barrier_passed(&mut self, token: u64) {
+        let Some(entry) = self.flushes.get_mut(&token) else { return };
+        entry.0 -= 1;
+        if entry.0 > 0 {
+            return;
+        }
+        let (_, id, reply) = self.flushes.remove(&token).expect("present");
+        let error =
+            self.regions.get(&id).and_then(|r| r.error.lock().unwrap_or_else(|e| e.into_inner()).clone());
+        let _ = reply.send(error.map_or(Ok(()), |e| Err(RuntimeError::HostFailed(e))));
+    }
+
+    /// Marks host `h` dead. Its shards are lost: spans with enough left are rebuilt
+    /// elsewhere, and requests in flight to it are re-sent to surviving copies or shards;
+    /// pages with too few left are lost, and threads waiting for them are poisoned so none
+    /// hangs.
     fn host_died(&mut self, h: usize, why: &str) {
         if self.links[h].dead.is_some() {
             return;
         }
         eprintln!("clustermem: {why}");
+        self.stats.hosts_lost.fetch_add(1, Relaxed);
         self.links[h].dead = Some(why.to_string());
         self.links[h].writer = clustermem_net::FrameWriter::new();
+        self.shards_lost(h, why);
         for (_, pending, _) in std::mem::take(&mut self.links[h].pending) {
             match pending {
-                Pending::Fetch { region, page, .. } | Pending::WriteBack { region, page } => {
+                Pending::Fetch { region, page, write, started, .. } => {
+                    self.refetch(region, page, write, started, why);
+                }
+                Pending::WriteBack { region, page } => {
+                    // Copies on live hosts got it too; with none left the data is gone.
                     if let Some(r) = self.regions.get_mut(&region) {
-                        r.pages[page] &= !PageState::FETCHING;
-                        r.record_loss(page, why);
-                        let addr = r.addr(page);
-                        if r.pages[page] & PageState::RESIDENT == 0 {
-                            self.poison(addr);
+                        if !r.readable(page) && r.pages[page] & PageState::LOST == 0 {
+                            r.record_loss(page, why);
                         }
                     }
                 }
+                Pending::Part { gather, shard } => self.part_lost(gather, shard),
                 Pending::Prefetch { region, first, count } => {
                     for page in first..first + count as usize {
                         self.drop_prefetch(region, page);
@@ -1392,26 +1552,34 @@ impl Core {
                     self.chases -= 1;
                     self.drop_prefetch(region, page);
                 }
-                Pending::Barrier(token) => {
-                    if let Some((_, reply)) = self.flushes.remove(&token) {
-                        let _ = reply.send(Err(RuntimeError::HostFailed(why.to_string())));
-                    }
-                }
+                Pending::Barrier(token) => self.barrier_passed(token),
                 Pending::Ignore => {}
             }
         }
-        // Pages of this host that are not resident are gone too.
-        for r in self.regions.values_mut() {
-            for page in 0..r.pages.len() {
-                let s = r.pages[page];
-                if s & PageState::ON_HOST != 0
-                    && s & PageState::RESIDENT == 0
-                    && r.slab_of(page).is_some_and(|(slab, _)| slab.host == h)
-                {
-                    r.record_loss(page, why);
-                }
-            }
+    }
+
+    /// Chooses a live host outside `exclude` for a new slab of `bytes`: the freer of two picked
+    /// at random (power of two choices), which spreads slabs evenly without herding every
+    /// client onto the one emptiest host. None if no such host has room.
+    fn place(&mut self, bytes: u64, exclude: &[usize]) -> Option<usize> {
+        let free = |l: &Link| l.capacity_bytes.saturating_sub(l.allocated_bytes);
+        let live: Vec<usize> =
+            (0..self.links.len()).filter(|h| !exclude.contains(h) && self.links[*h].dead.is_none()).collect();
+        let candidates: Vec<usize> =
+            live.iter().copied().filter(|&h| free(&self.links[h]) >= bytes).collect();
+        if candidates.is_empty() {
+            // None has room by our count: ask the freest, whose refusal says how full it is.
+            return live.into_iter().max_by_key(|&h| free(&self.links[h]));
         }
+        let mut pick = || {
+            // xorshift64: placement needs spread, not cryptographic randomness.
+            self.rng ^= self.rng << 13;
+            self.rng ^= self.rng >> 7;
+            self.rng ^= self.rng << 17;
+            candidates[(self.rng % candidates.len() as u64) as usize]
+        };
+        let (a, b) = (pick(), pick());
+        Some(if free(&self.links[a]) >= free(&self.links[b]) { a } else { b })
     }
 
     fn free_slab(&mut self, s: SlabRef) {
@@ -1469,17 +1637,59 @@ impl Core {
             eprintln!("clustermem: cannot wake threads on a discarded range at {addr:#x}: {}", chain(&e));
         }
         let region = self.regions.get_mut(&id).expect("checked above");
-        // The host gives the memory back; sent after any write-back of these pages on the same
-        // connection, so it cannot be overtaken by one.
+        // The hosts give the memory back; sent after any write-back of these pages on the same
+        // connections, so it cannot be overtaken by one. A shard holds shard_len bytes per
+        // page: whole host pages are given back, the lines of a host page shared with pages
+        // outside the range are zeroed (a later sparse write-back relies on zeros there).
+        let sl = region.redundancy.shard_len();
         let mut page = first;
         while page < first + count {
             let span_end = ((page / region.slab_pages + 1) * region.slab_pages).min(first + count);
-            if let Some((slab, slab_page)) = region.slab_of(page) {
-                let link = &mut self.links[slab.host];
-                if link.dead.is_none() {
-                    let count = u32::try_from(span_end - page).expect("a slab span fits in u32");
+            let (start, end) = ((page % region.slab_pages) * sl, (span_end - page) * sl);
+            let end = start + end;
+            let Some(placement) = region.slabs[page / region.slab_pages].as_mut() else {
+                page = span_end;
+                continue;
+            };
+            for shard in &mut placement.shards {
+                if let ShardState::Rebuilding { done } = &mut shard.state {
+                    // Nothing to copy: a batch read before the discard must not land after it.
+                    let base = (page % region.slab_pages)
+                        ..(span_end - (page / region.slab_pages) * region.slab_pages);
+                    done[base].fill(true);
+                } else if matches!(shard.state, ShardState::Lost) {
+                    continue;
+                }
+                let link = &mut self.links[shard.slab.host];
+                let slab_id = shard.slab.slab_id;
+                let (whole_first, whole_end) = (start.div_ceil(PAGE_SIZE), end / PAGE_SIZE);
+                if whole_end > whole_first {
+                    let count = u32::try_from(whole_end - whole_first).expect("a slab span fits in u32");
                     link.send(
-                        &Message::DiscardPages { slab_id: slab.slab_id, first_page: slab_page, count },
+                        &Message::DiscardPages { slab_id, first_page: whole_first as u64, count },
+                        Pending::Ignore,
+                    );
+                }
+                // The partial host pages at either end, as zeroed lines.
+                let mut edges = Vec::new();
+                if start % PAGE_SIZE != 0 {
+                    edges.push((start, end.min(start.next_multiple_of(PAGE_SIZE))));
+                }
+                if end % PAGE_SIZE != 0 && end / PAGE_SIZE >= whole_first.max(start / PAGE_SIZE + 1) {
+                    edges.push(((end / PAGE_SIZE) * PAGE_SIZE, end));
+                }
+                for (a, b) in edges {
+                    let lines = (b - a) / LINE_SIZE;
+                    let mask = (if lines == 64 { u64::MAX } else { (1u64 << lines) - 1 })
+                        << ((a % PAGE_SIZE) / LINE_SIZE);
+                    let zeros = vec![0u8; b - a];
+                    link.send(
+                        &Message::WriteLines {
+                            slab_id,
+                            page: (a / PAGE_SIZE) as u64,
+                            line_mask: mask,
+                            lines: &zeros,
+                        },
                         Pending::Ignore,
                     );
                 }
@@ -1505,8 +1715,10 @@ impl Core {
         for (_, twin) in region.twins {
             self.twins.release(twin);
         }
-        for s in region.slabs.into_iter().flatten() {
-            self.free_slab(s);
+        for s in region.slabs.into_iter().flatten().flat_map(|p| p.shards) {
+            if !matches!(s.state, ShardState::Lost) {
+                self.free_slab(s.slab);
+            }
         }
     }
 
@@ -1532,7 +1744,7 @@ impl Core {
         if barriers == 0 {
             let _ = reply.send(Err(RuntimeError::NoLiveHost));
         } else {
-            self.flushes.insert(token, (barriers, reply));
+            self.flushes.insert(token, (barriers, id, reply));
         }
     }
 }

@@ -21,6 +21,7 @@ mod dirty;
 mod handler;
 pub mod policy;
 mod prefetch;
+mod redundancy;
 mod stats;
 mod transport;
 
@@ -39,6 +40,7 @@ pub use clustermem_proto::PAGE_SIZE;
 pub use dirty::WritebackMode;
 pub use policy::PolicyKind;
 pub use prefetch::PrefetchMode;
+pub use redundancy::{ParseRedundancyError, Redundancy};
 pub use stats::{Histogram, RuntimeStats, StatsSnapshot};
 
 /// What went wrong in the runtime, with what to do about it where we know.
@@ -117,6 +119,9 @@ pub struct RuntimeConfig {
     pub flush_interval: Option<Duration>,
     /// Prefetching of the regions `Runtime::map` makes (`map_with_prefetch` picks per region).
     pub prefetch: PrefetchMode,
+    /// Redundancy of the regions `Runtime::map` makes (`map_with` picks per region): each
+    /// slab's copies or shards go on distinct hosts, so it needs that many hosts.
+    pub redundancy: Redundancy,
     /// Run first on the fault-handler thread (e.g. to mark it, for an allocator hook that must
     /// never route the handler's own allocations into region memory it serves).
     pub on_handler_start: Option<fn()>,
@@ -139,6 +144,7 @@ impl Default for RuntimeConfig {
             line_threshold: 48,
             flush_interval: Some(Duration::from_millis(100)),
             prefetch: PrefetchMode::default(),
+            redundancy: Redundancy::None,
             on_handler_start: None,
             prefetch_deadline: Duration::from_millis(5),
         }
@@ -154,6 +160,7 @@ pub struct Runtime {
     stats: Arc<RuntimeStats>,
     hosts: Vec<String>,
     prefetch: PrefetchMode,
+    redundancy: Redundancy,
     // Dropped after the handler has stopped (field order), so its connections close first.
     _embedded: Option<RunningHost>,
 }
@@ -178,6 +185,15 @@ impl Runtime {
             Features::empty()
         };
         let uffd = Arc::new(Uffd::open(Features::PAGEFAULT_FLAG_WP.union(poison).union(exact))?);
+        if config.redundancy.shards() > config.hosts.len().max(1) {
+            return Err(RuntimeError::Config(format!(
+                "--redundancy {} puts each slab on {} distinct memory hosts; {} given{}",
+                config.redundancy,
+                config.redundancy.shards(),
+                config.hosts.len(),
+                if config.hosts.is_empty() { " (the embedded host is one): pass --hosts" } else { "" }
+            )));
+        }
         let (embedded, hosts) = if config.hosts.is_empty() {
             let host = MemoryHost::bind("127.0.0.1:0", config.embedded_capacity_bytes)?.spawn();
             let addr = host.addr().to_string();
@@ -234,6 +250,7 @@ impl Runtime {
             stats,
             hosts,
             prefetch: config.prefetch,
+            redundancy: config.redundancy,
             _embedded: embedded,
         })
     }
@@ -250,13 +267,23 @@ impl Runtime {
     /// host memory allocated for all of it now (a full host fails here, not later), and the
     /// runtime's prefetch mode.
     pub fn map(&self, len: usize) -> Result<Region<'_>, RuntimeError> {
-        self.add_region(len, true, self.prefetch)
+        self.add_region(len, true, self.prefetch, self.redundancy)
+    }
+
+    /// As [`Runtime::map`], with its own prefetching and redundancy.
+    pub fn map_with(
+        &self,
+        len: usize,
+        prefetch: PrefetchMode,
+        redundancy: Redundancy,
+    ) -> Result<Region<'_>, RuntimeError> {
+        self.add_region(len, true, prefetch, redundancy)
     }
 
     /// As [`Runtime::map`], prefetching as `prefetch` says: e.g. `Pointer` for a region that
     /// holds a linked structure, `Off` for one only ever accessed at random.
     pub fn map_with_prefetch(&self, len: usize, prefetch: PrefetchMode) -> Result<Region<'_>, RuntimeError> {
-        self.add_region(len, true, prefetch)
+        self.add_region(len, true, prefetch, self.redundancy)
     }
 
     /// Reserves a region of `len` bytes of address space with no host memory yet: call
@@ -264,7 +291,7 @@ impl Runtime {
     /// large arena into allocations (`clustermem run`). A page written outside every committed
     /// range cannot be kept: it is reported lost when evicted.
     pub fn reserve(&self, len: usize) -> Result<Region<'_>, RuntimeError> {
-        self.add_region(len, false, self.prefetch)
+        self.add_region(len, false, self.prefetch, self.redundancy)
     }
 
     fn add_region(
@@ -272,6 +299,7 @@ impl Runtime {
         len: usize,
         commit: bool,
         prefetch: PrefetchMode,
+        redundancy: Redundancy,
     ) -> Result<Region<'_>, RuntimeError> {
         if len == 0 {
             return Err(RuntimeError::Config("a region needs at least one byte".into()));
@@ -290,6 +318,7 @@ impl Runtime {
                 len,
                 commit,
                 prefetch,
+                redundancy,
                 reply,
                 error: Arc::clone(&error),
             })

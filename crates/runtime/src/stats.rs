@@ -118,6 +118,17 @@ pub struct RuntimeStats {
     pub prefetch_waits: AtomicU64,
     /// Pointer prefetches that missed their deadline: dropped, the page left to fault.
     pub prefetch_abandoned: AtomicU64,
+    /// Memory hosts found dead (connection lost and not re-established, or silent too long).
+    /// Not reset: a loss is news for the runtime's whole life.
+    pub hosts_lost: AtomicU64,
+    /// Pages whose lost copy or shard was rebuilt on another host.
+    pub pages_rebuilt: AtomicU64,
+    /// Bytes written to hosts by rebuilds.
+    pub bytes_rebuilt: AtomicU64,
+    /// Spans whose lost shard waits for or is being rebuilt (a gauge, not reset).
+    pub spans_rebuilding: AtomicU64,
+    /// Erasure-coded pages read with a parity shard standing in for a lost data shard.
+    pub degraded_reads: AtomicU64,
     /// Time from reading a remote fault to installing its page, in the handler.
     pub fault_service: Histogram,
 }
@@ -144,6 +155,9 @@ impl RuntimeStats {
             &self.pointer_prefetch_issued,
             &self.prefetch_waits,
             &self.prefetch_abandoned,
+            &self.pages_rebuilt,
+            &self.bytes_rebuilt,
+            &self.degraded_reads,
         ] {
             c.store(0, Relaxed);
         }
@@ -171,6 +185,11 @@ impl RuntimeStats {
             pointer_prefetch_issued: self.pointer_prefetch_issued.load(Relaxed),
             prefetch_waits: self.prefetch_waits.load(Relaxed),
             prefetch_abandoned: self.prefetch_abandoned.load(Relaxed),
+            hosts_lost: self.hosts_lost.load(Relaxed),
+            pages_rebuilt: self.pages_rebuilt.load(Relaxed),
+            bytes_rebuilt: self.bytes_rebuilt.load(Relaxed),
+            degraded_reads: self.degraded_reads.load(Relaxed),
+            spans_rebuilding: self.spans_rebuilding.load(Relaxed),
             service_p50_us: self.fault_service.quantile_us(0.5),
             service_p99_us: self.fault_service.quantile_us(0.99),
         }
@@ -216,6 +235,16 @@ pub struct StatsSnapshot {
     pub prefetch_waits: u64,
     /// See [`RuntimeStats::prefetch_abandoned`].
     pub prefetch_abandoned: u64,
+    /// See [`RuntimeStats::hosts_lost`].
+    pub hosts_lost: u64,
+    /// See [`RuntimeStats::pages_rebuilt`].
+    pub pages_rebuilt: u64,
+    /// See [`RuntimeStats::bytes_rebuilt`].
+    pub bytes_rebuilt: u64,
+    /// See [`RuntimeStats::degraded_reads`].
+    pub degraded_reads: u64,
+    /// See [`RuntimeStats::spans_rebuilding`].
+    pub spans_rebuilding: u64,
     /// Median fault service time in the handler.
     pub service_p50_us: f64,
     /// 99th percentile fault service time in the handler.

@@ -62,6 +62,14 @@ pub(crate) enum Pending {
         /// Hops since a thread last needed a page of this chain.
         depth: u8,
     },
+    /// Shard `shard` of gather `gather` (a read that needs K of a span's shards: an
+    /// erasure-coded fault, or a rebuild's read of surviving copies).
+    Part {
+        /// Gather id.
+        gather: u64,
+        /// Shard index in the span's placement.
+        shard: u8,
+    },
     /// A barrier: replies to everything sent before it have arrived.
     Barrier(u64),
     /// A reply nobody waits for (slab frees, abandoned pointer prefetches).
