@@ -3,8 +3,10 @@
 //! `clustermem host` donates this machine's RAM; `clustermem bench` maps a region backed by
 //! hosts (or by an embedded host, when none is given) and measures a workload on it.
 
+mod duration;
 mod run;
 mod size;
+mod status;
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,6 +50,9 @@ enum Command {
     /// Run an unmodified program with its large memory in cluster memory, its resident set
     /// bounded by --local-mem: `clustermem run --local-mem 256M -- python3 job.py`.
     Run(run::RunArgs),
+    /// Ask memory hosts whether they are up and how full they are: one row per host
+    /// (`--json`: one object). Exits 1 when any host is down.
+    Status(status::StatusArgs),
     /// Crash-test a subsystem: kill it at random moments and check what survives.
     Crashtest {
         #[command(subcommand)]
@@ -86,6 +91,12 @@ struct HostArgs {
     /// Memory to donate (e.g. 8G, 512M); requests beyond it are refused.
     #[arg(long, value_parser = parse_size)]
     capacity: u64,
+    /// How long the slabs of a client whose connection ended are kept for it to reconnect and
+    /// resume its session (Resume message) before they are freed; 0 frees them at once.
+    /// Slabs of a client that never sent Resume are freed when its connection ends. A Resume
+    /// of a session another live connection holds closes that connection and adopts its slabs.
+    #[arg(long, default_value = "30s", value_parser = duration::parse_duration)]
+    orphan_grace: Duration,
 }
 
 /// What `bench` runs: a region workload, or transactions on a persistent pool.
@@ -216,7 +227,7 @@ fn install_handler(signal: libc::c_int, handler: extern "C" fn(libc::c_int)) {
 }
 
 fn run_host(args: &HostArgs) -> Result<()> {
-    let host = MemoryHost::bind(args.listen.as_str(), args.capacity)?;
+    let host = MemoryHost::bind(args.listen.as_str(), args.capacity)?.with_orphan_grace(args.orphan_grace);
     let flag = host.shutdown_flag();
     install_handler(libc::SIGINT, on_terminate);
     install_handler(libc::SIGTERM, on_terminate);
@@ -441,6 +452,7 @@ fn main() -> ExitCode {
     let outcome = match &cli.command {
         Command::Host(args) => run_host(args).map(|()| true),
         Command::Bench(args) => run_bench(args),
+        Command::Status(args) => return status::run(args),
         Command::Crashtest { target: CrashTarget::Tx(args) } => run_crashtest_tx(args),
         Command::Run(_) => unreachable!("handled above"),
     };

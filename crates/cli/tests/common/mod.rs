@@ -28,8 +28,14 @@ pub struct HostProcess {
 impl HostProcess {
     /// Starts `clustermem host` on an ephemeral loopback port with `capacity`.
     pub fn start(capacity: &str) -> Self {
+        Self::start_with(capacity, &[])
+    }
+
+    /// Starts `clustermem host` on an ephemeral loopback port with `capacity` and `extra` flags.
+    pub fn start_with(capacity: &str, extra: &[&str]) -> Self {
         let mut child = Command::new(bin())
             .args(["host", "--listen", "127.0.0.1:0", "--capacity", capacity])
+            .args(extra)
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
