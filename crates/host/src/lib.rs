@@ -42,7 +42,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use clustermem_net::{FrameReader, FrameWriter, RecvError};
-use clustermem_proto::{ErrorCode, Message, HELLO_LOW_LATENCY, MAX_VERSION, MIN_VERSION};
+use clustermem_proto::{
+    ErrorCode, Message, HELLO_LOW_LATENCY, MAX_PAYLOAD, MAX_VERSION, MIN_VERSION, PAGE_SIZE,
+};
 use sessions::{Binding, Sessions};
 use store::{Refusal, Slab, Store};
 use thiserror::Error;
@@ -244,6 +246,16 @@ impl Session<'_> {
                 }
             }
             Message::ReadPages { slab_id, first_page, count } => self.slab(slab_id).and_then(|slab| {
+                // The reply (page index, then the pages) must fit one frame.
+                if 8 + count as usize * PAGE_SIZE > MAX_PAYLOAD {
+                    return Err((
+                        ErrorCode::OutOfRange,
+                        format!(
+                            "{count} pages do not fit one reply (at most {})",
+                            (MAX_PAYLOAD - 8) / PAGE_SIZE
+                        ),
+                    ));
+                }
                 let slab = Arc::clone(slab);
                 let start = out.begin_frame();
                 out.payload().extend_from_slice(&first_page.to_le_bytes());
@@ -287,8 +299,9 @@ impl Session<'_> {
                 .map(|()| out.push(id, &Message::Ok)),
             Message::Resume { session } => {
                 self.sessions.resume(session, &mut self.binding, self.store).map(|adopted| {
+                    let slabs = adopted.len() as u64;
                     self.owned.extend(adopted);
-                    out.push(id, &Message::Ok);
+                    out.push(id, &Message::Resumed { slabs });
                 })
             }
             Message::GetStats => {

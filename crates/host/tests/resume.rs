@@ -14,6 +14,7 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, PartialEq, Eq)]
 enum Reply {
     Ok,
+    Resumed(u64),
     Slab(u64),
     Data(u64, Vec<u8>),
     Stats(HostStats),
@@ -48,6 +49,7 @@ impl Client {
         assert_eq!(rid, id, "replies come in order");
         Ok(match reply {
             Message::Ok => Reply::Ok,
+            Message::Resumed { slabs } => Reply::Resumed(slabs),
             Message::SlabAllocated { slab_id } => Reply::Slab(slab_id),
             Message::Pages { first_page, data } => Reply::Data(first_page, data.to_vec()),
             Message::Stats(s) => Reply::Stats(s),
@@ -101,7 +103,7 @@ fn page_of(byte: u8) -> Vec<u8> {
 fn client_with_a_page(host: &RunningHost, session: Option<u64>) -> (Client, u64, Vec<u8>) {
     let mut c = Client::connect(host);
     if let Some(session) = session {
-        assert_eq!(c.call(&Message::Resume { session }), Reply::Ok);
+        assert_eq!(c.call(&Message::Resume { session }), Reply::Resumed(0), "a new session");
     }
     let slab = c.alloc(16 * PAGE_SIZE as u64);
     let page = page_of(0x5A);
@@ -118,7 +120,7 @@ fn a_resumed_session_gets_its_slabs_back_intact() {
     assert_eq!(s.used_bytes, 16 * PAGE_SIZE as u64, "orphans keep their memory");
 
     let mut again = Client::connect(&host);
-    assert_eq!(again.call(&Message::Resume { session: 0xC0FFEE }), Reply::Ok);
+    assert_eq!(again.call(&Message::Resume { session: 0xC0FFEE }), Reply::Resumed(1));
     assert_eq!(again.stats().orphaned_slabs, 0, "adopted");
     assert_eq!(
         again.call(&Message::ReadPages { slab_id: slab, first_page: 3, count: 1 }),
@@ -156,7 +158,7 @@ fn orphans_are_freed_after_the_grace_period() {
     assert_eq!((s.slabs, s.orphaned_slabs), (0, 0));
     // Too late: resuming adopts nothing.
     let mut late = Client::connect(&host);
-    assert_eq!(late.call(&Message::Resume { session: 77 }), Reply::Ok);
+    assert_eq!(late.call(&Message::Resume { session: 77 }), Reply::Resumed(0));
     assert!(matches!(
         late.call(&Message::ReadPages { slab_id: slab, first_page: 3, count: 1 }),
         Reply::Error(ErrorCode::NoSuchSlab, _)
@@ -180,7 +182,7 @@ fn resume_takes_over_a_connection_the_host_thinks_alive() {
     let (mut old, slab, page) = client_with_a_page(&host, Some(0xABCD));
     let mut new = Client::connect(&host);
     let asked = Instant::now();
-    assert_eq!(new.call(&Message::Resume { session: 0xABCD }), Reply::Ok);
+    assert_eq!(new.call(&Message::Resume { session: 0xABCD }), Reply::Resumed(1));
     assert!(asked.elapsed() < Duration::from_secs(2), "took over within the wait");
     assert_eq!(
         new.call(&Message::ReadPages { slab_id: slab, first_page: 3, count: 1 }),
@@ -197,8 +199,8 @@ fn bad_resumes_are_refused() {
     let host = host(Duration::from_secs(30));
     let mut c = Client::connect(&host);
     assert!(matches!(c.call(&Message::Resume { session: 0 }), Reply::Error(ErrorCode::BadRequest, _)));
-    assert_eq!(c.call(&Message::Resume { session: 9 }), Reply::Ok);
-    assert_eq!(c.call(&Message::Resume { session: 9 }), Reply::Ok, "a retry of the same session");
+    assert_eq!(c.call(&Message::Resume { session: 9 }), Reply::Resumed(0));
+    assert_eq!(c.call(&Message::Resume { session: 9 }), Reply::Resumed(0), "a retry of the same session");
     assert!(matches!(c.call(&Message::Resume { session: 10 }), Reply::Error(ErrorCode::BadRequest, _)));
     let slab = c.alloc(PAGE_SIZE as u64);
     assert!(matches!(
@@ -212,5 +214,21 @@ fn bad_resumes_are_refused() {
     assert!(matches!(
         c.call(&Message::ReadBytes { slab_id: slab + 1, offset: 0, len: 1 }),
         Reply::Error(ErrorCode::NoSuchSlab, _)
+    ));
+}
+
+/// A read whose reply could not fit one frame is refused, and the connection keeps serving.
+#[test]
+fn a_read_too_large_for_one_reply_is_refused() {
+    let host = host(Duration::from_secs(30));
+    let mut c = Client::connect(&host);
+    let slab = c.alloc(4097 * PAGE_SIZE as u64);
+    assert!(matches!(
+        c.call(&Message::ReadPages { slab_id: slab, first_page: 0, count: 4097 }),
+        Reply::Error(ErrorCode::OutOfRange, _)
+    ));
+    assert!(matches!(
+        c.call(&Message::ReadPages { slab_id: slab, first_page: 0, count: 1 }),
+        Reply::Data(0, _)
     ));
 }

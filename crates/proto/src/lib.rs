@@ -239,6 +239,7 @@ mod tests {
         roundtrip(Message::ReadBytes { slab_id: 3, offset: 4096 * 5 + 1024, len: 1024 });
         roundtrip(Message::Pages { first_page: 4096 * 5 + 1024, data: &page[..1024] });
         roundtrip(Message::Resume { session: 0xdead_beef_1234 });
+        roundtrip(Message::Resumed { slabs: 3 });
     }
 
     /// The wire layouts other implementations rely on, byte for byte.
@@ -257,9 +258,14 @@ mod tests {
         assert!(Message::decode(16, &[0; 7]).is_err(), "short Resume");
         assert!(Message::decode(15, &[0; 21]).is_err(), "ReadBytes with trailing bytes");
         assert!(Message::decode(7, &0u64.to_le_bytes()).is_err(), "Pages without data");
+        let msg = Message::Resumed { slabs: 9 };
+        assert_eq!(msg.kind(), 17);
+        payload.clear();
+        msg.encode_payload(&mut payload);
+        assert_eq!(payload, 9u64.to_le_bytes());
         let mut frame = encode_frame(1, &Message::Ok);
-        frame[3] = 17;
-        assert_eq!(decode_frame(&frame), Err(DecodeError::UnknownKind(17)), "17 is still free");
+        frame[3] = 18;
+        assert_eq!(decode_frame(&frame), Err(DecodeError::UnknownKind(18)), "18 is still free");
     }
 
     /// A host from before `orphaned_slabs` sends four fields; they still decode.

@@ -69,7 +69,7 @@ pub struct HostStats {
 }
 
 /// One protocol message. Requests go client -> host; each gets exactly one reply with the
-/// same request id (`HelloOk`, `SlabAllocated`, `Pages`, `Ok`, `Stats` or `Error`).
+/// same request id (`HelloOk`, `SlabAllocated`, `Pages`, `Ok`, `Stats`, `Resumed` or `Error`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message<'a> {
     /// Opens a session: the client speaks versions `min_version..=max_version`.
@@ -183,14 +183,21 @@ pub enum Message<'a> {
     /// right after `Hello`). When a bound connection ends its slabs are kept for the host's
     /// grace period as orphans of the session, and a later connection that resumes the same
     /// session adopts them: a client survives the loss of its TCP connection. Answered by
-    /// `Ok` once any orphans are adopted.
+    /// `Resumed` once any orphans are adopted.
     Resume {
         /// The session token.
         session: u64,
     },
+    /// The reply to `Resume`: how many slabs this connection adopted. A client that expected
+    /// some and got none is talking to a host that restarted (or whose grace ran out): its
+    /// data there is gone.
+    Resumed {
+        /// Slabs adopted.
+        slabs: u64,
+    },
 }
 
-const KINDS: [&str; 16] = [
+const KINDS: [&str; 17] = [
     "Hello",
     "HelloOk",
     "AllocSlab",
@@ -207,6 +214,7 @@ const KINDS: [&str; 16] = [
     "DiscardPages",
     "ReadBytes",
     "Resume",
+    "Resumed",
 ];
 
 /// Name of a kind byte, or `None` when it names no message.
@@ -281,6 +289,7 @@ impl<'a> Message<'a> {
             Self::DiscardPages { .. } => 14,
             Self::ReadBytes { .. } => 15,
             Self::Resume { .. } => 16,
+            Self::Resumed { .. } => 17,
         }
     }
 
@@ -313,6 +322,7 @@ impl<'a> Message<'a> {
                 out.extend_from_slice(&len.to_le_bytes());
             }
             Self::Resume { session } => out.extend_from_slice(&session.to_le_bytes()),
+            Self::Resumed { slabs } => out.extend_from_slice(&slabs.to_le_bytes()),
             Self::ReadPages { slab_id, first_page, count }
             | Self::DiscardPages { slab_id, first_page, count } => {
                 out.extend_from_slice(&slab_id.to_le_bytes());
@@ -359,6 +369,7 @@ impl<'a> Message<'a> {
             14 => Self::DiscardPages { slab_id: r.u64()?, first_page: r.u64()?, count: r.u32()? },
             15 => Self::ReadBytes { slab_id: r.u64()?, offset: r.u64()?, len: r.u32()? },
             16 => Self::Resume { session: r.u64()? },
+            17 => Self::Resumed { slabs: r.u64()? },
             7 => {
                 let first_page = r.u64()?;
                 let data = r.rest();
