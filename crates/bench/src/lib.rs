@@ -298,6 +298,8 @@ pub struct BenchReport {
     pub redundancy: String,
     /// Memory hosts found dead during the measured phase.
     pub hosts_lost: u64,
+    /// Dropped connections re-established (requests replayed) during the measured phase.
+    pub reconnects: u64,
     /// Pages whose lost copy or shard was rebuilt on another host.
     pub pages_rebuilt: u64,
     /// Bytes written to hosts by rebuilds.
@@ -544,6 +546,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         prefetch_abandoned: snap.prefetch_abandoned,
         redundancy: opts.redundancy.to_string(),
         hosts_lost: after.hosts_lost,
+        reconnects: after.reconnects,
         pages_rebuilt: after.pages_rebuilt,
         bytes_rebuilt: after.bytes_rebuilt,
         degraded_reads: after.degraded_reads,

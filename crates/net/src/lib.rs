@@ -213,6 +213,16 @@ impl FrameWriter {
         self.buf[start..start + HEADER_LEN].copy_from_slice(&header.encode());
     }
 
+    /// The bytes queued: whole frames.
+    pub fn queued(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Queues frames already encoded (e.g. replayed from an earlier connection).
+    pub fn push_encoded(&mut self, frames: &[u8]) {
+        self.buf.extend_from_slice(frames);
+    }
+
     /// Bytes queued.
     pub fn len(&self) -> usize {
         self.buf.len()

@@ -35,7 +35,7 @@ use crate::policy::{EvictionPolicy, PageKey};
 use crate::prefetch::{PrefetchMode, Stream};
 use crate::redundancy::{Coder, Redundancy};
 use crate::stats::RuntimeStats;
-use crate::transport::{Link, Pending};
+use crate::transport::{self, Link, Pending};
 use crate::RuntimeError;
 
 /// Per-page flags, one byte a page.
@@ -67,6 +67,17 @@ const EVICTION_DEFER: Duration = Duration::from_micros(10);
 
 /// Fresh pages filled with zeros at once for a program writing fresh memory in order.
 const ZERO_RUN: usize = 16;
+
+/// A new connection to host (index) that was found dead.
+type RedialResult = (usize, Result<(Link, FrameReader), RuntimeError>);
+
+/// How long a reconnection to a host whose connection dropped may take.
+const RECONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection that fails again this many times in a row without a single answer between
+/// is given up: the host is dead.
+const MAX_RECONNECTS_IN_A_ROW: u32 = 3;
+/// How often a dead host is tried again.
+const REDIAL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How long rebuilding waits after finding no host to rebuild onto.
 const REBUILD_RETRY: Duration = Duration::from_secs(1);
@@ -355,6 +366,12 @@ fn unkey(k: PageKey) -> (u32, usize) {
 pub(crate) struct Handler {
     core: Core,
     readers: Vec<FrameReader>,
+    /// Reconnections of each link since its last answer.
+    reconnects_in_a_row: Vec<u32>,
+    /// Results of background connection attempts to dead hosts.
+    redials: (Sender<RedialResult>, Receiver<RedialResult>),
+    redialing: Vec<bool>,
+    last_redial: Vec<Option<Instant>>,
     commands: Receiver<Command>,
     wakeup_fd: i32,
 }
@@ -371,7 +388,8 @@ impl Handler {
     ) -> Self {
         let poison_supported = uffd.features().contains(clustermem_uffd::Features::POISON);
         let exact_addresses = uffd.features().contains(clustermem_uffd::Features::EXACT_ADDRESS);
-        let (links, readers) = connections.into_iter().unzip();
+        let (links, readers): (Vec<Link>, Vec<FrameReader>) = connections.into_iter().unzip();
+        let hosts = links.len();
         Self {
             core: Core {
                 uffd,
@@ -405,6 +423,10 @@ impl Handler {
                 rebuild_stalled: None,
             },
             readers,
+            reconnects_in_a_row: vec![0; hosts],
+            redials: std::sync::mpsc::channel(),
+            redialing: vec![false; hosts],
+            last_redial: vec![None; hosts],
             commands,
             wakeup_fd,
         }
@@ -469,6 +491,9 @@ impl Handler {
                 self.core.pump_rebuilds();
             }
             self.core.stats.spans_rebuilding.store(self.core.rebuilds_pending() as u64, Relaxed);
+            if self.core.links.iter().any(|l| l.dead.is_some()) {
+                self.redial_dead_hosts();
+            }
             if progress {
                 continue;
             }
@@ -511,6 +536,85 @@ impl Handler {
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
     }
 
+    /// The connection to host `h` failed (reset, closed, a send error). The host may well be
+    /// alive (a proxy or NAT dropped the connection, a transient network fault): reconnect,
+    /// resume the session, which gets our slabs back, and replay every unanswered request in
+    /// order. A host that refuses, or that no longer holds our slabs (it restarted), is dead.
+    /// (It may hold one more than we count: a slab allocation in flight when the connection
+    /// dropped; its replay allocates another, and the first stays with the session.)
+    fn link_failed(&mut self, h: usize, why: &str) {
+        let link = &self.core.links[h];
+        if link.dead.is_some() {
+            return;
+        }
+        if self.reconnects_in_a_row[h] >= MAX_RECONNECTS_IN_A_ROW {
+            let why = format!("{why} (after {MAX_RECONNECTS_IN_A_ROW} reconnections without an answer)");
+            return self.core.host_died(h, &why);
+        }
+        self.reconnects_in_a_row[h] += 1;
+        let expected = self.core.slabs_on(h);
+        let addr = link.addr.to_string();
+        match transport::connect(&addr, self.core.config.low_latency, link.session, RECONNECT_TIMEOUT) {
+            Ok((fresh, reader, adopted)) if adopted >= expected => {
+                let replayed = self.core.links[h].resume_on(fresh.writer);
+                self.readers[h] = reader;
+                self.core.stats.reconnects.fetch_add(1, Relaxed);
+                eprintln!("clustermem: {why}; reconnected, {replayed} unanswered request(s) sent again");
+            }
+            Ok((_, _, adopted)) => {
+                let why = format!(
+                    "{why}; on reconnecting it held {adopted} of our {expected} slabs (it restarted)"
+                );
+                self.core.host_died(h, &why);
+            }
+            Err(e) => self.core.host_died(h, &format!("{why}; reconnecting failed: {e}")),
+        }
+    }
+
+    /// Tries, in the background, to reach dead hosts again: one that answers is a new
+    /// instance (our slabs there are gone), a place for new slabs and rebuilt shards.
+    fn redial_dead_hosts(&mut self) {
+        for h in 0..self.core.links.len() {
+            if self.core.links[h].dead.is_none()
+                || self.redialing[h]
+                || self.last_redial[h].is_some_and(|t| t.elapsed() < REDIAL_INTERVAL)
+            {
+                continue;
+            }
+            self.redialing[h] = true;
+            self.last_redial[h] = Some(Instant::now());
+            let (addr, low_latency) = (self.core.links[h].addr.to_string(), self.core.config.low_latency);
+            let (results, wakeup_fd) = (self.redials.0.clone(), self.wakeup_fd);
+            let spawned = std::thread::Builder::new().name("redial".into()).spawn(move || {
+                // A new session: the dead instance's slabs are not ours to adopt.
+                let result = transport::connect(
+                    &addr,
+                    low_latency,
+                    transport::new_session(),
+                    transport::CONNECT_TIMEOUT,
+                );
+                let _ = results.send((h, result.map(|(link, reader, _)| (link, reader))));
+                let one = 1u64;
+                // SAFETY: writes 8 bytes from a local u64 to the handler's eventfd, which
+                // outlives this thread or is closed, making the write fail harmlessly.
+                unsafe { libc::write(wakeup_fd, std::ptr::addr_of!(one).cast(), 8) };
+            });
+            if spawned.is_err() {
+                self.redialing[h] = false;
+            }
+        }
+        while let Ok((h, result)) = self.redials.1.try_recv() {
+            self.redialing[h] = false;
+            if let Ok((link, reader)) = result {
+                eprintln!("clustermem: memory host {} answers again (a new instance): it takes new and rebuilt slabs", link.addr);
+                self.core.links[h] = link;
+                self.readers[h] = reader;
+                self.reconnects_in_a_row[h] = 0;
+                self.core.rebuild_stalled = None;
+            }
+        }
+    }
+
     fn flush_links(&mut self) {
         for h in 0..self.core.links.len() {
             let link = &mut self.core.links[h];
@@ -519,7 +623,8 @@ impl Handler {
             }
             if let Err(e) = link.writer.flush_to(self.readers[h].stream()) {
                 let why = format!("send to {} failed: {e}", link.addr);
-                self.core.host_died(h, &why);
+                self.link_failed(h, &why);
+                // The replay is sent on the next round.
             }
         }
     }
@@ -533,12 +638,13 @@ impl Handler {
                 match self.readers[h].recv(None, past) {
                     Ok((id, msg)) => {
                         any = true;
+                        self.reconnects_in_a_row[h] = 0;
                         self.core.on_reply(h, id, &msg);
                     }
                     Err(RecvError::TimedOut(_)) => break,
                     Err(e) => {
                         let why = format!("host {} failed: {e}", self.core.links[h].addr);
-                        self.core.host_died(h, &why);
+                        self.link_failed(h, &why);
                     }
                 }
             }
@@ -580,13 +686,21 @@ impl Handler {
             }
             match self.readers[h].recv(None, Some(deadline)) {
                 Ok((id, reply)) if id == want => {
-                    self.core.links[h].pending.pop_front();
+                    self.core.links[h].ack();
                     return Ok(OwnedReply::from(&reply));
                 }
                 Ok((id, reply)) => self.core.on_reply(h, id, &reply),
+                Err(RecvError::TimedOut(_)) => {
+                    let why = format!(
+                        "host {} did not answer within {:?}",
+                        self.core.links[h].addr, self.core.config.request_timeout
+                    );
+                    self.core.host_died(h, &why);
+                }
                 Err(e) => {
                     let why = format!("host {} failed: {e}", self.core.links[h].addr);
-                    self.core.host_died(h, &why);
+                    self.link_failed(h, &why);
+                    self.flush_links();
                 }
             }
         }
@@ -1390,7 +1504,7 @@ impl Core {
     }
 
     fn on_reply(&mut self, h: usize, id: u64, msg: &Message<'_>) {
-        let Some((want, pending, sent)) = self.links[h].pending.pop_front() else {
+        let Some((want, pending, sent)) = self.links[h].ack() else {
             self.host_died(h, "host sent a reply nobody asked for");
             return;
         };
@@ -1527,9 +1641,9 @@ impl Core {
         eprintln!("clustermem: {why}");
         self.stats.hosts_lost.fetch_add(1, Relaxed);
         self.links[h].dead = Some(why.to_string());
-        self.links[h].writer = clustermem_net::FrameWriter::new();
+        let pending = self.links[h].abandon();
         self.shards_lost(h, why);
-        for (_, pending, _) in std::mem::take(&mut self.links[h].pending) {
+        for (_, pending, _) in pending {
             match pending {
                 Pending::Fetch { region, page, write, started, .. } => {
                     self.refetch(region, page, write, started, why);

@@ -203,7 +203,15 @@ impl Runtime {
         };
         let connections = hosts
             .iter()
-            .map(|addr| transport::connect(addr, config.low_latency))
+            .map(|addr| {
+                transport::connect(
+                    addr,
+                    config.low_latency,
+                    transport::new_session(),
+                    transport::CONNECT_TIMEOUT,
+                )
+                .map(|(link, reader, _)| (link, reader))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let stats = Arc::new(RuntimeStats::default());
         let on_handler_start = config.on_handler_start;

@@ -121,6 +121,8 @@ pub struct RuntimeStats {
     /// Memory hosts found dead (connection lost and not re-established, or silent too long).
     /// Not reset: a loss is news for the runtime's whole life.
     pub hosts_lost: AtomicU64,
+    /// Dropped connections to live hosts re-established, their requests replayed.
+    pub reconnects: AtomicU64,
     /// Pages whose lost copy or shard was rebuilt on another host.
     pub pages_rebuilt: AtomicU64,
     /// Bytes written to hosts by rebuilds.
@@ -186,6 +188,7 @@ impl RuntimeStats {
             prefetch_waits: self.prefetch_waits.load(Relaxed),
             prefetch_abandoned: self.prefetch_abandoned.load(Relaxed),
             hosts_lost: self.hosts_lost.load(Relaxed),
+            reconnects: self.reconnects.load(Relaxed),
             pages_rebuilt: self.pages_rebuilt.load(Relaxed),
             bytes_rebuilt: self.bytes_rebuilt.load(Relaxed),
             degraded_reads: self.degraded_reads.load(Relaxed),
@@ -237,6 +240,8 @@ pub struct StatsSnapshot {
     pub prefetch_abandoned: u64,
     /// See [`RuntimeStats::hosts_lost`].
     pub hosts_lost: u64,
+    /// See [`RuntimeStats::reconnects`].
+    pub reconnects: u64,
     /// See [`RuntimeStats::pages_rebuilt`].
     pub pages_rebuilt: u64,
     /// See [`RuntimeStats::bytes_rebuilt`].

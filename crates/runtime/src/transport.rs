@@ -16,7 +16,7 @@ use clustermem_proto::{ErrorCode, Message, HELLO_LOW_LATENCY, MAX_VERSION, MIN_V
 use crate::RuntimeError;
 
 /// How long connecting and the handshake may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a pending request was for, so its reply can be applied.
 #[derive(Debug)]
@@ -88,22 +88,83 @@ pub(crate) struct Link {
     pub(crate) allocated_bytes: u64,
     /// Set when the host stopped answering; no request is sent after that.
     pub(crate) dead: Option<String>,
+    /// The session the connection is bound to: a new connection resuming it gets the slabs
+    /// back (see `Message::Resume`).
+    pub(crate) session: u64,
+    /// The frames of `pending`, byte for byte from `journal_head`, each ending at the
+    /// matching `journal_ends` entry: replayed in order on a new connection after the old one
+    /// dropped. Every data request is a read or an overwrite, so a replayed one the host had
+    /// already applied changes nothing.
+    journal: Vec<u8>,
+    journal_head: usize,
+    journal_ends: VecDeque<usize>,
 }
 
 impl Link {
     /// Queues `msg`, remembering what its reply is for.
     pub(crate) fn send(&mut self, msg: &Message<'_>, pending: Pending) {
         let id = self.take_id();
+        let start = self.writer.len();
         self.writer.push(id, msg);
+        self.journal(start);
         self.pending.push_back((id, pending, Instant::now()));
     }
 
     /// Queues a frame whose payload is `prefix` then `data` (page data straight from memory).
     pub(crate) fn send_parts(&mut self, kind: u8, prefix: &[u8], data: &[u8], pending: Pending) -> u64 {
         let id = self.take_id();
+        let start = self.writer.len();
         self.writer.push_parts(kind, id, prefix, data);
+        self.journal(start);
         self.pending.push_back((id, pending, Instant::now()));
         (clustermem_proto::HEADER_LEN + prefix.len() + data.len()) as u64
+    }
+
+    /// Keeps a copy of the frame just queued from `start` in the writer.
+    fn journal(&mut self, start: usize) {
+        self.journal.extend_from_slice(&self.writer.queued()[start..]);
+        self.journal_ends.push_back(self.journal.len());
+    }
+
+    /// The oldest pending request was answered: forgets it.
+    pub(crate) fn ack(&mut self) -> Option<(u64, Pending, Instant)> {
+        let done = self.pending.pop_front()?;
+        if let Some(end) = self.journal_ends.pop_front() {
+            self.journal_head = end;
+        }
+        if self.journal_ends.is_empty() {
+            self.journal.clear();
+            self.journal_head = 0;
+        } else if self.journal_head > (1 << 20) && self.journal_head * 2 > self.journal.len() {
+            // Compact now and then, not per reply.
+            self.journal.drain(..self.journal_head);
+            for end in &mut self.journal_ends {
+                *end -= self.journal_head;
+            }
+            self.journal_head = 0;
+        }
+        Some(done)
+    }
+
+    /// Moves onto a new connection's `writer`: every unanswered request is queued again, in
+    /// order, with its old id. Returns how many.
+    pub(crate) fn resume_on(&mut self, writer: FrameWriter) -> usize {
+        self.writer = writer;
+        self.writer.push_encoded(&self.journal[self.journal_head..]);
+        let now = Instant::now();
+        for (_, _, sent) in &mut self.pending {
+            *sent = now;
+        }
+        self.pending.len()
+    }
+
+    /// The host is gone: drops the queued and unanswered requests, returning the latter.
+    pub(crate) fn abandon(&mut self) -> VecDeque<(u64, Pending, Instant)> {
+        self.writer = FrameWriter::new();
+        self.journal = Vec::new();
+        self.journal_head = 0;
+        self.journal_ends.clear();
+        std::mem::take(&mut self.pending)
     }
 
     fn take_id(&mut self) -> u64 {
@@ -112,25 +173,44 @@ impl Link {
     }
 }
 
-/// Connects to a memory host and performs the version handshake.
-pub(crate) fn connect(addr: &str, low_latency: bool) -> Result<(Link, FrameReader), RuntimeError> {
+/// A fresh session token: a client's sessions must not collide on a host, across processes
+/// and machines; nothing depends on it being unpredictable.
+pub(crate) fn new_session() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()),
+    );
+    h.finish() | 1
+}
+
+/// Connects to a memory host, performs the version handshake and binds the connection to
+/// `session`. Returns the link, its reader, and how many slabs of the session the host held
+/// (0 for a new session).
+pub(crate) fn connect(
+    addr: &str,
+    low_latency: bool,
+    session: u64,
+    timeout: Duration,
+) -> Result<(Link, FrameReader, u64), RuntimeError> {
     let unreachable = |why: String| RuntimeError::HostUnreachable { addr: addr.to_string(), why };
     let sock_addr = addr
         .to_socket_addrs()
         .map_err(|e| unreachable(format!("cannot resolve: {e}")))?
         .next()
         .ok_or_else(|| unreachable("resolves to no address".into()))?;
-    let stream =
-        TcpStream::connect_timeout(&sock_addr, CONNECT_TIMEOUT).map_err(|e| unreachable(e.to_string()))?;
+    let stream = TcpStream::connect_timeout(&sock_addr, timeout).map_err(|e| unreachable(e.to_string()))?;
     stream.set_nodelay(true).map_err(|e| unreachable(e.to_string()))?;
     let mut reader = FrameReader::new(stream).map_err(|e| unreachable(e.to_string()))?;
     let mut writer = FrameWriter::new();
     let flags = if low_latency { HELLO_LOW_LATENCY } else { 0 };
     writer.push(1, &Message::Hello { min_version: MIN_VERSION, max_version: MAX_VERSION, flags });
+    writer.push(2, &Message::Resume { session });
     writer.flush_to(reader.stream()).map_err(|e| unreachable(e.to_string()))?;
-    let (_, reply) = reader
-        .recv(None, Some(Instant::now() + CONNECT_TIMEOUT))
-        .map_err(|e| unreachable(format!("handshake failed: {e}")))?;
+    let deadline = Instant::now() + timeout;
+    let (_, reply) =
+        reader.recv(None, Some(deadline)).map_err(|e| unreachable(format!("handshake failed: {e}")))?;
     let capacity_bytes = match reply {
         Message::HelloOk { capacity_bytes, .. } => capacity_bytes,
         Message::Error { code: ErrorCode::VersionMismatch, message } => {
@@ -138,14 +218,25 @@ pub(crate) fn connect(addr: &str, low_latency: bool) -> Result<(Link, FrameReade
         }
         other => return Err(unreachable(format!("unexpected handshake reply {other:?}"))),
     };
+    let (_, reply) = reader
+        .recv(None, Some(deadline))
+        .map_err(|e| unreachable(format!("resuming the session failed: {e}")))?;
+    let adopted = match reply {
+        Message::Resumed { slabs } => slabs,
+        other => return Err(unreachable(format!("unexpected reply to Resume {other:?} (an older host?)"))),
+    };
     let link = Link {
         addr: sock_addr,
         writer,
         pending: VecDeque::new(),
-        next_id: 1,
+        next_id: 2,
         capacity_bytes,
         allocated_bytes: 0,
         dead: None,
+        session,
+        journal: Vec::new(),
+        journal_head: 0,
+        journal_ends: VecDeque::new(),
     };
-    Ok((link, reader))
+    Ok((link, reader, adopted))
 }

@@ -518,6 +518,12 @@ impl Core {
         }
     }
 
+    /// Slabs of ours on host `h` that hold data (what a resumed session must get back).
+    pub(super) fn slabs_on(&self, h: usize) -> u64 {
+        let shards = self.regions.values().flat_map(|r| r.slabs.iter().flatten()).flat_map(|p| &p.shards);
+        shards.filter(|s| s.slab.host == h && !matches!(s.state, ShardState::Lost)).count() as u64
+    }
+
     /// Spans waiting for or being rebuilt.
     pub(super) fn rebuilds_pending(&self) -> usize {
         self.rebuild_queue.len() + self.rebuilds.len()

@@ -1,0 +1,136 @@
+//! A connection cut mid-request is re-established and its requests replayed; a killed host
+//! that comes back is redialed and rebuilt onto. Real host processes, a real TCP proxy that
+//! cuts the connection, real SIGKILL.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{bin, json, output_with_timeout, require_userfaultfd, stderr, HostProcess};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A TCP proxy on loopback to `upstream`. The first connection through it is cut (both
+/// sides shut down) once `cut_after` bytes have gone from client to host, which is in the
+/// middle of some request; later connections pass everything. Returns its address and the
+/// number of connections it accepted.
+fn cutting_proxy(upstream: String, cut_after: usize) -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let n = count.fetch_add(1, Ordering::SeqCst);
+            let Ok(host) = TcpStream::connect(&upstream) else { return };
+            let limit = if n == 0 { cut_after } else { usize::MAX };
+            let (c2, h2) = (client.try_clone().expect("clone"), host.try_clone().expect("clone"));
+            std::thread::spawn(move || pipe(h2, c2, usize::MAX));
+            std::thread::spawn(move || pipe(client, host, limit));
+        }
+    });
+    (addr, accepted)
+}
+
+/// Copies `from` to `to` until either ends or `limit` bytes have passed; then shuts both down.
+fn pipe(mut from: TcpStream, mut to: TcpStream, limit: usize) {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut passed = 0usize;
+    loop {
+        let want = buf.len().min(limit - passed);
+        match from.read(&mut buf[..want]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                passed += n;
+                if passed >= limit {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
+}
+
+#[test]
+fn a_connection_cut_mid_request_is_resumed_and_nothing_is_lost() {
+    require_userfaultfd();
+    let host = HostProcess::start("512M");
+    // The fill alone sends ~64 MiB of write-backs: the cut lands mid-run, mid-frame.
+    let (proxy, accepted) = cutting_proxy(host.addr.clone(), 24 << 20);
+    let mut cmd = Command::new(bin());
+    cmd.args(["bench", "random", "--size", "64M", "--local-mem", "16M", "--ops", "100000", "--json"]);
+    cmd.args(["--hosts", &proxy]);
+    let out = output_with_timeout(cmd, TIMEOUT);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let report = json(&out);
+    assert_eq!(report["verified"], true, "{report}");
+    assert_eq!(report["hosts_lost"], 0, "{report}\n{err}");
+    assert!(err.contains("reconnected"), "the cut was noticed and healed: {err}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "one cut, one reconnection");
+}
+
+/// Starts `clustermem host` at a fixed address (to restart it there after a kill).
+fn host_at(addr: &str) -> std::process::Child {
+    let mut child = Command::new(bin())
+        .args(["host", "--listen", addr, "--capacity", "1G"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawning clustermem host");
+    for _ in 0..100 {
+        if TcpStream::connect(addr).is_ok() {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("host at {addr} did not start listening");
+}
+
+/// replicate:2 over two hosts: when one is killed, the other already holds every span's
+/// only surviving copy, so there is nowhere to rebuild until the killed host is restarted;
+/// it is then redialed and the rebuild goes onto it, before the run ends.
+#[test]
+fn a_killed_host_restarted_at_its_address_is_rebuilt_onto() {
+    require_userfaultfd();
+    let a = HostProcess::start("1G");
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").expect("a free port");
+        l.local_addr().expect("addr").port()
+    };
+    let b_addr = format!("127.0.0.1:{port}");
+    let mut b = host_at(&b_addr);
+    let hosts = format!("{},{b_addr}", a.addr);
+    let mut cmd = Command::new(bin());
+    cmd.args(["bench", "random", "--size", "64M", "--local-mem", "16M", "--ops", "200000", "--json"]);
+    cmd.args(["--hosts", &hosts, "--redundancy", "replicate:2"]);
+    let bench = std::thread::spawn(move || output_with_timeout(cmd, TIMEOUT));
+    std::thread::sleep(Duration::from_millis(2500));
+    let _ = b.kill();
+    let _ = b.wait();
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut b = host_at(&b_addr);
+    let out = bench.join().expect("the bench thread");
+    let _ = b.kill();
+    let _ = b.wait();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let report = json(&out);
+    assert_eq!(report["verified"], true, "{report}");
+    assert_eq!(report["hosts_lost"], 1, "{report}\n{err}");
+    assert!(err.contains("answers again"), "the restarted host was redialed: {err}");
+    assert!(report["pages_rebuilt"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["rebuild_s"].as_f64().is_some(), "the rebuild finished: {report}\n{err}");
+}
