@@ -306,8 +306,12 @@ pub struct BenchReport {
     pub bytes_rebuilt: u64,
     /// Erasure-coded pages read through parity (a data shard's host was lost).
     pub degraded_reads: u64,
+    /// Spans still short of a copy or shard at the end (no host to rebuild onto: every live
+    /// one already holds part of them, or is full).
+    pub spans_awaiting_rebuild: u64,
     /// From the first host loss to every lost shard rebuilt (the benchmark waits for it
-    /// after its measured phase, up to 10 minutes); None without a loss.
+    /// after its measured phase, up to 10 minutes); None without a loss, or while a lost shard
+    /// has no host to go to (see `spans_awaiting_rebuild`).
     pub rebuild_s: Option<f64>,
     /// Fraction of operations served without a remote fault (random and zipf).
     pub hit_rate: Option<f64>,
@@ -467,7 +471,13 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         end();
         if rebuild.lock().unwrap_or_else(|e| e.into_inner()).0.is_some() {
             let deadline = Instant::now() + std::time::Duration::from_secs(600);
-            while rebuild.lock().unwrap_or_else(|e| e.into_inner()).1.is_none() && Instant::now() < deadline {
+            // A rebuild with no host to go to would wait for one forever: the region works
+            // on, degraded, and the report says so.
+            let stalled = || stats.rebuild_waiting_for_host.load(std::sync::atomic::Ordering::Relaxed) != 0;
+            while rebuild.lock().unwrap_or_else(|e| e.into_inner()).1.is_none()
+                && Instant::now() < deadline
+                && !stalled()
+            {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
         }
@@ -550,6 +560,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         pages_rebuilt: after.pages_rebuilt,
         bytes_rebuilt: after.bytes_rebuilt,
         degraded_reads: after.degraded_reads,
+        spans_awaiting_rebuild: after.spans_rebuilding,
         rebuild_s,
         hit_rate,
         lru_hit_rate,

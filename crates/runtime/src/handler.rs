@@ -491,6 +491,9 @@ impl Handler {
                 self.core.pump_rebuilds();
             }
             self.core.stats.spans_rebuilding.store(self.core.rebuilds_pending() as u64, Relaxed);
+            if self.core.rebuilds_pending() == 0 {
+                self.core.stats.rebuild_waiting_for_host.store(0, Relaxed);
+            }
             if self.core.links.iter().any(|l| l.dead.is_some()) {
                 self.redial_dead_hosts();
             }
@@ -796,11 +799,8 @@ impl Handler {
                 .map(|s| s.slab.host)
                 .collect();
             let Some(host) = self.core.place(bytes, &used) else {
-                eprintln!(
-                    "clustermem: no live memory host outside this span's has room to rebuild a lost shard; waiting for one"
-                );
+                self.rebuild_waits_for_a_host("no live memory host holds none of its span");
                 self.core.rebuild_queue.push_front((id, span, shard));
-                self.core.rebuild_stalled = Some(Instant::now());
                 return;
             };
             match self.alloc_slab(host, bytes) {
@@ -813,14 +813,26 @@ impl Handler {
                         state: ShardState::Rebuilding { done: vec![false; span_pages] },
                     };
                     self.core.rebuilds.push(redundant::RebuildJob::new(id, span, shard, slab_id));
+                    self.core.stats.rebuild_waiting_for_host.store(0, Relaxed);
                 }
                 Err(e) => {
-                    eprintln!("clustermem: cannot allocate a slab to rebuild onto: {e}; retrying shortly");
+                    self.rebuild_waits_for_a_host(&format!("allocating a slab to rebuild onto failed: {e}"));
                     self.core.rebuild_queue.push_back((id, span, shard));
-                    self.core.rebuild_stalled = Some(Instant::now());
                     return;
                 }
             }
+        }
+    }
+
+    /// No host can take a lost shard now: the span keeps working degraded, and rebuilding
+    /// is retried every REBUILD_RETRY and as soon as a host comes back. Said once per stall.
+    fn rebuild_waits_for_a_host(&mut self, why: &str) {
+        self.core.rebuild_stalled = Some(Instant::now());
+        if self.core.stats.rebuild_waiting_for_host.swap(1, Relaxed) == 0 {
+            eprintln!(
+                "clustermem: cannot rebuild lost redundancy yet ({why}): reads and writes go on with less \
+                 redundancy; retrying every {REBUILD_RETRY:?} and when a host comes back"
+            );
         }
     }
 

@@ -129,6 +129,9 @@ pub struct RuntimeStats {
     pub bytes_rebuilt: AtomicU64,
     /// Spans whose lost shard waits for or is being rebuilt (a gauge, not reset).
     pub spans_rebuilding: AtomicU64,
+    /// 1 while a lost shard waits for a host to be rebuilt onto (every live host already
+    /// holds a shard of its span, or has no room), else 0.
+    pub rebuild_waiting_for_host: AtomicU64,
     /// Erasure-coded pages read with a parity shard standing in for a lost data shard.
     pub degraded_reads: AtomicU64,
     /// Time from reading a remote fault to installing its page, in the handler.
@@ -193,6 +196,7 @@ impl RuntimeStats {
             bytes_rebuilt: self.bytes_rebuilt.load(Relaxed),
             degraded_reads: self.degraded_reads.load(Relaxed),
             spans_rebuilding: self.spans_rebuilding.load(Relaxed),
+            rebuild_waiting_for_host: self.rebuild_waiting_for_host.load(Relaxed) != 0,
             service_p50_us: self.fault_service.quantile_us(0.5),
             service_p99_us: self.fault_service.quantile_us(0.99),
         }
@@ -250,6 +254,8 @@ pub struct StatsSnapshot {
     pub degraded_reads: u64,
     /// See [`RuntimeStats::spans_rebuilding`].
     pub spans_rebuilding: u64,
+    /// See [`RuntimeStats::rebuild_waiting_for_host`].
+    pub rebuild_waiting_for_host: bool,
     /// Median fault service time in the handler.
     pub service_p50_us: f64,
     /// 99th percentile fault service time in the handler.
