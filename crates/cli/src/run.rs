@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use clustermem_host::MemoryHost;
-use clustermem_runtime::{PrefetchMode, WritebackMode};
+use clustermem_runtime::{PrefetchMode, Redundancy, WritebackMode};
 use serde_json::{json, Map, Value};
 
 use crate::size::parse_size;
@@ -70,6 +70,10 @@ pub struct RunArgs {
     /// Prefetch along sequential and strided miss streams (auto) or not (off).
     #[arg(long, default_value = "auto", value_parser = |s: &str| s.parse::<PrefetchMode>().map(|_| s.to_string()))]
     prefetch: String,
+    /// Copies or erasure shards on distinct --hosts, to survive losing hosts (see
+    /// `clustermem bench --help`): none, replicate:N or erasure:K+M.
+    #[arg(long, default_value = "none", value_parser = |s: &str| s.parse::<Redundancy>().map(|_| s.to_string()))]
+    redundancy: String,
     /// The program and its arguments (after `--`).
     #[arg(trailing_var_arg = true, required = true, value_name = "CMD")]
     command: Vec<String>,
@@ -143,7 +147,8 @@ pub fn run(args: &RunArgs) -> Result<u8> {
         .env("CLUSTERMEM_LOW_LATENCY", if args.low_latency { "1" } else { "0" })
         .env("CLUSTERMEM_FLUSH_INTERVAL_MS", args.flush_interval_ms.to_string())
         .env("CLUSTERMEM_WRITEBACK", &args.writeback)
-        .env("CLUSTERMEM_PREFETCH", &args.prefetch);
+        .env("CLUSTERMEM_PREFETCH", &args.prefetch)
+        .env("CLUSTERMEM_REDUNDANCY", &args.redundancy);
     if let Some(dir) = &stats_dir {
         cmd.env("CLUSTERMEM_STATS_DIR", dir);
     }

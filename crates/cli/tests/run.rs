@@ -104,6 +104,30 @@ fn python_structures_larger_than_local_memory_match_an_ordinary_run() {
     }
 }
 
+/// An unmodified program survives a memory host killed under it: replicate:2 over three
+/// host processes, one SIGKILLed mid-run; the output matches an ordinary run.
+#[test]
+fn python_survives_a_killed_host_with_replicate_2() {
+    require_userfaultfd();
+    require_preload_library();
+    let script = program("structures.py");
+    let plain = Command::new(python()).args([&script, "800000"]).output().expect("running python3");
+    assert!(plain.status.success(), "plain python3 failed: {}", stderr(&plain));
+    let mut hosts: Vec<common::HostProcess> = (0..3).map(|_| common::HostProcess::start("1G")).collect();
+    let list = hosts.iter().map(|h| h.addr.clone()).collect::<Vec<_>>().join(",");
+    let mut cmd = Command::new(bin());
+    cmd.args(["run", "--local-mem", "16M", "--hosts", &list, "--redundancy", "replicate:2", "--"]);
+    cmd.args([python(), &script, "800000"]);
+    let run = std::thread::spawn(move || output_with_timeout(cmd, Duration::from_secs(240)));
+    std::thread::sleep(Duration::from_millis(1500));
+    hosts[1].kill9();
+    let run = run.join().expect("the run thread");
+    let err = stderr(&run);
+    assert!(run.status.success(), "under clustermem run: {:?} {err}", run.status);
+    assert!(err.contains(&format!("host {} failed", hosts[1].addr)), "the host was lost mid-run: {err}");
+    assert_eq!(run.stdout, plain.stdout, "same checksum with and without a lost host");
+}
+
 /// read(2) into routed memory and write(2) from evicted routed memory are served; mmap,
 /// mremap, madvise(DONTNEED) and munmap behave as the kernel's.
 #[test]

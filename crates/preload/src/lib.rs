@@ -13,6 +13,7 @@
 //! `CLUSTERMEM_HOSTS` (required; without it the library does nothing), `CLUSTERMEM_LOCAL_MEM`,
 //! `CLUSTERMEM_ARENA`, `CLUSTERMEM_MIN_BYTES` (bytes), `CLUSTERMEM_LOW_LATENCY` (`1`),
 //! `CLUSTERMEM_FLUSH_INTERVAL_MS`, `CLUSTERMEM_WRITEBACK` (`line|page`), `CLUSTERMEM_PREFETCH`,
+//! `CLUSTERMEM_REDUNDANCY` (`none|replicate:N|erasure:K+M`),
 //! `CLUSTERMEM_STATS_DIR` (each process writes `PID.json` there at exit).
 //!
 //! fork: the arena is MADV_DONTFORK and the runtime's thread does not survive a fork, so a
@@ -30,7 +31,7 @@ use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use clustermem_runtime::{PrefetchMode, Runtime, RuntimeConfig, WritebackMode, PAGE_SIZE};
+use clustermem_runtime::{PrefetchMode, Redundancy, Runtime, RuntimeConfig, WritebackMode, PAGE_SIZE};
 
 use state::{set_bypass, State, ARENA_BASE, ARENA_LEN, FORKED, STATE};
 
@@ -122,7 +123,7 @@ fn env_bytes(name: &str, default: u64) -> Result<u64, String> {
     }
 }
 
-fn env_parse<T: std::str::FromStr<Err = String>>(name: &str, default: T) -> Result<T, String> {
+fn env_parse<T: std::str::FromStr<Err: std::fmt::Display>>(name: &str, default: T) -> Result<T, String> {
     match std::env::var(name) {
         Ok(v) => v.parse().map_err(|e| format!("{name}: {e}")),
         Err(_) => Ok(default),
@@ -150,6 +151,7 @@ extern "C" fn init() {
             },
             writeback: env_parse("CLUSTERMEM_WRITEBACK", WritebackMode::default())?,
             prefetch: env_parse("CLUSTERMEM_PREFETCH", PrefetchMode::default())?,
+            redundancy: env_parse("CLUSTERMEM_REDUNDANCY", Redundancy::None)?,
             on_handler_start: Some(|| set_bypass(true)),
             ..RuntimeConfig::default()
         };
