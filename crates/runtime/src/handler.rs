@@ -79,6 +79,10 @@ const MAX_RECONNECTS_IN_A_ROW: u32 = 3;
 /// How often a dead host is tried again.
 const REDIAL_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How long the handler polls, rather than sleeps, for the rest of a read's shards after
+/// one arrived.
+const GATHER_SPIN: Duration = Duration::from_micros(30);
+
 /// How long rebuilding waits after finding no host to rebuild onto.
 const REBUILD_RETRY: Duration = Duration::from_secs(1);
 
@@ -273,6 +277,8 @@ struct Core {
     dirty: Vec<PageKey>,
     /// Reused buffer for the lines of a sparse write-back.
     scratch: Vec<u8>,
+    /// Reused buffer for the parity lines of an erasure-coded write-back.
+    parity: Vec<u8>,
     twin_gate: TwinGate,
     /// When a page was last installed (see the eviction deferral in the run loop).
     last_install: Instant,
@@ -289,6 +295,8 @@ struct Core {
     rng: u64,
     /// Reads in flight that need several shards, by id.
     gathers: HashMap<u64, redundant::Gather>,
+    /// When the last shard of such a read arrived.
+    last_part: Instant,
     next_gather: u64,
     /// Lost shards to rebuild: (region, span, shard).
     rebuild_queue: VecDeque<(u32, usize, usize)>,
@@ -409,6 +417,7 @@ impl Handler {
                 twins: TwinPool::default(),
                 dirty: Vec::new(),
                 scratch: Vec::with_capacity(PAGE_SIZE),
+                parity: Vec::new(),
                 twin_gate: TwinGate { dense_fraction: 0.0, dirtied: 0 },
                 last_install: Instant::now(),
                 exact_addresses,
@@ -417,6 +426,7 @@ impl Handler {
                 dropped: Vec::new(),
                 rng: 0x9E37_79B9_7F4A_7C15 ^ u64::from(std::process::id()),
                 gathers: HashMap::new(),
+                last_part: Instant::now(),
                 next_gather: 0,
                 rebuild_queue: VecDeque::new(),
                 rebuilds: Vec::new(),
@@ -503,6 +513,14 @@ impl Handler {
             let fetching = self.core.links.iter().any(|l| !l.pending.is_empty() && l.dead.is_none());
             if self.core.config.low_latency && (fetching || last_fault.elapsed() < SPIN_WINDOW) {
                 std::hint::spin_loop();
+                continue;
+            }
+            if self.core.gathers.values().any(redundant::Gather::partly_here)
+                && self.core.last_part.elapsed() < GATHER_SPIN
+            {
+                // The other shards of a read are due any moment: sleeping now would cost a
+                // wakeup per shard.
+                std::thread::yield_now();
                 continue;
             }
             self.sleep();

@@ -147,48 +147,40 @@ impl Coder {
         self.shard_len / LINE_SIZE
     }
 
-    /// Appends shard `shard` of `page` (a data slice, or parity computed from the page) to
-    /// `out`.
-    pub(crate) fn shard(&self, page: &[u8], shard: usize, out: &mut Vec<u8>) {
-        if shard < self.data {
-            out.extend_from_slice(&page[shard * self.shard_len..(shard + 1) * self.shard_len]);
-            return;
+    /// Computes the parity of `page` at the line positions (within a shard) set in
+    /// `positions`, for every parity shard: line l of parity shard j goes to
+    /// `out[(j * lines_per_shard + l) * 64..][..64]` (out holds M shards). Lines are coded
+    /// independently, so a sparse write-back codes only the lines it changed.
+    pub(crate) fn parity_lines(&self, page: &[u8], positions: u64, out: &mut [u8]) {
+        let lps = self.lines_per_shard();
+        let mut data: Vec<&[u8]> = Vec::with_capacity(self.data);
+        let mut rest = positions;
+        while rest != 0 {
+            let l = rest.trailing_zeros() as usize;
+            rest &= rest - 1;
+            data.clear();
+            data.extend((0..self.data).map(|i| &page[i * self.shard_len + l * LINE_SIZE..][..LINE_SIZE]));
+            let mut parity: Vec<&mut [u8]> =
+                out.chunks_exact_mut(LINE_SIZE).skip(l).step_by(lps).take(self.parity).collect();
+            self.rs.encode_sep(&data, &mut parity).expect("shard counts and lengths match the code");
         }
-        let start = out.len();
-        out.resize(start + self.shard_len, 0);
-        self.parity_into(page, 0, self.shard_len, shard - self.data, &mut out[start..]);
     }
 
-    /// Appends parity shard `parity`'s bytes for line `line` (of a shard) of `page` to `out`.
-    pub(crate) fn parity_line(&self, page: &[u8], line: usize, parity: usize, out: &mut Vec<u8>) {
-        let start = out.len();
-        out.resize(start + LINE_SIZE, 0);
-        self.parity_into(page, line * LINE_SIZE, LINE_SIZE, parity, &mut out[start..]);
-    }
-
-    /// Computes bytes `at..at + len` of parity shard `parity` of `page` into `out`.
-    fn parity_into(&self, page: &[u8], at: usize, len: usize, parity: usize, out: &mut [u8]) {
-        let data: Vec<&[u8]> =
-            (0..self.data).map(|i| &page[i * self.shard_len + at..i * self.shard_len + at + len]).collect();
-        let mut all = vec![vec![0u8; len]; self.parity];
-        self.rs.encode_sep(&data, &mut all).expect("shard counts and lengths match the code");
-        out.copy_from_slice(&all[parity]);
-    }
-
-    /// Rebuilds a page into `page` from `shards` (K + M slices of `shard_len` bytes, those
-    /// with `present[i]` hold shard i). Needs K present.
-    pub(crate) fn decode(&self, shards: &mut [u8], present: u64, page: &mut [u8]) -> Result<(), String> {
-        let data_mask = (1u64 << self.data) - 1;
-        if present & data_mask != data_mask {
-            let mut parts: Vec<(&mut [u8], bool)> = shards
-                .chunks_exact_mut(self.shard_len)
-                .enumerate()
-                .map(|(i, s)| (s, present & (1 << i) != 0))
-                .collect();
-            self.rs.reconstruct_data(&mut parts).map_err(|e| format!("erasure decode failed: {e:?}"))?;
-        }
-        page.copy_from_slice(&shards[..PAGE_SIZE]);
-        Ok(())
+    /// Fills in the missing data shards (and, with `parity`, the missing parity shards) of
+    /// `shards`: K + M shards of `len` bytes each, those with bit i of `present` set hold
+    /// shard i. Needs K present. Shards may span many pages: the code works byte by byte.
+    pub(crate) fn reconstruct(
+        &self,
+        shards: &mut [u8],
+        len: usize,
+        present: u64,
+        parity: bool,
+    ) -> Result<(), String> {
+        let mut parts: Vec<(&mut [u8], bool)> =
+            shards.chunks_exact_mut(len).enumerate().map(|(i, s)| (s, present & (1 << i) != 0)).collect();
+        let result =
+            if parity { self.rs.reconstruct(&mut parts) } else { self.rs.reconstruct_data(&mut parts) };
+        result.map_err(|e| format!("erasure decode failed: {e:?}"))
     }
 }
 
@@ -210,22 +202,26 @@ mod tests {
         assert_eq!((r.shards(), r.needed(), r.tolerates(), r.shard_len()), (6, 4, 2, 1024));
     }
 
-    /// Any K of the K+M shards rebuild the page, and line-wise parity equals the parity of
-    /// the whole shard (the sparse write-back relies on it).
+    /// Any K of the K+M shards rebuild the page and the lost shards, and line-wise parity
+    /// equals the parity of the whole shard (the sparse write-back relies on it).
     #[test]
     fn any_k_shards_rebuild_the_page_and_line_parity_matches() {
         let coder = Coder::new("erasure:4+2".parse().unwrap()).unwrap();
         let page: Vec<u8> = (0..PAGE_SIZE).map(|i| (i * 7 + i / 300) as u8).collect();
-        let mut shards = Vec::new();
-        for s in 0..6 {
-            coder.shard(&page, s, &mut shards);
-        }
-        for s in 4..6 {
-            let mut lines = Vec::new();
-            for l in 0..coder.lines_per_shard() {
-                coder.parity_line(&page, l, s - 4, &mut lines);
-            }
-            assert_eq!(lines, shards[s * 1024..(s + 1) * 1024]);
+        let mut shards = page.clone();
+        shards.resize(6 * 1024, 0);
+        coder.parity_lines(&page, u64::from(u16::MAX), &mut shards[PAGE_SIZE..]);
+        // The parity of whole shards, independently.
+        let data: Vec<&[u8]> = page.chunks(1024).collect();
+        let mut parity = vec![vec![0u8; 1024]; 2];
+        coder.rs.encode_sep(&data, &mut parity).unwrap();
+        assert_eq!(shards[PAGE_SIZE..], parity.concat());
+        // Some positions only: the others are left alone.
+        let mut some = vec![0u8; 2 * 1024];
+        coder.parity_lines(&page, 0b101, &mut some);
+        for (l, line) in some.chunks(64).enumerate() {
+            let coded = [0, 2, 16, 18].contains(&l);
+            assert_eq!(line == &shards[PAGE_SIZE + l * 64..][..64], coded, "line {l}");
         }
         for lost_a in 0..6 {
             for lost_b in lost_a + 1..6 {
@@ -233,12 +229,13 @@ mod tests {
                 damaged[lost_a * 1024..(lost_a + 1) * 1024].fill(0xEE);
                 damaged[lost_b * 1024..(lost_b + 1) * 1024].fill(0xEE);
                 let present = 0b11_1111 & !(1 << lost_a) & !(1 << lost_b);
-                let mut out = vec![0u8; PAGE_SIZE];
-                coder.decode(&mut damaged, present, &mut out).unwrap();
-                assert_eq!(out, page, "lost shards {lost_a} and {lost_b}");
+                let mut data_only = damaged.clone();
+                coder.reconstruct(&mut data_only, 1024, present, false).unwrap();
+                assert_eq!(data_only[..PAGE_SIZE], page, "lost shards {lost_a} and {lost_b}");
+                coder.reconstruct(&mut damaged, 1024, present, true).unwrap();
+                assert_eq!(damaged, shards, "every shard back, lost {lost_a} and {lost_b}");
             }
         }
-        let mut out = vec![0u8; PAGE_SIZE];
-        assert!(coder.decode(&mut shards.clone(), 0b111, &mut out).is_err(), "3 of 4 needed shards");
+        assert!(coder.reconstruct(&mut shards.clone(), 1024, 0b111, false).is_err(), "3 of 4 needed shards");
     }
 }

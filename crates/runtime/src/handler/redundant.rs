@@ -58,6 +58,13 @@ pub(super) struct RebuildJob {
     inflight: usize,
 }
 
+impl Gather {
+    /// Some shards are here, not all.
+    pub(super) fn partly_here(&self) -> bool {
+        self.have != 0
+    }
+}
+
 impl RebuildJob {
     pub(super) fn new(region: u32, span: usize, shard: usize, slab_id: u64) -> Self {
         Self { region, span, shard, slab_id, next: 0, inflight: 0 }
@@ -131,6 +138,7 @@ impl Core {
                 let at = usize::from(shard) * shard_bytes;
                 g.buf[at..at + shard_bytes].copy_from_slice(data);
                 g.have |= bit;
+                self.last_part = Instant::now();
                 self.stats.bytes_fetched.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 let needed = self.regions.get(&g.region).map_or(1, |r| r.redundancy.needed());
                 if g.have.count_ones() as usize >= needed {
@@ -154,47 +162,48 @@ impl Core {
     }
 
     fn gather_complete(&mut self, gid: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
         let Some(mut g) = self.gathers.remove(&gid) else { return };
         let Some(region) = self.regions.get(&g.region) else { return };
-        let sl = region.redundancy.shard_len();
-        let shards = region.redundancy.shards();
-        let mut pages = vec![0u8; g.count * PAGE_SIZE];
+        let needed = region.redundancy.needed();
+        // Shard s of every page of the gather is `buf[s * per_shard..][..per_shard]`. The
+        // code works byte by byte, so one decode serves the whole batch.
+        let per_shard = g.count * region.redundancy.shard_len();
         if let Some(coder) = &region.coder {
-            let data_mask = low_lines(region.redundancy.needed());
-            let mut one = vec![0u8; shards * sl];
-            for k in 0..g.count {
-                for s in 0..shards {
-                    let from = (s * g.count + k) * sl;
-                    one[s * sl..(s + 1) * sl].copy_from_slice(&g.buf[from..from + sl]);
-                }
-                if let Err(why) =
-                    coder.decode(&mut one, g.have, &mut pages[k * PAGE_SIZE..(k + 1) * PAGE_SIZE])
-                {
+            let data_mask = low_lines(needed);
+            let all_data = g.have & data_mask == data_mask;
+            let parity_wanted = matches!(g.purpose, GatherFor::Rebuild { shard, .. } if shard >= needed);
+            if !all_data || parity_wanted {
+                if let Err(why) = coder.reconstruct(&mut g.buf, per_shard, g.have, parity_wanted) {
                     self.gathers.insert(gid, g);
-                    self.gather_fail(gid, &why);
-                    return;
+                    return self.gather_fail(gid, &why);
                 }
             }
-            if g.have & data_mask != data_mask {
-                self.stats.degraded_reads.fetch_add(g.count as u64, std::sync::atomic::Ordering::Relaxed);
+            if !all_data {
+                self.stats.degraded_reads.fetch_add(g.count as u64, Relaxed);
             }
-        } else {
-            let s = g.have.trailing_zeros() as usize;
-            pages.copy_from_slice(&g.buf[s * g.count * sl..(s + 1) * g.count * sl]);
         }
-        g.buf = Vec::new();
+        // A copy, or the shard being rebuilt, or (erasure, one page) the data shards in order.
+        let from = match (&region.coder, &g.purpose) {
+            (_, GatherFor::Rebuild { shard, .. }) if region.coder.is_some() => shard * per_shard,
+            (Some(_), GatherFor::Fault { .. }) => 0,
+            _ => g.have.trailing_zeros() as usize * per_shard,
+        };
+        let len = if matches!(g.purpose, GatherFor::Fault { .. }) { PAGE_SIZE } else { per_shard };
+        let data = std::mem::take(&mut g.buf);
+        let data = &data[from..from + len];
         match g.purpose {
             GatherFor::Fault { write, started } => {
-                use std::sync::atomic::Ordering::Relaxed;
                 self.stats.remote_faults.fetch_add(1, Relaxed);
                 self.stats.pages_fetched.fetch_add(1, Relaxed);
                 let page = g.first;
                 match self.regions.get(&g.region).map(|r| r.pages[page]) {
-                    Some(s) if s & PageState::FETCHING != 0 => self.install(g.region, page, &pages, write),
+                    Some(s) if s & PageState::FETCHING != 0 => self.install(g.region, page, data, write),
                     Some(s) if s & PageState::RESIDENT == 0 => {
                         // Discarded while in flight: the waiting thread gets zeros.
-                        pages.fill(0);
-                        self.install(g.region, page, &pages, write);
+                        let zeros = std::mem::take(&mut self.zero_page);
+                        self.install(g.region, page, &zeros, write);
+                        self.zero_page = zeros;
                     }
                     _ => {}
                 }
@@ -203,7 +212,7 @@ impl Core {
                     .record(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
             }
             GatherFor::Rebuild { shard, slab_id } => {
-                self.rebuild_write(g.region, g.first, g.count, shard, slab_id, &pages);
+                self.rebuild_write(g.region, g.first, g.count, shard, slab_id, data);
                 self.rebuild_batch_done(g.region, g.first, shard, slab_id, false);
             }
         }
@@ -229,8 +238,8 @@ impl Core {
         }
     }
 
-    /// Writes the rebuilt shard content of pages `first..first + count` (decoded `pages`)
-    /// into the new slab, skipping pages already made current by a write-back.
+    /// Writes the rebuilt shard of pages `first..first + count` (`content`: shard_len bytes a
+    /// page) into the new slab, skipping pages already made current by a write-back.
     fn rebuild_write(
         &mut self,
         id: u32,
@@ -238,7 +247,7 @@ impl Core {
         count: usize,
         shard: usize,
         slab_id: u64,
-        pages: &[u8],
+        content: &[u8],
     ) {
         use std::sync::atomic::Ordering::Relaxed;
         let Core { regions, links, stats, scratch, .. } = self;
@@ -252,7 +261,6 @@ impl Core {
             return;
         }
         let link = &mut links[target.slab.host];
-        let mut content = Vec::with_capacity(sl);
         // (host page, line mask) being gathered into `scratch` after its prefix.
         let mut open: Option<(u64, u64)> = None;
         let mut lines: Vec<u8> = Vec::with_capacity(PAGE_SIZE);
@@ -269,12 +277,6 @@ impl Core {
             if std::mem::replace(&mut done[p], true) {
                 continue;
             }
-            let page = &pages[k * PAGE_SIZE..(k + 1) * PAGE_SIZE];
-            content.clear();
-            match &region.coder {
-                Some(coder) => coder.shard(page, shard, &mut content),
-                None => content.extend_from_slice(page),
-            }
             let off = p * sl;
             let hp = (off / PAGE_SIZE) as u64;
             let mask = low_lines(sl / LINE_SIZE) << ((off % PAGE_SIZE) / LINE_SIZE);
@@ -286,7 +288,7 @@ impl Core {
                 }
                 None => open = Some((hp, mask)),
             }
-            lines.extend_from_slice(&content);
+            lines.extend_from_slice(&content[k * sl..(k + 1) * sl]);
             stats.pages_rebuilt.fetch_add(1, Relaxed);
         }
         if let Some((hp, m)) = open {
@@ -380,13 +382,26 @@ impl Core {
     /// shards and the parity lines at the changed positions, computed from the page, to
     /// each parity shard. Returns the bytes sent.
     pub(super) fn send_write_back(&mut self, id: u32, page: usize, data: &[u8], mask: u64) -> u64 {
-        let Core { regions, links, scratch, config, .. } = self;
+        let Core { regions, links, scratch, config, parity, .. } = self;
         let region = regions.get_mut(&id).expect("caller checked");
         let sp = page % region.slab_pages;
         let needed = region.redundancy.needed();
         let placement: &mut Placement =
             region.slabs[page / region.slab_pages].as_mut().expect("caller checked the page is committed");
         let mut bytes = 0;
+        // Parity at every line position written below, for all parity shards at once.
+        if let Some(coder) = &region.coder {
+            let lps = coder.lines_per_shard();
+            let rebuilding =
+                placement.shards.iter().any(|s| matches!(s.state, ShardState::Rebuilding { .. }));
+            let positions = if rebuilding {
+                low_lines(lps)
+            } else {
+                (0..needed).fold(0, |acc, d| acc | ((mask >> (d * lps)) & low_lines(lps)))
+            };
+            parity.resize((region.redundancy.shards() - needed) * lps * LINE_SIZE, 0);
+            coder.parity_lines(data, positions, parity);
+        }
         for (i, shard) in placement.shards.iter_mut().enumerate() {
             let whole = match &mut shard.state {
                 ShardState::Lost => continue,
@@ -442,11 +457,11 @@ impl Core {
             while rest != 0 {
                 let l = rest.trailing_zeros() as usize;
                 rest &= rest - 1;
+                let at = (i * lps + l) * LINE_SIZE;
                 if i < needed {
-                    let at = (i * lps + l) * LINE_SIZE;
                     scratch.extend_from_slice(&data[at..at + LINE_SIZE]);
                 } else {
-                    coder.parity_line(data, l, i - needed, scratch);
+                    scratch.extend_from_slice(&parity[at - needed * lps * LINE_SIZE..][..LINE_SIZE]);
                 }
             }
             let kind = Message::WriteLines { slab_id: 0, page: 0, line_mask: 1, lines: &[] }.kind();
