@@ -50,6 +50,8 @@ impl PageState {
     const PREFETCHED: u8 = 32;
     /// A thread faulted on it while its prefetch was in flight and waits for the install.
     const WANTED: u8 = 64;
+    /// Fetched for a read but installed dirty, because a write was predicted.
+    const PREDICTED: u8 = 128;
 }
 
 /// Wire bytes of a whole-page write-back (header, slab and page ids, data): what a
@@ -280,6 +282,7 @@ struct Core {
     /// Reused buffer for the parity lines of an erasure-coded write-back.
     parity: Vec<u8>,
     twin_gate: TwinGate,
+    write_predictor: WritePredictor,
     /// When a page was last installed (see the eviction deferral in the run loop).
     last_install: Instant,
     /// Fault messages carry the faulting address within the page.
@@ -332,6 +335,37 @@ struct TwinGate {
 }
 
 const TWIN_SAMPLE: u64 = 16;
+
+/// Predicts whether a page fetched for a read will be written before it is evicted. A
+/// program that writes most of what it reads (Python's reference counts, a hash table being
+/// updated) pays two faults per such page: the fetch, then a write-protect fault. While most
+/// recent clean installs were written, fetched pages are installed writable and dirty at once
+/// (in line mode their twin, when taken, makes an unwritten one cost no write-back bytes).
+/// One in PREDICTOR_SAMPLE predicted installs stays clean, so the predictor keeps seeing
+/// whether pages are still written.
+const PREDICTOR_SAMPLE: u64 = 16;
+
+#[derive(Debug, Default)]
+struct WritePredictor {
+    /// Exponentially weighted fraction of recent fetched pages that were written.
+    written_fraction: f64,
+    decisions: u64,
+}
+
+impl WritePredictor {
+    fn observe(&mut self, written: bool) {
+        self.written_fraction = 0.99 * self.written_fraction + if written { 0.01 } else { 0.0 };
+    }
+
+    /// Whether to install the next fetched page dirty.
+    fn predicts_write(&mut self) -> bool {
+        if self.written_fraction <= 0.8 {
+            return false;
+        }
+        self.decisions += 1;
+        !self.decisions.is_multiple_of(PREDICTOR_SAMPLE)
+    }
+}
 
 impl TwinGate {
     fn admit(&mut self, config: &HandlerConfig) -> bool {
@@ -419,6 +453,7 @@ impl Handler {
                 scratch: Vec::with_capacity(PAGE_SIZE),
                 parity: Vec::new(),
                 twin_gate: TwinGate { dense_fraction: 0.0, dirtied: 0 },
+                write_predictor: WritePredictor::default(),
                 last_install: Instant::now(),
                 exact_addresses,
                 chases: 0,
@@ -990,6 +1025,7 @@ impl Core {
                     self.stats.prefetch_used.fetch_add(1, Relaxed);
                 }
                 region.pages[page] = (state | PageState::DIRTY) & !PageState::PREFETCHED;
+                self.write_predictor.observe(true);
                 if self.twin_gate.admit(&self.config) {
                     // SAFETY: the page is resident and still write-protected (its writer
                     // waits for us), so it is readable and stable while copied.
@@ -1306,23 +1342,35 @@ impl Core {
         self.refetch(id, page, false, Instant::now(), "every copy of it is on a lost host");
     }
 
-    /// Installs `data`, several pages from `first` of region `id`, clean, with one copy. If
-    /// the copy fails part-way (a page was there after all), each page is installed alone.
+    /// Installs `data`, several pages from `first` of region `id`, with one copy: clean, or
+    /// dirty when writes are predicted. If the copy fails part-way (a page was there after
+    /// all), each page is installed alone, clean.
     fn install_run(&mut self, id: u32, first: usize, data: &[u8]) {
         let Some(region) = self.regions.get_mut(&id) else { return };
         let pages = data.len() / PAGE_SIZE;
+        let dirty = pages > 1 && self.write_predictor.predicts_write();
         if pages == 1
-            || !matches!(self.uffd.copy(region.addr(first), data, true, true), Ok(CopyOutcome::Installed))
+            || !matches!(self.uffd.copy(region.addr(first), data, !dirty, true), Ok(CopyOutcome::Installed))
         {
             for (k, chunk) in data.chunks_exact(PAGE_SIZE).enumerate() {
                 self.install(id, first + k, chunk, false);
             }
             return;
         }
-        for page in first..first + pages {
+        for (page, chunk) in (first..first + pages).zip(data.chunks_exact(PAGE_SIZE)) {
             region.pages[page] &= !(PageState::FETCHING | PageState::WANTED);
             region.pages[page] |= PageState::RESIDENT;
+            if dirty {
+                region.pages[page] |= PageState::DIRTY | PageState::PREDICTED;
+                if self.twin_gate.admit(&self.config) {
+                    region.twins.insert(page, self.twins.take(chunk));
+                }
+                self.dirty.push(key(id, page));
+            }
             self.policy.insert(key(id, page));
+        }
+        if dirty {
+            self.stats.predicted_writes.fetch_add(pages as u64, Relaxed);
         }
         self.resident += pages;
         self.last_install = Instant::now();
@@ -1424,6 +1472,9 @@ impl Core {
         let region = self.regions.get_mut(&id).expect("checked above");
         if region.pages[page] & PageState::PREFETCHED != 0 {
             self.stats.prefetch_wasted.fetch_add(1, Relaxed);
+        } else if state & PageState::DIRTY == 0 {
+            // Installed clean and never written.
+            self.write_predictor.observe(false);
         }
         region.pages[page] &= !(PageState::RESIDENT | PageState::DIRTY | PageState::PREFETCHED);
         self.resident -= 1;
@@ -1458,6 +1509,12 @@ impl Core {
             }
             None => u64::MAX,
         };
+        if region.pages[page] & PageState::PREDICTED != 0 {
+            region.pages[page] &= !PageState::PREDICTED;
+            if matches!(twin, Some(Twin::Slot(_))) {
+                self.write_predictor.observe(mask != 0);
+            }
+        }
         if !region.readable(page) {
             region.record_loss(page, "every copy of it is on a lost host");
             return;
@@ -1552,7 +1609,14 @@ impl Core {
                 self.stats.bytes_fetched.fetch_add(data.len() as u64, Relaxed);
                 match self.regions.get(&region).map(|r| r.pages[page]) {
                     Some(s) if s & PageState::FETCHING != 0 => {
-                        self.install(region, page, &data[..PAGE_SIZE], write);
+                        let predicted = !write && self.write_predictor.predicts_write();
+                        self.install(region, page, &data[..PAGE_SIZE], write || predicted);
+                        if let Some(r) = self.regions.get_mut(&region).filter(|_| predicted) {
+                            if r.pages[page] & PageState::DIRTY != 0 {
+                                r.pages[page] |= PageState::PREDICTED;
+                                self.stats.predicted_writes.fetch_add(1, Relaxed);
+                            }
+                        }
                     }
                     Some(s) if s & PageState::RESIDENT == 0 => {
                         // Discarded while in flight: the waiting thread gets what freed memory
@@ -1890,5 +1954,26 @@ impl Core {
         } else {
             self.flushes.insert(token, (barriers, id, reply));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_predictor_follows_the_program_and_keeps_sampling() {
+        let mut p = WritePredictor::default();
+        assert!(!p.predicts_write(), "no evidence, no prediction");
+        for _ in 0..500 {
+            p.observe(true);
+        }
+        let dirty = (0..160).filter(|_| p.predicts_write()).count();
+        assert_eq!(dirty, 150, "one in {PREDICTOR_SAMPLE} installs stays clean to keep watching");
+        // The program turns to reading: a few hundred unwritten pages switch it off.
+        for _ in 0..300 {
+            p.observe(false);
+        }
+        assert!(!p.predicts_write());
     }
 }

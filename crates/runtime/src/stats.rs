@@ -118,6 +118,9 @@ pub struct RuntimeStats {
     pub prefetch_waits: AtomicU64,
     /// Pointer prefetches that missed their deadline: dropped, the page left to fault.
     pub prefetch_abandoned: AtomicU64,
+    /// Pages fetched for a read but installed dirty because a write was predicted (saving a
+    /// write-protect fault each when right).
+    pub predicted_writes: AtomicU64,
     /// Memory hosts found dead (connection lost and not re-established, or silent too long).
     /// Not reset: a loss is news for the runtime's whole life.
     pub hosts_lost: AtomicU64,
@@ -160,6 +163,7 @@ impl RuntimeStats {
             &self.pointer_prefetch_issued,
             &self.prefetch_waits,
             &self.prefetch_abandoned,
+            &self.predicted_writes,
             &self.pages_rebuilt,
             &self.bytes_rebuilt,
             &self.degraded_reads,
@@ -190,6 +194,7 @@ impl RuntimeStats {
             pointer_prefetch_issued: self.pointer_prefetch_issued.load(Relaxed),
             prefetch_waits: self.prefetch_waits.load(Relaxed),
             prefetch_abandoned: self.prefetch_abandoned.load(Relaxed),
+            predicted_writes: self.predicted_writes.load(Relaxed),
             hosts_lost: self.hosts_lost.load(Relaxed),
             reconnects: self.reconnects.load(Relaxed),
             pages_rebuilt: self.pages_rebuilt.load(Relaxed),
@@ -242,6 +247,8 @@ pub struct StatsSnapshot {
     pub prefetch_waits: u64,
     /// See [`RuntimeStats::prefetch_abandoned`].
     pub prefetch_abandoned: u64,
+    /// See [`RuntimeStats::predicted_writes`].
+    pub predicted_writes: u64,
     /// See [`RuntimeStats::hosts_lost`].
     pub hosts_lost: u64,
     /// See [`RuntimeStats::reconnects`].
