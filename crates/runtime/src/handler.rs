@@ -50,8 +50,10 @@ impl PageState {
     const PREFETCHED: u8 = 32;
     /// A thread faulted on it while its prefetch was in flight and waits for the install.
     const WANTED: u8 = 64;
-    /// Fetched for a read but installed dirty, because a write was predicted.
-    const PREDICTED: u8 = 128;
+    /// Whether it gets written tells the write predictor nothing: it was installed dirty on
+    /// a prediction (its write-back's diff tells instead), or a flush made it clean after it
+    /// was written.
+    const UNTRACKED: u8 = 128;
 }
 
 /// Wire bytes of a whole-page write-back (header, slab and page ids, data): what a
@@ -1024,7 +1026,8 @@ impl Core {
                 if state & PageState::PREFETCHED != 0 {
                     self.stats.prefetch_used.fetch_add(1, Relaxed);
                 }
-                region.pages[page] = (state | PageState::DIRTY) & !PageState::PREFETCHED;
+                region.pages[page] =
+                    (state | PageState::DIRTY) & !(PageState::PREFETCHED | PageState::UNTRACKED);
                 self.write_predictor.observe(true);
                 if self.twin_gate.admit(&self.config) {
                     // SAFETY: the page is resident and still write-protected (its writer
@@ -1361,7 +1364,7 @@ impl Core {
             region.pages[page] &= !(PageState::FETCHING | PageState::WANTED);
             region.pages[page] |= PageState::RESIDENT;
             if dirty {
-                region.pages[page] |= PageState::DIRTY | PageState::PREDICTED;
+                region.pages[page] |= PageState::DIRTY | PageState::UNTRACKED;
                 if self.twin_gate.admit(&self.config) {
                     region.twins.insert(page, self.twins.take(chunk));
                 }
@@ -1472,11 +1475,12 @@ impl Core {
         let region = self.regions.get_mut(&id).expect("checked above");
         if region.pages[page] & PageState::PREFETCHED != 0 {
             self.stats.prefetch_wasted.fetch_add(1, Relaxed);
-        } else if state & PageState::DIRTY == 0 {
+        } else if state & (PageState::DIRTY | PageState::UNTRACKED) == 0 {
             // Installed clean and never written.
             self.write_predictor.observe(false);
         }
-        region.pages[page] &= !(PageState::RESIDENT | PageState::DIRTY | PageState::PREFETCHED);
+        region.pages[page] &=
+            !(PageState::RESIDENT | PageState::DIRTY | PageState::PREFETCHED | PageState::UNTRACKED);
         self.resident -= 1;
         self.stats.pages_evicted.fetch_add(1, Relaxed);
         Some(Some(addr))
@@ -1509,8 +1513,8 @@ impl Core {
             }
             None => u64::MAX,
         };
-        if region.pages[page] & PageState::PREDICTED != 0 {
-            region.pages[page] &= !PageState::PREDICTED;
+        if region.pages[page] & PageState::UNTRACKED != 0 {
+            region.pages[page] &= !PageState::UNTRACKED;
             if matches!(twin, Some(Twin::Slot(_))) {
                 self.write_predictor.observe(mask != 0);
             }
@@ -1581,7 +1585,8 @@ impl Core {
             }
             for page in first..first + pages {
                 self.write_back(id, page);
-                self.regions.get_mut(&id).expect("checked").pages[page] &= !PageState::DIRTY;
+                let state = &mut self.regions.get_mut(&id).expect("checked").pages[page];
+                *state = (*state & !PageState::DIRTY) | PageState::UNTRACKED;
             }
             self.stats.pages_flushed.fetch_add(pages as u64, Relaxed);
             run_start = run_end;
@@ -1613,7 +1618,7 @@ impl Core {
                         self.install(region, page, &data[..PAGE_SIZE], write || predicted);
                         if let Some(r) = self.regions.get_mut(&region).filter(|_| predicted) {
                             if r.pages[page] & PageState::DIRTY != 0 {
-                                r.pages[page] |= PageState::PREDICTED;
+                                r.pages[page] |= PageState::UNTRACKED;
                                 self.stats.predicted_writes.fetch_add(1, Relaxed);
                             }
                         }
