@@ -116,6 +116,14 @@ fn assert_lost_pages(out: &Output) {
     assert!(!String::from_utf8_lossy(&out.stdout).contains("\"verified\":true"), "{ctx}");
 }
 
+/// Starts `hosts` host processes and runs `bench_killing` on them, one test at a time.
+fn run_killing(hosts: usize, args: &[&str], kills: &[f64], timeout: Duration) -> Output {
+    require_userfaultfd();
+    let _serial = serial();
+    let mut hosts = start_hosts(hosts);
+    bench_killing(&mut hosts, args, kills, timeout)
+}
+
 /// The tests time their kills against the run's progress on a 2-core machine: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -125,11 +133,8 @@ fn serial() -> MutexGuard<'static, ()> {
 
 #[test]
 fn replicate_2_of_3_survives_a_killed_host() {
-    require_userfaultfd();
-    let _serial = serial();
-    let mut hosts = start_hosts(3);
-    let out = bench_killing(
-        &mut hosts,
+    let out = run_killing(
+        3,
         &["random", "--size", "64M", "--local-mem", "16M", "--ops", "80000", "--redundancy", "replicate:2"],
         &[1.5],
         TIMEOUT,
@@ -139,11 +144,8 @@ fn replicate_2_of_3_survives_a_killed_host() {
 
 #[test]
 fn erasure_2_1_of_4_survives_a_killed_host() {
-    require_userfaultfd();
-    let _serial = serial();
-    let mut hosts = start_hosts(4);
-    let out = bench_killing(
-        &mut hosts,
+    let out = run_killing(
+        4,
         &["random", "--size", "64M", "--local-mem", "16M", "--ops", "70000", "--redundancy", "erasure:2+1"],
         &[1.5],
         TIMEOUT,
@@ -165,11 +167,8 @@ fn assert_not_rebuilt(r: &serde_json::Value, out: &Output) {
 /// six hosts every host holds a shard of the span: nowhere to rebuild, the run goes on degraded.
 #[test]
 fn erasure_4_2_of_6_survives_two_killed_hosts_under_writes() {
-    require_userfaultfd();
-    let _serial = serial();
-    let mut hosts = start_hosts(6);
-    let out = bench_killing(
-        &mut hosts,
+    let out = run_killing(
+        6,
         &["random", "--size", "64M", "--local-mem", "16M", "--ops", "70000", "--redundancy", "erasure:4+2"],
         &[1.5, 2.5],
         TIMEOUT,
@@ -182,11 +181,8 @@ fn erasure_4_2_of_6_survives_two_killed_hosts_under_writes() {
 /// every host holds a shard of the span and the rebuild has nowhere to go).
 #[test]
 fn erasure_4_2_of_8_survives_two_killed_hosts_under_writes() {
-    require_userfaultfd();
-    let _serial = serial();
-    let mut hosts = start_hosts(8);
-    let out = bench_killing(
-        &mut hosts,
+    let out = run_killing(
+        8,
         &["random", "--size", "64M", "--local-mem", "16M", "--ops", "70000", "--redundancy", "erasure:4+2"],
         &[1.5, 2.5],
         TIMEOUT,
@@ -197,11 +193,8 @@ fn erasure_4_2_of_8_survives_two_killed_hosts_under_writes() {
 /// The same with a sequential writer wrapping over a small region.
 #[test]
 fn erasure_4_2_of_6_survives_two_killed_hosts_under_seq_write() {
-    require_userfaultfd();
-    let _serial = serial();
-    let mut hosts = start_hosts(6);
-    let out = bench_killing(
-        &mut hosts,
+    let out = run_killing(
+        6,
         &["seq-write", "--size", "16M", "--local-mem", "4M", "--ops", "40000", "--redundancy", "erasure:4+2"],
         &[1.5, 2.5],
         TIMEOUT,
@@ -213,11 +206,8 @@ fn erasure_4_2_of_6_survives_two_killed_hosts_under_seq_write() {
 /// replicate:2 on 2 hosts, both killed: every page has lost both copies.
 #[test]
 fn replicate_2_of_2_with_both_killed_fails_naming_lost_pages() {
-    require_userfaultfd();
-    let _serial = serial();
-    let mut hosts = start_hosts(2);
-    let out = bench_killing(
-        &mut hosts,
+    let out = run_killing(
+        2,
         &[
             "random",
             "--size",
@@ -238,11 +228,8 @@ fn replicate_2_of_2_with_both_killed_fails_naming_lost_pages() {
 /// erasure:2+1 on 3 hosts, two killed: only one shard of each page is left.
 #[test]
 fn erasure_2_1_of_3_with_two_killed_fails_naming_lost_pages() {
-    require_userfaultfd();
-    let _serial = serial();
-    let mut hosts = start_hosts(3);
-    let out = bench_killing(
-        &mut hosts,
+    let out = run_killing(
+        3,
         &[
             "random",
             "--size",
@@ -264,11 +251,8 @@ fn erasure_2_1_of_3_with_two_killed_fails_naming_lost_pages() {
 /// not, and the run fails naming them.
 #[test]
 fn none_of_2_with_one_killed_fails_naming_lost_pages() {
-    require_userfaultfd();
-    let _serial = serial();
-    let mut hosts = start_hosts(2);
-    let out = bench_killing(
-        &mut hosts,
+    let out = run_killing(
+        2,
         &["random", "--size", "64M", "--local-mem", "16M", "--ops", "100000000", "--redundancy", "none"],
         &[1.5],
         FAIL_TIMEOUT,
