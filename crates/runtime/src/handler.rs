@@ -156,8 +156,10 @@ enum ShardState {
     Lost,
     /// Being copied onto a new host: `done[p]` once page p of the span is current there
     /// (copied, or written back whole since), so later sparse write-backs may patch it.
+    /// `job` names the rebuild (see `RebuildJob::job`).
     Rebuilding {
         done: Vec<bool>,
+        job: u64,
     },
 }
 
@@ -232,6 +234,9 @@ impl RegionState {
         self.slabs[page / self.slab_pages].as_ref().is_some_and(|p| p.live() >= self.redundancy.needed())
     }
     fn record_loss(&mut self, page: usize, why: &str) {
+        if self.pages[page] & PageState::LOST != 0 {
+            return;
+        }
         self.pages[page] |= PageState::LOST;
         self.lost += 1;
         let mut error = self.error.lock().unwrap_or_else(|e| e.into_inner());
@@ -307,6 +312,8 @@ struct Core {
     rebuild_queue: VecDeque<(u32, usize, usize)>,
     /// Rebuilds under way.
     rebuilds: Vec<redundant::RebuildJob>,
+    /// The last rebuild job's id.
+    next_rebuild: u64,
     /// When no host could last take a rebuild: retried after REBUILD_RETRY, or sooner when
     /// a host comes back.
     rebuild_stalled: Option<Instant>,
@@ -467,6 +474,7 @@ impl Handler {
                 next_gather: 0,
                 rebuild_queue: VecDeque::new(),
                 rebuilds: Vec::new(),
+                next_rebuild: 0,
                 rebuild_stalled: None,
             },
             readers,
@@ -625,6 +633,15 @@ impl Handler {
                 );
                 self.core.host_died(h, &why);
             }
+            // The host answered but would not resume yet (it has not noticed the old
+            // connection is gone): the next failure on this link tries again.
+            Err(RuntimeError::HostRefused { message, .. })
+                if self.reconnects_in_a_row[h] < MAX_RECONNECTS_IN_A_ROW =>
+            {
+                eprintln!(
+                    "clustermem: {why}; the host would not resume our session yet ({message}); retrying"
+                );
+            }
             Err(e) => self.core.host_died(h, &format!("{why}; reconnecting failed: {e}")),
         }
     }
@@ -675,14 +692,17 @@ impl Handler {
 
     fn flush_links(&mut self) {
         for h in 0..self.core.links.len() {
-            let link = &mut self.core.links[h];
-            if link.writer.is_empty() || link.dead.is_some() {
-                continue;
-            }
-            if let Err(e) = link.writer.flush_to(self.readers[h].stream()) {
-                let why = format!("send to {} failed: {e}", link.addr);
-                self.link_failed(h, &why);
-                // The replay is sent on the next round.
+            // After a reconnection the replay is queued: send it now (a caller such as
+            // `call` waits for a reply to it). Each failure counts towards giving up.
+            while !self.core.links[h].writer.is_empty() && self.core.links[h].dead.is_none() {
+                let link = &mut self.core.links[h];
+                match link.writer.flush_to(self.readers[h].stream()) {
+                    Ok(()) => break,
+                    Err(e) => {
+                        let why = format!("send to {} failed: {e}", link.addr);
+                        self.link_failed(h, &why);
+                    }
+                }
             }
         }
     }
@@ -863,11 +883,13 @@ impl Handler {
                     let Some(p) = self.core.regions.get_mut(&id).and_then(|r| r.slabs[span].as_mut()) else {
                         continue;
                     };
+                    self.core.next_rebuild += 1;
+                    let job = self.core.next_rebuild;
                     p.shards[shard] = Shard {
                         slab: SlabRef { host, slab_id, bytes },
-                        state: ShardState::Rebuilding { done: vec![false; span_pages] },
+                        state: ShardState::Rebuilding { done: vec![false; span_pages], job },
                     };
-                    self.core.rebuilds.push(redundant::RebuildJob::new(id, span, shard, slab_id));
+                    self.core.rebuilds.push(redundant::RebuildJob::new(id, span, shard, job));
                     self.core.stats.rebuild_waiting_for_host.store(0, Relaxed);
                 }
                 Err(e) => {
@@ -1019,16 +1041,20 @@ impl Core {
         };
         let region = self.regions.get_mut(&id).expect("ranges and regions agree");
         let state = region.pages[page];
-        if state & PageState::LOST != 0 {
+        if state & PageState::LOST != 0 && state & PageState::RESIDENT == 0 {
             self.poison(addr);
         } else if state & PageState::RESIDENT != 0 {
+            // (A resident page whose host copy was lost still holds its data here: the program
+            // goes on with it until it is evicted.)
             if write_protect && state & PageState::DIRTY == 0 {
                 if state & PageState::PREFETCHED != 0 {
                     self.stats.prefetch_used.fetch_add(1, Relaxed);
                 }
                 region.pages[page] =
                     (state | PageState::DIRTY) & !(PageState::PREFETCHED | PageState::UNTRACKED);
-                self.write_predictor.observe(true);
+                if state & PageState::UNTRACKED == 0 {
+                    self.write_predictor.observe(true);
+                }
                 if self.twin_gate.admit(&self.config) {
                     // SAFETY: the page is resident and still write-protected (its writer
                     // waits for us), so it is readable and stable while copied.
@@ -1355,8 +1381,13 @@ impl Core {
         if pages == 1
             || !matches!(self.uffd.copy(region.addr(first), data, !dirty, true), Ok(CopyOutcome::Installed))
         {
+            // Page by page, as the run was meant: pages the failed copy mapped writable must
+            // be tracked dirty.
             for (k, chunk) in data.chunks_exact(PAGE_SIZE).enumerate() {
-                self.install(id, first + k, chunk, false);
+                self.install(id, first + k, chunk, dirty);
+                if let Some(r) = self.regions.get_mut(&id).filter(|_| dirty) {
+                    r.pages[first + k] |= PageState::UNTRACKED;
+                }
             }
             return;
         }
@@ -1865,7 +1896,7 @@ impl Core {
                 continue;
             };
             for shard in &mut placement.shards {
-                if let ShardState::Rebuilding { done } = &mut shard.state {
+                if let ShardState::Rebuilding { done, .. } = &mut shard.state {
                     // Nothing to copy: a batch read before the discard must not land after it.
                     let base = (page % region.slab_pages)
                         ..(span_end - (page / region.slab_pages) * region.slab_pages);

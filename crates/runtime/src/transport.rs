@@ -223,6 +223,9 @@ pub(crate) fn connect(
         .map_err(|e| unreachable(format!("resuming the session failed: {e}")))?;
     let adopted = match reply {
         Message::Resumed { slabs } => slabs,
+        Message::Error { message, .. } => {
+            return Err(RuntimeError::HostRefused { addr: addr.to_string(), message: message.to_string() })
+        }
         other => return Err(unreachable(format!("unexpected reply to Resume {other:?} (an older host?)"))),
     };
     let link = Link {

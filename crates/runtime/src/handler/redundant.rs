@@ -27,8 +27,8 @@ pub(super) const REBUILDS_AT_ONCE: usize = 2;
 pub(super) enum GatherFor {
     /// A thread faulted on the (single) page.
     Fault { write: bool, started: Instant },
-    /// Rebuilding shard `shard` of the span into slab `slab_id`.
-    Rebuild { shard: usize, slab_id: u64 },
+    /// Rebuilding shard `shard` of the span, for rebuild job `job`.
+    Rebuild { shard: usize, job: u64 },
 }
 
 /// A read that needs K shards of pages `first..first + count` (one span).
@@ -44,6 +44,8 @@ pub(super) struct Gather {
     asked: u64,
     /// Shards arrived.
     have: u64,
+    /// Shards whose host refused the read: not asked again.
+    refused: u64,
 }
 
 /// A span's shard being copied onto a new host.
@@ -52,7 +54,9 @@ pub(super) struct RebuildJob {
     region: u32,
     span: usize,
     shard: usize,
-    slab_id: u64,
+    /// Unique among the runtime's rebuilds (slab ids are only unique per host, and a shard
+    /// may be rebuilt again after its first target died: an old batch must not land there).
+    job: u64,
     /// Next page (in the span) to request.
     next: usize,
     inflight: usize,
@@ -66,8 +70,8 @@ impl Gather {
 }
 
 impl RebuildJob {
-    pub(super) fn new(region: u32, span: usize, shard: usize, slab_id: u64) -> Self {
-        Self { region, span, shard, slab_id, next: 0, inflight: 0 }
+    pub(super) fn new(region: u32, span: usize, shard: usize, job: u64) -> Self {
+        Self { region, span, shard, job, next: 0, inflight: 0 }
     }
 }
 
@@ -89,7 +93,8 @@ impl Core {
         let gid = self.next_gather;
         self.next_gather += 1;
         let buf = vec![0u8; r.shards() * count * r.shard_len()];
-        self.gathers.insert(gid, Gather { purpose, region: id, first, count, buf, asked: 0, have: 0 });
+        self.gathers
+            .insert(gid, Gather { purpose, region: id, first, count, buf, asked: 0, have: 0, refused: 0 });
         self.gather_dispatch(gid);
     }
 
@@ -113,7 +118,10 @@ impl Core {
                 if g.asked.count_ones() as usize >= needed {
                     break;
                 }
-                if g.asked & (1 << i) != 0 || skip == Some(i) || !matches!(shard.state, ShardState::Live) {
+                if (g.asked | g.refused) & (1 << i) != 0
+                    || skip == Some(i)
+                    || !matches!(shard.state, ShardState::Live)
+                {
                     continue;
                 }
                 links[shard.slab.host].send(
@@ -148,6 +156,7 @@ impl Core {
             other => {
                 eprintln!("clustermem: a shard read was refused ({other:?}); trying another shard");
                 g.asked &= !bit;
+                g.refused |= bit;
                 self.gather_dispatch(gid);
             }
         }
@@ -211,9 +220,9 @@ impl Core {
                     .fault_service
                     .record(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
             }
-            GatherFor::Rebuild { shard, slab_id } => {
-                self.rebuild_write(g.region, g.first, g.count, shard, slab_id, data);
-                self.rebuild_batch_done(g.region, g.first, shard, slab_id, false);
+            GatherFor::Rebuild { shard, job } => {
+                self.rebuild_write(g.region, g.first, g.count, shard, job, data);
+                self.rebuild_batch_done(g.region, g.first, shard, job, false);
             }
         }
     }
@@ -231,24 +240,16 @@ impl Core {
                     self.poison(addr);
                 }
             }
-            GatherFor::Rebuild { shard, slab_id } => {
+            GatherFor::Rebuild { shard, job } => {
                 eprintln!("clustermem: rebuild of a span abandoned: {why}");
-                self.rebuild_batch_done(g.region, g.first, shard, slab_id, true);
+                self.rebuild_batch_done(g.region, g.first, shard, job, true);
             }
         }
     }
 
     /// Writes the rebuilt shard of pages `first..first + count` (`content`: shard_len bytes a
     /// page) into the new slab, skipping pages already made current by a write-back.
-    fn rebuild_write(
-        &mut self,
-        id: u32,
-        first: usize,
-        count: usize,
-        shard: usize,
-        slab_id: u64,
-        content: &[u8],
-    ) {
+    fn rebuild_write(&mut self, id: u32, first: usize, count: usize, shard: usize, job: u64, content: &[u8]) {
         use std::sync::atomic::Ordering::Relaxed;
         let Core { regions, links, stats, scratch, .. } = self;
         let Some(region) = regions.get_mut(&id) else { return };
@@ -256,8 +257,9 @@ impl Core {
         let base = first % region.slab_pages;
         let Some(placement) = region.slabs[first / region.slab_pages].as_mut() else { return };
         let target = &mut placement.shards[shard];
-        let ShardState::Rebuilding { done } = &mut target.state else { return };
-        if target.slab.slab_id != slab_id {
+        let slab_id = target.slab.slab_id;
+        let ShardState::Rebuilding { done, job: current } = &mut target.state else { return };
+        if *current != job {
             return;
         }
         let link = &mut links[target.slab.host];
@@ -296,24 +298,25 @@ impl Core {
         }
     }
 
-    /// A rebuild batch finished (or `failed`: the span can no longer be read).
-    fn rebuild_batch_done(&mut self, id: u32, first: usize, shard: usize, slab_id: u64, failed: bool) {
+    /// A rebuild batch of job `job` finished (or `failed`: the span can no longer be read:
+    /// the new slab is given back and the shard stays lost).
+    fn rebuild_batch_done(&mut self, id: u32, first: usize, shard: usize, job: u64, failed: bool) {
         let Some(region) = self.regions.get(&id) else { return };
         let span = first / region.slab_pages;
-        let Some(job) = self
-            .rebuilds
-            .iter_mut()
-            .find(|j| j.region == id && j.span == span && j.shard == shard && j.slab_id == slab_id)
+        let Some(j) = self.rebuilds.iter_mut().find(|j| j.job == job) else { return };
+        j.inflight -= 1;
+        if !failed {
+            return;
+        }
+        let Some(s) =
+            self.regions.get_mut(&id).and_then(|r| r.slabs[span].as_mut()).map(|p| &mut p.shards[shard])
         else {
             return;
         };
-        job.inflight -= 1;
-        if failed {
-            if let Some(s) =
-                self.regions.get_mut(&id).and_then(|r| r.slabs[span].as_mut()).map(|p| &mut p.shards[shard])
-            {
-                s.state = ShardState::Lost;
-            }
+        if matches!(s.state, ShardState::Rebuilding { job: current, .. } if current == job) {
+            s.state = ShardState::Lost;
+            let slab = s.slab;
+            self.free_slab(slab);
         }
     }
 
@@ -322,9 +325,9 @@ impl Core {
     pub(super) fn pump_rebuilds(&mut self) {
         let mut i = 0;
         while i < self.rebuilds.len() {
-            let (id, span, shard, slab_id) = {
+            let (id, span, shard, job) = {
                 let j = &self.rebuilds[i];
-                (j.region, j.span, j.shard, j.slab_id)
+                (j.region, j.span, j.shard, j.job)
             };
             let Some(region) = self.regions.get_mut(&id) else {
                 self.rebuilds.swap_remove(i);
@@ -337,40 +340,40 @@ impl Core {
                 self.rebuilds.swap_remove(i);
                 continue;
             };
-            let ShardState::Rebuilding { done } = &mut target.state else {
+            let ShardState::Rebuilding { done, job: current } = &mut target.state else {
                 // Its new host died too, or the batch reads failed: queued again or lost.
                 self.rebuilds.swap_remove(i);
                 continue;
             };
-            if target.slab.slab_id != slab_id {
+            if *current != job {
                 self.rebuilds.swap_remove(i);
                 continue;
             }
-            let job = &mut self.rebuilds[i];
+            let j = &mut self.rebuilds[i];
             let mut batches = Vec::new();
-            while job.inflight + batches.len() < REBUILD_DEPTH && job.next < span_pages {
+            while j.inflight + batches.len() < REBUILD_DEPTH && j.next < span_pages {
                 // Pages never written back read as zeros on every host, the new slab too.
-                while job.next < span_pages
-                    && (done[job.next] || region.pages[base + job.next] & PageState::ON_HOST == 0)
+                while j.next < span_pages
+                    && (done[j.next] || region.pages[base + j.next] & PageState::ON_HOST == 0)
                 {
-                    done[job.next] = true;
-                    job.next += 1;
+                    done[j.next] = true;
+                    j.next += 1;
                 }
-                if job.next == span_pages {
+                if j.next == span_pages {
                     break;
                 }
-                let n = REBUILD_BATCH.min(span_pages - job.next);
-                batches.push((base + job.next, n));
-                job.next += n;
+                let n = REBUILD_BATCH.min(span_pages - j.next);
+                batches.push((base + j.next, n));
+                j.next += n;
             }
-            if job.next == span_pages && job.inflight == 0 && batches.is_empty() {
+            if j.next == span_pages && j.inflight == 0 && batches.is_empty() {
                 target.state = ShardState::Live;
                 self.rebuilds.swap_remove(i);
                 continue;
             }
-            job.inflight += batches.len();
+            j.inflight += batches.len();
             for (first, n) in batches {
-                self.gather_start(id, first, n, GatherFor::Rebuild { shard, slab_id });
+                self.gather_start(id, first, n, GatherFor::Rebuild { shard, job });
             }
             i += 1;
         }
@@ -407,7 +410,7 @@ impl Core {
                 ShardState::Lost => continue,
                 ShardState::Live => false,
                 // Not reached by the rebuild yet: the whole page makes it current.
-                ShardState::Rebuilding { done } => !std::mem::replace(&mut done[sp], true),
+                ShardState::Rebuilding { done, .. } => !std::mem::replace(&mut done[sp], true),
             };
             let SlabRef { host, slab_id, .. } = shard.slab;
             let link = &mut links[host];
