@@ -433,6 +433,17 @@ fn print_summary(r: &BenchReport) {
             None => println!("  hit rate       {:.1}%", h * 100.0),
         }
     }
+    if r.redundancy != "none" || r.hosts_lost > 0 || r.reconnects > 0 {
+        let rebuild = match (r.rebuild_s, r.spans_awaiting_rebuild) {
+            (Some(s), _) => format!("rebuilt in {s:.2} s"),
+            (None, 0) => "nothing to rebuild".to_string(),
+            (None, n) => format!("{n} span(s) still short of a copy or shard: no host to rebuild onto"),
+        };
+        println!(
+            "  redundancy     {}: {} host(s) lost, {} reconnection(s), {} pages rebuilt ({rebuild}), {} degraded reads",
+            r.redundancy, r.hosts_lost, r.reconnects, r.pages_rebuilt, r.degraded_reads
+        );
+    }
     println!("  verified       {}", if r.verified { "yes" } else { "NO" });
 }
 
