@@ -183,9 +183,10 @@ struct BenchArgs {
     /// Survive the loss of memory hosts: none; replicate:N (every slab on N distinct hosts,
     /// written to all, read from any live copy); or erasure:K+M (every page split into K data
     /// and M parity shards on K+M distinct hosts, any K of which rebuild it; K a power of two
-    /// from 2 to 64; host memory (K+M)/K times the region; erasure-coded regions are not
-    /// prefetched). A lost host's share is rebuilt onto the others in the background; with
-    /// more hosts lost than the setting covers, the pages they held read as an error.
+    /// from 2 to 64; host memory (K+M)/K times the region; pointer prefetch does not follow
+    /// pointers in erasure-coded regions). A lost host's share is rebuilt onto the others in
+    /// the background; with more hosts lost than the setting covers, the pages they held read
+    /// as an error.
     #[arg(long, default_value = "none", value_parser = |s: &str| s.parse::<Redundancy>())]
     redundancy: Redundancy,
     /// Write dirty pages back at least this often, in milliseconds (0: only on eviction).

@@ -195,7 +195,17 @@ fn erasure_4_2_of_8_survives_two_killed_hosts_under_writes() {
 fn erasure_4_2_of_6_survives_two_killed_hosts_under_seq_write() {
     let out = run_killing(
         6,
-        &["seq-write", "--size", "16M", "--local-mem", "4M", "--ops", "40000", "--redundancy", "erasure:4+2"],
+        &[
+            "seq-write",
+            "--size",
+            "16M",
+            "--local-mem",
+            "4M",
+            "--ops",
+            "200000",
+            "--redundancy",
+            "erasure:4+2",
+        ],
         &[1.5, 2.5],
         TIMEOUT,
     );
@@ -380,4 +390,30 @@ fn replicate_3_survives_the_death_of_its_rebuild_target() {
     let out = runner.join().expect("runner thread");
     let r = assert_survived(&out, "replicate:3", 2);
     assert!(r["pages_rebuilt"].as_u64().unwrap() > 0, "{}", describe(&out));
+}
+
+/// Erasure-coded regions are prefetched too (runs of pages gathered from K shards each), and
+/// keep being prefetched, through parity, after a data shard's host dies.
+#[test]
+fn erasure_2_1_prefetches_sequential_reads_through_a_lost_host() {
+    let out = run_killing(
+        4,
+        &[
+            "seq-read",
+            "--size",
+            "256M",
+            "--local-mem",
+            "32M",
+            "--redundancy",
+            "erasure:2+1",
+            "--prefetch",
+            "auto",
+        ],
+        &[1.0],
+        TIMEOUT,
+    );
+    let r = assert_survived_degraded(&out, "erasure:2+1", 1);
+    let ctx = describe(&out);
+    let (faults, issued) = (r["remote_faults"].as_u64().unwrap(), r["prefetch_issued"].as_u64().unwrap());
+    assert!(issued > 10 * faults, "most pages come by prefetch: {issued} prefetched, {faults} faults\n{ctx}");
 }

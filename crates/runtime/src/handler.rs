@@ -391,18 +391,41 @@ impl TwinGate {
 }
 
 /// Queues a prefetch of `count` adjacent pages from `first` (all in one slab) and marks them
-/// in flight. Returns the pages queued (0 if their host is dead).
-fn send_prefetch(region: &mut RegionState, links: &mut [Link], id: u32, first: usize, count: u32) -> u64 {
+/// in flight: a read of a live copy, or for an erasure-coded region an entry in `coded` (its
+/// shards are gathered by the caller). Returns the pages queued (0 if no copy is alive).
+fn send_prefetch(
+    region: &mut RegionState,
+    links: &mut [Link],
+    coded: &mut Vec<(usize, usize)>,
+    id: u32,
+    first: usize,
+    count: u32,
+) -> u64 {
+    let pages = first..first + count as usize;
+    if region.coder.is_some() {
+        if !region.readable(first) {
+            return 0;
+        }
+        for p in pages {
+            region.pages[p] |= PageState::FETCHING | PageState::PREFETCHED;
+        }
+        coded.push((first, count as usize));
+        return u64::from(count);
+    }
     let Some((slab, slab_page)) = region.read_copy(first) else { return 0 };
     let link = &mut links[slab.host];
     link.send(
         &Message::ReadPages { slab_id: slab.slab_id, first_page: slab_page, count },
         Pending::Prefetch { region: id, first, count },
     );
-    for p in first..first + count as usize {
+    for p in pages {
         region.pages[p] |= PageState::FETCHING | PageState::PREFETCHED;
     }
     u64::from(count)
+}
+
+fn region_prefetches(regions: &HashMap<u32, RegionState>, id: u32) -> bool {
+    regions.get(&id).is_some_and(|r| r.prefetch != PrefetchMode::Off)
 }
 
 fn key(region: u32, page: usize) -> PageKey {
@@ -1086,8 +1109,11 @@ impl Core {
         } else if state & PageState::ON_HOST != 0 {
             region.pages[page] |= PageState::FETCHING;
             if region.coder.is_some() {
-                // K shards, decoded: no prefetching of erasure-coded regions (yet).
+                // K shards, decoded.
                 self.gather_start(id, page, 1, redundant::GatherFor::Fault { write, started });
+                if region_prefetches(&self.regions, id) {
+                    self.prefetch_after(id, page);
+                }
                 return;
             }
             let Some((slab, slab_page)) = region.read_copy(page) else {
@@ -1222,6 +1248,7 @@ impl Core {
         let region = self.regions.get_mut(&id).expect("caller checked");
         let (delta, depth) = (prediction.delta, prediction.depth);
         let mut run: Option<(usize, u32)> = None; // (first page, pages) of adjacent fetchable pages
+        let mut coded = Vec::new();
         let mut issued = 0u64;
         let mut first_window_page = None;
         let mut window_pages = 0;
@@ -1243,7 +1270,7 @@ impl Core {
                 }
                 _ => {
                     if let Some((first, n)) = run.take() {
-                        issued += send_prefetch(region, &mut self.links, id, first, n);
+                        issued += send_prefetch(region, &mut self.links, &mut coded, id, first, n);
                     }
                     if fetchable {
                         run = Some((p, 1));
@@ -1252,7 +1279,7 @@ impl Core {
             }
         }
         if let Some((first, n)) = run {
-            issued += send_prefetch(region, &mut self.links, id, first, n);
+            issued += send_prefetch(region, &mut self.links, &mut coded, id, first, n);
         }
         if let Some(first) = first_window_page {
             // A window issued on a wait continues the one before: account for both together.
@@ -1262,6 +1289,9 @@ impl Core {
                 }
                 _ => Some((first, delta, window_pages)),
             };
+        }
+        for (first, n) in coded {
+            self.gather_start(id, first, n, redundant::GatherFor::Prefetch);
         }
         self.stats.prefetch_issued.fetch_add(issued, Relaxed);
     }
@@ -1369,6 +1399,30 @@ impl Core {
         }
         region.pages[page] |= PageState::FETCHING;
         self.refetch(id, page, false, Instant::now(), "every copy of it is on a lost host");
+    }
+
+    /// Installs the prefetched pages `data` from `first` of region `id` that are still
+    /// awaited, a run of adjacent ones with one copy. Cold in the policy: a wrong guess must
+    /// not push out the working set.
+    fn install_prefetched(&mut self, id: u32, first: usize, data: &[u8]) {
+        let count = data.len() / PAGE_SIZE;
+        self.stats.pages_fetched.fetch_add(count as u64, Relaxed);
+        let mut i = 0;
+        while i < count {
+            let waiting = |k: usize| {
+                self.regions.get(&id).is_some_and(|r| {
+                    r.pages[first + k] & (PageState::FETCHING | PageState::RESIDENT) == PageState::FETCHING
+                })
+            };
+            let mut n = 0;
+            while i + n < count && waiting(i + n) {
+                n += 1;
+            }
+            if n > 0 {
+                self.install_run(id, first + i, &data[i * PAGE_SIZE..(i + n) * PAGE_SIZE]);
+            }
+            i += n.max(1);
+        }
     }
 
     /// Installs `data`, several pages from `first` of region `id`, with one copy: clean, or
@@ -1701,29 +1755,8 @@ impl Core {
             (Pending::Prefetch { region, first, count }, Message::Pages { data, .. })
                 if data.len() == count as usize * PAGE_SIZE =>
             {
-                self.stats.pages_fetched.fetch_add(u64::from(count), Relaxed);
                 self.stats.bytes_fetched.fetch_add(data.len() as u64, Relaxed);
-                // Runs of pages still awaited are installed with one copy each. Clean and
-                // write-protected, and cold in the policy: a wrong guess must not push out
-                // the working set.
-                let count = (count as usize).min(data.len() / PAGE_SIZE);
-                let mut i = 0;
-                while i < count {
-                    let waiting = |k: usize| {
-                        self.regions.get(&region).is_some_and(|r| {
-                            r.pages[first + k] & (PageState::FETCHING | PageState::RESIDENT)
-                                == PageState::FETCHING
-                        })
-                    };
-                    let mut n = 0;
-                    while i + n < count && waiting(i + n) {
-                        n += 1;
-                    }
-                    if n > 0 {
-                        self.install_run(region, first + i, &data[i * PAGE_SIZE..(i + n) * PAGE_SIZE]);
-                    }
-                    i += n.max(1);
-                }
+                self.install_prefetched(region, first, data);
             }
             (Pending::Prefetch { region, first, count }, _) => {
                 // A refused prefetch costs nothing: the pages fault normally later.

@@ -29,6 +29,8 @@ pub(super) enum GatherFor {
     Fault { write: bool, started: Instant },
     /// Rebuilding shard `shard` of the span, for rebuild job `job`.
     Rebuild { shard: usize, job: u64 },
+    /// Prefetching the pages.
+    Prefetch,
 }
 
 /// A read that needs K shards of pages `first..first + count` (one span).
@@ -109,7 +111,7 @@ impl Core {
         let (needed, sl) = (region.redundancy.needed(), region.redundancy.shard_len());
         let skip = match g.purpose {
             GatherFor::Rebuild { shard, .. } => Some(shard),
-            GatherFor::Fault { .. } => None,
+            GatherFor::Fault { .. } | GatherFor::Prefetch => None,
         };
         let offset = ((g.first % region.slab_pages) * sl) as u64;
         let len = u32::try_from(g.count * sl).expect("a gather is at most a batch of pages");
@@ -192,6 +194,17 @@ impl Core {
                 self.stats.degraded_reads.fetch_add(g.count as u64, Relaxed);
             }
         }
+        if matches!(g.purpose, GatherFor::Prefetch) {
+            // Page k is the concatenation of data shard i's k-th piece, for every i.
+            let sl = region.redundancy.shard_len();
+            let mut pages = vec![0u8; g.count * PAGE_SIZE];
+            for (k, page) in pages.chunks_exact_mut(PAGE_SIZE).enumerate() {
+                for (i, piece) in page.chunks_exact_mut(sl).enumerate() {
+                    piece.copy_from_slice(&g.buf[i * per_shard + k * sl..][..sl]);
+                }
+            }
+            return self.install_prefetched(g.region, g.first, &pages);
+        }
         // A copy, or the shard being rebuilt, or (erasure, one page) the data shards in order.
         let from = match (&region.coder, &g.purpose) {
             (_, GatherFor::Rebuild { shard, .. }) if region.coder.is_some() => shard * per_shard,
@@ -224,6 +237,7 @@ impl Core {
                 self.rebuild_write(g.region, g.first, g.count, shard, job, data);
                 self.rebuild_batch_done(g.region, g.first, shard, job, false);
             }
+            GatherFor::Prefetch => unreachable!("installed above"),
         }
     }
 
@@ -243,6 +257,12 @@ impl Core {
             GatherFor::Rebuild { shard, job } => {
                 eprintln!("clustermem: rebuild of a span abandoned: {why}");
                 self.rebuild_batch_done(g.region, g.first, shard, job, true);
+            }
+            // A thread waiting for one of the pages gets a fetch of its own (or the loss).
+            GatherFor::Prefetch => {
+                for page in g.first..g.first + g.count {
+                    self.drop_prefetch(g.region, page);
+                }
             }
         }
     }
