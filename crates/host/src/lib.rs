@@ -356,7 +356,8 @@ fn serve_client(stream: TcpStream, store: &Store, sessions: &Sessions, shutdown:
         low_latency: false,
         greeted: false,
     };
-    let mut out = FrameWriter::new();
+    // Replies to prefetches are batches of 256 KiB frames: keep a buffer that fits a few.
+    let mut out = FrameWriter::new().keep_after_flush(8 << 20);
     let mut last_request = Instant::now();
     loop {
         // Send replies once the requests already here are answered: one send for a batch.

@@ -162,15 +162,32 @@ pub fn wait_readable(fd: i32, timeout_ms: i32) -> io::Result<bool> {
 }
 
 /// Collects outgoing frames and sends them in as few system calls as possible.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FrameWriter {
     buf: Vec<u8>,
+    /// Buffer kept after a flush, at most (see [`FrameWriter::keep_after_flush`]).
+    idle_capacity: usize,
+}
+
+impl Default for FrameWriter {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl FrameWriter {
     /// An empty writer.
     pub fn new() -> Self {
-        Self { buf: Vec::with_capacity(READ_CHUNK) }
+        Self { buf: Vec::with_capacity(READ_CHUNK), idle_capacity: MAX_IDLE_CAPACITY }
+    }
+
+    /// Keeps up to `bytes` of buffer between flushes (default 1 MiB). A memory host sending
+    /// batches of multi-page replies wants more: a buffer given back and grown again costs a
+    /// page fault and a page clear per 4 KiB, which was a tenth of a host's time on a
+    /// sequential read; a compute host bounding its memory wants less.
+    pub fn keep_after_flush(mut self, bytes: usize) -> Self {
+        self.idle_capacity = bytes;
+        self
     }
 
     /// Queues `msg` with `request_id`.
@@ -257,7 +274,7 @@ impl FrameWriter {
             }
         }
         self.buf.clear();
-        if self.buf.capacity() > MAX_IDLE_CAPACITY {
+        if self.buf.capacity() > self.idle_capacity.max(READ_CHUNK) {
             // A flush of many dirty pages queues them all; keeping that much buffer between
             // flushes would cost the local memory the runtime is bounding.
             self.buf = Vec::with_capacity(READ_CHUNK);

@@ -31,7 +31,7 @@ use clustermem_proto::{Message, LINE_SIZE, PAGE_SIZE};
 use clustermem_uffd::{CopyOutcome, Event, RegisterMode, Uffd};
 
 use crate::dirty::{Twin, TwinPool, WritebackMode};
-use crate::policy::{EvictionPolicy, PageKey};
+use crate::policy::{EvictionPolicy, PageKey, PageMap};
 use crate::prefetch::{PrefetchMode, Stream};
 use crate::redundancy::{Coder, Redundancy};
 use crate::stats::RuntimeStats;
@@ -196,7 +196,7 @@ struct RegionState {
     /// Lost pages not yet named in `error`.
     lost: usize,
     /// Clean twins of dirty pages (line write-back only).
-    twins: HashMap<usize, Twin>,
+    twins: PageMap<usize, Twin>,
     prefetch: PrefetchMode,
     /// The miss stream, for prefetching.
     stream: Stream,
@@ -852,7 +852,7 @@ impl Handler {
                 coder: Coder::new(redundancy),
                 error,
                 lost: 0,
-                twins: HashMap::new(),
+                twins: PageMap::default(),
                 prefetch,
                 stream: Stream::default(),
                 window: None,

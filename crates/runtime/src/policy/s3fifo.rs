@@ -6,9 +6,9 @@
 //! use (a write fault) since the hand last passed gets another round. One-touch pages of a
 //! scan thus never displace the hot set, which lives in main.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
-use super::{EvictionPolicy, PageKey};
+use super::{EvictionPolicy, PageKey, PageMap};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Queue {
@@ -30,12 +30,12 @@ struct Entry {
 pub struct S3Fifo {
     small_target: usize,
     ghost_capacity: usize,
-    entries: HashMap<PageKey, Entry>,
+    entries: PageMap<PageKey, Entry>,
     small: VecDeque<(PageKey, u64)>,
     main: VecDeque<(PageKey, u64)>,
     small_len: usize,
     ghost: VecDeque<(PageKey, u64)>,
-    ghost_live: HashMap<PageKey, u64>,
+    ghost_live: PageMap<PageKey, u64>,
     next_generation: u64,
 }
 
@@ -45,12 +45,12 @@ impl S3Fifo {
         Self {
             small_target: (capacity / 10).max(1),
             ghost_capacity: capacity.max(1),
-            entries: HashMap::new(),
+            entries: PageMap::default(),
             small: VecDeque::new(),
             main: VecDeque::new(),
             small_len: 0,
             ghost: VecDeque::new(),
-            ghost_live: HashMap::new(),
+            ghost_live: PageMap::default(),
             next_generation: 0,
         }
     }
