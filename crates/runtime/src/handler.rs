@@ -36,6 +36,7 @@ use crate::prefetch::{PrefetchMode, Stream};
 use crate::redundancy::{Coder, Redundancy};
 use crate::stats::RuntimeStats;
 use crate::transport::{self, Link, Pending};
+use crate::wakeup::Wakeup;
 use crate::RuntimeError;
 
 /// Per-page flags, one byte a page.
@@ -211,9 +212,8 @@ impl RegionState {
     fn addr(&self, page: usize) -> usize {
         self.base + page * PAGE_SIZE
     }
-    /// The slab holding `page` and the page's index in it; `None` for a page of a reserved
-    /// region that was never committed.
-    /// Whether host memory backs `page`.
+    /// Whether host memory backs `page` (not so for a page of a reserved region that was
+    /// never committed).
     fn committed(&self, page: usize) -> bool {
         self.slabs[page / self.slab_pages].is_some()
     }
@@ -401,31 +401,22 @@ fn send_prefetch(
     first: usize,
     count: u32,
 ) -> u64 {
-    let pages = first..first + count as usize;
     if region.coder.is_some() {
         if !region.readable(first) {
             return 0;
         }
-        for p in pages {
-            region.pages[p] |= PageState::FETCHING | PageState::PREFETCHED;
-        }
         coded.push((first, count as usize));
-        return u64::from(count);
+    } else {
+        let Some((slab, slab_page)) = region.read_copy(first) else { return 0 };
+        links[slab.host].send(
+            &Message::ReadPages { slab_id: slab.slab_id, first_page: slab_page, count },
+            Pending::Prefetch { region: id, first, count },
+        );
     }
-    let Some((slab, slab_page)) = region.read_copy(first) else { return 0 };
-    let link = &mut links[slab.host];
-    link.send(
-        &Message::ReadPages { slab_id: slab.slab_id, first_page: slab_page, count },
-        Pending::Prefetch { region: id, first, count },
-    );
-    for p in pages {
+    for p in first..first + count as usize {
         region.pages[p] |= PageState::FETCHING | PageState::PREFETCHED;
     }
     u64::from(count)
-}
-
-fn region_prefetches(regions: &HashMap<u32, RegionState>, id: u32) -> bool {
-    regions.get(&id).is_some_and(|r| r.prefetch != PrefetchMode::Off)
 }
 
 fn key(region: u32, page: usize) -> PageKey {
@@ -447,7 +438,7 @@ pub(crate) struct Handler {
     redialing: Vec<bool>,
     last_redial: Vec<Option<Instant>>,
     commands: Receiver<Command>,
-    wakeup_fd: i32,
+    wakeup: Arc<Wakeup>,
 }
 
 impl Handler {
@@ -458,7 +449,7 @@ impl Handler {
         stats: Arc<RuntimeStats>,
         connections: Vec<(Link, FrameReader)>,
         commands: Receiver<Command>,
-        wakeup_fd: i32,
+        wakeup: Arc<Wakeup>,
     ) -> Self {
         let poison_supported = uffd.features().contains(clustermem_uffd::Features::POISON);
         let exact_addresses = uffd.features().contains(clustermem_uffd::Features::EXACT_ADDRESS);
@@ -506,7 +497,7 @@ impl Handler {
             redialing: vec![false; hosts],
             last_redial: vec![None; hosts],
             commands,
-            wakeup_fd,
+            wakeup,
         }
     }
 
@@ -542,7 +533,7 @@ impl Handler {
             match self.commands.try_recv() {
                 Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => return,
                 Ok(cmd) => {
-                    self.drain_wakeup();
+                    self.wakeup.drain();
                     self.on_command(cmd);
                     progress = true;
                 }
@@ -568,8 +559,9 @@ impl Handler {
             if !self.core.rebuilds.is_empty() {
                 self.core.pump_rebuilds();
             }
-            self.core.stats.spans_rebuilding.store(self.core.rebuilds_pending() as u64, Relaxed);
-            if self.core.rebuilds_pending() == 0 {
+            let rebuilding = self.core.rebuilds_pending();
+            self.core.stats.spans_rebuilding.store(rebuilding as u64, Relaxed);
+            if rebuilding == 0 {
                 self.core.stats.rebuild_waiting_for_host.store(0, Relaxed);
             }
             if self.core.links.iter().any(|l| l.dead.is_some()) {
@@ -595,17 +587,11 @@ impl Handler {
         }
     }
 
-    fn drain_wakeup(&self) {
-        let mut buf = 0u64;
-        // SAFETY: reads 8 bytes into a local u64 from our non-blocking eventfd.
-        unsafe { libc::read(self.wakeup_fd, std::ptr::addr_of_mut!(buf).cast(), 8) };
-    }
-
     /// Sleeps until a fault, a command or a reply arrives.
     fn sleep(&self) {
         let mut fds = vec![
             libc::pollfd { fd: self.core.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: self.wakeup_fd, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: self.wakeup.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         ];
         for (link, reader) in self.core.links.iter().zip(&self.readers) {
             if !link.pending.is_empty() && link.dead.is_none() {
@@ -682,7 +668,7 @@ impl Handler {
             self.redialing[h] = true;
             self.last_redial[h] = Some(Instant::now());
             let (addr, low_latency) = (self.core.links[h].addr.to_string(), self.core.config.low_latency);
-            let (results, wakeup_fd) = (self.redials.0.clone(), self.wakeup_fd);
+            let (results, wakeup) = (self.redials.0.clone(), Arc::clone(&self.wakeup));
             let spawned = std::thread::Builder::new().name("redial".into()).spawn(move || {
                 // A new session: the dead instance's slabs are not ours to adopt.
                 let result = transport::connect(
@@ -692,10 +678,7 @@ impl Handler {
                     transport::CONNECT_TIMEOUT,
                 );
                 let _ = results.send((h, result.map(|(link, reader, _)| (link, reader))));
-                let one = 1u64;
-                // SAFETY: writes 8 bytes from a local u64 to the handler's eventfd, which
-                // outlives this thread or is closed, making the write fail harmlessly.
-                unsafe { libc::write(wakeup_fd, std::ptr::addr_of!(one).cast(), 8) };
+                wakeup.wake();
             });
             if spawned.is_err() {
                 self.redialing[h] = false;
@@ -1110,8 +1093,9 @@ impl Core {
             region.pages[page] |= PageState::FETCHING;
             if region.coder.is_some() {
                 // K shards, decoded.
+                let prefetch = region.prefetch != PrefetchMode::Off;
                 self.gather_start(id, page, 1, redundant::GatherFor::Fault { write, started });
-                if region_prefetches(&self.regions, id) {
+                if prefetch {
                     self.prefetch_after(id, page);
                 }
                 return;
@@ -1399,6 +1383,35 @@ impl Core {
         }
         region.pages[page] |= PageState::FETCHING;
         self.refetch(id, page, false, Instant::now(), "every copy of it is on a lost host");
+    }
+
+    /// Installs `data`, fetched for a fault (a `write` fault or not) on `page` of region `id`,
+    /// and counts the fault: dirty at once when a write is predicted; zeros when the page was
+    /// discarded while in flight; nothing when it was discarded and served again since.
+    fn install_fetched(&mut self, id: u32, page: usize, data: &[u8], write: bool, started: Instant) {
+        self.stats.remote_faults.fetch_add(1, Relaxed);
+        self.stats.pages_fetched.fetch_add(1, Relaxed);
+        match self.regions.get(&id).map(|r| r.pages[page]) {
+            Some(s) if s & PageState::FETCHING != 0 => {
+                let predicted = !write && self.write_predictor.predicts_write();
+                self.install(id, page, data, write || predicted);
+                if let Some(r) = self.regions.get_mut(&id).filter(|_| predicted) {
+                    if r.pages[page] & PageState::DIRTY != 0 {
+                        r.pages[page] |= PageState::UNTRACKED;
+                        self.stats.predicted_writes.fetch_add(1, Relaxed);
+                    }
+                }
+            }
+            Some(s) if s & PageState::RESIDENT == 0 => {
+                // Discarded while in flight: the waiting thread gets what freed memory holds.
+                let zeros = std::mem::take(&mut self.zero_page);
+                self.install(id, page, &zeros, write);
+                self.zero_page = zeros;
+            }
+            // Discarded and served again since, or the region is gone.
+            _ => {}
+        }
+        self.stats.fault_service.record(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
     }
 
     /// Installs the prefetched pages `data` from `first` of region `id` that are still
@@ -1694,33 +1707,8 @@ impl Core {
             (Pending::Fetch { region, page, write, started, offset }, Message::Pages { data, .. })
                 if data.len() == PAGE_SIZE =>
             {
-                self.stats.remote_faults.fetch_add(1, Relaxed);
-                self.stats.pages_fetched.fetch_add(1, Relaxed);
                 self.stats.bytes_fetched.fetch_add(data.len() as u64, Relaxed);
-                match self.regions.get(&region).map(|r| r.pages[page]) {
-                    Some(s) if s & PageState::FETCHING != 0 => {
-                        let predicted = !write && self.write_predictor.predicts_write();
-                        self.install(region, page, &data[..PAGE_SIZE], write || predicted);
-                        if let Some(r) = self.regions.get_mut(&region).filter(|_| predicted) {
-                            if r.pages[page] & PageState::DIRTY != 0 {
-                                r.pages[page] |= PageState::UNTRACKED;
-                                self.stats.predicted_writes.fetch_add(1, Relaxed);
-                            }
-                        }
-                    }
-                    Some(s) if s & PageState::RESIDENT == 0 => {
-                        // Discarded while in flight: the waiting thread gets what freed memory
-                        // holds.
-                        let zeros = std::mem::take(&mut self.zero_page);
-                        self.install(region, page, &zeros, write);
-                        self.zero_page = zeros;
-                    }
-                    // Discarded and served again since, or the region is gone.
-                    _ => {}
-                }
-                self.stats
-                    .fault_service
-                    .record(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
+                self.install_fetched(region, page, data, write, started);
                 if self.regions.get(&region).is_some_and(|r| r.prefetch == PrefetchMode::Pointer) {
                     self.follow_pointers(region, page, offset, 0);
                 }

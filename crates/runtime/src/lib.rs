@@ -24,6 +24,7 @@ mod prefetch;
 mod redundancy;
 mod stats;
 mod transport;
+mod wakeup;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::mpsc::{self, Sender};
@@ -155,7 +156,7 @@ impl Default for RuntimeConfig {
 #[derive(Debug)]
 pub struct Runtime {
     commands: Sender<handler::Command>,
-    wakeup_fd: i32,
+    wakeup: Arc<wakeup::Wakeup>,
     thread: Option<JoinHandle<()>>,
     stats: Arc<RuntimeStats>,
     hosts: Vec<String>,
@@ -216,11 +217,8 @@ impl Runtime {
         let stats = Arc::new(RuntimeStats::default());
         let on_handler_start = config.on_handler_start;
         let (tx, rx) = mpsc::channel();
-        // SAFETY: eventfd(2) with valid flags; returns a new fd or -1.
-        let wakeup_fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if wakeup_fd < 0 {
-            return Err(RuntimeError::Os { what: "eventfd", source: std::io::Error::last_os_error() });
-        }
+        let wakeup =
+            Arc::new(wakeup::Wakeup::new().map_err(|source| RuntimeError::Os { what: "eventfd", source })?);
         let handler = handler::Handler::new(
             uffd,
             handler::HandlerConfig {
@@ -240,7 +238,7 @@ impl Runtime {
             Arc::clone(&stats),
             connections,
             rx,
-            wakeup_fd,
+            Arc::clone(&wakeup),
         );
         let thread = std::thread::Builder::new()
             .name("uffd-handler".into())
@@ -253,7 +251,7 @@ impl Runtime {
             .map_err(|source| RuntimeError::Os { what: "spawning the fault handler", source })?;
         Ok(Self {
             commands: tx,
-            wakeup_fd,
+            wakeup,
             thread: Some(thread),
             stats,
             hosts,
@@ -265,9 +263,7 @@ impl Runtime {
 
     fn command(&self, cmd: handler::Command) -> Result<(), RuntimeError> {
         self.commands.send(cmd).map_err(|_| RuntimeError::HandlerGone)?;
-        let one = 1u64;
-        // SAFETY: writes 8 bytes from a local u64 to our eventfd.
-        unsafe { libc::write(self.wakeup_fd, std::ptr::addr_of!(one).cast(), 8) };
+        self.wakeup.wake();
         Ok(())
     }
 
@@ -351,8 +347,6 @@ impl Drop for Runtime {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        // SAFETY: our eventfd, closed once, after the handler that read it has stopped.
-        unsafe { libc::close(self.wakeup_fd) };
     }
 }
 

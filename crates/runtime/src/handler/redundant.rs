@@ -194,50 +194,31 @@ impl Core {
                 self.stats.degraded_reads.fetch_add(g.count as u64, Relaxed);
             }
         }
-        if matches!(g.purpose, GatherFor::Prefetch) {
-            // Page k is the concatenation of data shard i's k-th piece, for every i.
-            let sl = region.redundancy.shard_len();
-            let mut pages = vec![0u8; g.count * PAGE_SIZE];
-            for (k, page) in pages.chunks_exact_mut(PAGE_SIZE).enumerate() {
-                for (i, piece) in page.chunks_exact_mut(sl).enumerate() {
-                    piece.copy_from_slice(&g.buf[i * per_shard + k * sl..][..sl]);
-                }
-            }
-            return self.install_prefetched(g.region, g.first, &pages);
-        }
-        // A copy, or the shard being rebuilt, or (erasure, one page) the data shards in order.
-        let from = match (&region.coder, &g.purpose) {
-            (_, GatherFor::Rebuild { shard, .. }) if region.coder.is_some() => shard * per_shard,
-            (Some(_), GatherFor::Fault { .. }) => 0,
-            _ => g.have.trailing_zeros() as usize * per_shard,
-        };
-        let len = if matches!(g.purpose, GatherFor::Fault { .. }) { PAGE_SIZE } else { per_shard };
-        let data = std::mem::take(&mut g.buf);
-        let data = &data[from..from + len];
+        let sl = region.redundancy.shard_len();
+        let erasure = region.coder.is_some();
+        let buf = std::mem::take(&mut g.buf);
         match g.purpose {
-            GatherFor::Fault { write, started } => {
-                self.stats.remote_faults.fetch_add(1, Relaxed);
-                self.stats.pages_fetched.fetch_add(1, Relaxed);
-                let page = g.first;
-                match self.regions.get(&g.region).map(|r| r.pages[page]) {
-                    Some(s) if s & PageState::FETCHING != 0 => self.install(g.region, page, data, write),
-                    Some(s) if s & PageState::RESIDENT == 0 => {
-                        // Discarded while in flight: the waiting thread gets zeros.
-                        let zeros = std::mem::take(&mut self.zero_page);
-                        self.install(g.region, page, &zeros, write);
-                        self.zero_page = zeros;
-                    }
-                    _ => {}
-                }
-                self.stats
-                    .fault_service
-                    .record(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
-            }
             GatherFor::Rebuild { shard, job } => {
-                self.rebuild_write(g.region, g.first, g.count, shard, job, data);
+                // The shard being rebuilt (decoded above), or any copy that arrived.
+                let from = if erasure { shard } else { g.have.trailing_zeros() as usize } * per_shard;
+                self.rebuild_write(g.region, g.first, g.count, shard, job, &buf[from..from + per_shard]);
                 self.rebuild_batch_done(g.region, g.first, shard, job, false);
             }
-            GatherFor::Prefetch => unreachable!("installed above"),
+            // Only erasure-coded pages are gathered for faults and prefetches: page k is the
+            // k-th piece of each data shard, in order (for one page, the data shards as they
+            // lie in the buffer).
+            GatherFor::Fault { write, started } => {
+                self.install_fetched(g.region, g.first, &buf[..PAGE_SIZE], write, started);
+            }
+            GatherFor::Prefetch => {
+                let mut pages = vec![0u8; g.count * PAGE_SIZE];
+                for (k, page) in pages.chunks_exact_mut(PAGE_SIZE).enumerate() {
+                    for (i, piece) in page.chunks_exact_mut(sl).enumerate() {
+                        piece.copy_from_slice(&buf[i * per_shard + k * sl..][..sl]);
+                    }
+                }
+                self.install_prefetched(g.region, g.first, &pages);
+            }
         }
     }
 
