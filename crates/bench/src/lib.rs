@@ -19,8 +19,8 @@ use std::time::Instant;
 
 use clustermem_mmap::AnonMapping;
 use clustermem_runtime::{
-    Histogram, PolicyKind, PrefetchMode, Redundancy, Region, Runtime, RuntimeConfig, RuntimeError,
-    RuntimeStats, WritebackMode, PAGE_SIZE,
+    DirtyTracking, Histogram, PolicyKind, PrefetchMode, Redundancy, Region, Runtime, RuntimeConfig,
+    RuntimeError, RuntimeStats, WritebackMode, PAGE_SIZE,
 };
 use progress::Progress;
 use rng::{mix, Rng, Zipf};
@@ -112,6 +112,8 @@ pub struct BenchOptions {
     pub lines_per_page: u32,
     /// How dirty pages are written back.
     pub writeback: WritebackMode,
+    /// How written pages are found.
+    pub dirty_tracking: DirtyTracking,
     /// Send the whole page when more lines than this changed.
     pub line_threshold: u32,
     /// Periodic write-back interval (None: only on eviction).
@@ -278,6 +280,12 @@ pub struct BenchReport {
     pub page_granular_bytes: u64,
     /// Dirty pages written back by the periodic flusher or a flush.
     pub pages_flushed: u64,
+    /// How written pages were found (`sync`: write-protect faults; `async`: `PAGEMAP_SCAN`).
+    pub dirty_tracking: String,
+    /// Async tracking: `PAGEMAP_SCAN` calls (flusher sweeps and eviction checks).
+    pub tracking_scans: u64,
+    /// Async tracking: seconds the handler spent in them and in moving victims out.
+    pub tracking_s: f64,
     /// `off`, `auto` or `pointer`.
     pub prefetch: &'static str,
     /// Pages fetched ahead of a fault.
@@ -374,6 +382,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             low_latency: opts.low_latency,
             policy: opts.policy,
             writeback: opts.writeback,
+            dirty_tracking: opts.dirty_tracking,
             line_threshold: opts.line_threshold,
             flush_interval: opts.flush_interval,
             prefetch: opts.prefetch,
@@ -547,6 +556,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         dirty_lines_written: snap.dirty_lines_written,
         page_granular_bytes: snap.page_granular_bytes,
         pages_flushed: snap.pages_flushed,
+        dirty_tracking: opts.dirty_tracking.to_string(),
+        tracking_scans: snap.tracking_scans,
+        tracking_s: snap.tracking_ns as f64 / 1e9,
         prefetch: opts.prefetch.name(),
         prefetch_issued: snap.prefetch_issued,
         prefetch_used: snap.prefetch_used,

@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use clustermem_bench::{Backend, BenchOptions, BenchReport, Workload};
 use clustermem_host::MemoryHost;
-use clustermem_runtime::{PolicyKind, PrefetchMode, Redundancy, WritebackMode};
+use clustermem_runtime::{DirtyTracking, PolicyKind, PrefetchMode, Redundancy, WritebackMode};
 use size::{parse_size, parse_size_or_percent};
 
 #[derive(Parser, Debug)]
@@ -161,11 +161,20 @@ struct BenchArgs {
     /// sparse-write: 64-byte lines changed per page per operation.
     #[arg(long, default_value_t = 2)]
     lines_per_page: u32,
-    /// Write back only the 64-byte lines that changed (line, default) or whole pages (page).
-    /// Line mode keeps a clean twin of each dirty page (counted against --local-mem) and diffs
-    /// it at write-back (~0.3 us a page); the periodic flusher keeps twins few.
-    #[arg(long, default_value = "line", value_parser = |s: &str| s.parse::<WritebackMode>())]
-    writeback: WritebackMode,
+    /// Write back only the 64-byte lines that changed (line, default with sync tracking) or
+    /// whole pages (page, default and only choice with async tracking). Line mode keeps a
+    /// clean twin of each dirty page (counted against --local-mem) and diffs it at write-back
+    /// (~0.3 us a page); the periodic flusher keeps twins few.
+    #[arg(long, value_parser = |s: &str| s.parse::<WritebackMode>())]
+    writeback: Option<WritebackMode>,
+    /// How written pages are found. sync (default): pages are installed write-protected and
+    /// the first store to each waits for a fault round trip through the handler (a few us),
+    /// which takes the twin line write-back needs. async (Linux 6.8+): the kernel lets the
+    /// first store in by itself (UFFD_FEATURE_WP_ASYNC) and the flusher and eviction find
+    /// written pages with PAGEMAP_SCAN (~0.7 us a call); no twins, so whole-page write-back,
+    /// and each eviction moves its page out (UFFDIO_MOVE, ~1.5 us) so no racing store is lost.
+    #[arg(long, default_value = "sync", value_parser = |s: &str| s.parse::<DirtyTracking>())]
+    dirty_tracking: DirtyTracking,
     /// Line mode: send the whole page when more than this many of its 64 lines changed.
     #[arg(long, default_value_t = 48)]
     line_threshold: u32,
@@ -274,7 +283,11 @@ fn run_bench(args: &BenchArgs) -> Result<bool> {
         progress: !args.json,
         backend: args.backend,
         lines_per_page: args.lines_per_page,
-        writeback: args.writeback,
+        writeback: args.writeback.unwrap_or(match args.dirty_tracking {
+            DirtyTracking::Sync => WritebackMode::Line,
+            DirtyTracking::Async => WritebackMode::Page,
+        }),
+        dirty_tracking: args.dirty_tracking,
         line_threshold: args.line_threshold,
         flush_interval: (args.flush_interval_ms > 0).then(|| Duration::from_millis(args.flush_interval_ms)),
         prefetch: args.prefetch,
@@ -403,6 +416,12 @@ fn print_summary(r: &BenchReport) {
         r.pages_written_back,
         human_bytes(r.bytes_written_back)
     );
+    if r.dirty_tracking == "async" {
+        println!(
+            "  tracking       async (PAGEMAP_SCAN): {} scans, {:.3} s in scans and moves",
+            r.tracking_scans, r.tracking_s
+        );
+    }
     if r.dirty_pages_written > 0 {
         println!(
             "  write-back     {} mode: {} dirty pages, {} lines changed; {} sent vs {} page-granular ({:.1}x less)",

@@ -207,6 +207,45 @@ fn sparse_write_sends_lines_not_pages() {
     assert_eq!(page["bytes_written_back"], page["page_granular_bytes"], "{page}");
 }
 
+/// Async dirty tracking (no write faults; written pages found by PAGEMAP_SCAN) verifies on
+/// the write-heavy workloads, with whole-page write-back, and says what it did.
+#[test]
+fn async_dirty_tracking_verifies_with_no_write_faults() {
+    require_userfaultfd();
+    for workload in ["seq-write", "sparse-write", "quicksort"] {
+        let out = run_with_timeout(
+            &[
+                "bench",
+                workload,
+                "--size",
+                "16M",
+                "--local-mem",
+                "25%",
+                "--dirty-tracking",
+                "async",
+                "--json",
+            ],
+            TIMEOUT,
+        );
+        assert!(out.status.success(), "{workload}: {}", stderr(&out));
+        let r = json(&out);
+        assert_eq!(r["verified"], true, "{workload}: {r}");
+        assert_eq!(r["dirty_tracking"], "async", "{r}");
+        assert_eq!(r["writeback"], "page", "{r}");
+        assert_eq!(r["write_faults"], 0, "{workload}: {r}");
+        assert!(r["tracking_scans"].as_u64().is_some_and(|n| n > 0), "{workload}: {r}");
+        assert!(r["pages_written_back"].as_u64().is_some_and(|n| n > 0), "{workload}: {r}");
+    }
+    let out = run_with_timeout(
+        &["bench", "random", "--size", "8M", "--dirty-tracking", "async", "--writeback", "line"],
+        TIMEOUT,
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--writeback page"), "{}", stderr(&out));
+    let out = run_with_timeout(&["bench", "random", "--size", "8M", "--dirty-tracking", "lazy"], TIMEOUT);
+    assert!(stderr(&out).contains("expected sync or async"), "{}", stderr(&out));
+}
+
 /// Without permission to use userfaultfd, the command says what to do instead of failing
 /// obscurely. Runs the binary as `nobody` (needs root to drop privileges).
 #[test]

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use clustermem_runtime::{Runtime, RuntimeConfig, RuntimeError, PAGE_SIZE};
+use clustermem_runtime::{DirtyTracking, Runtime, RuntimeConfig, RuntimeError, WritebackMode, PAGE_SIZE};
 use common::{require_userfaultfd, HostProcess};
 
 fn pattern(i: usize) -> u8 {
@@ -93,6 +93,19 @@ fn concurrent_writers_under_eviction_lose_nothing() {
     }
 }
 
+/// Async tracking takes no twins, so asking it for line write-back is refused, saying why.
+#[test]
+fn async_tracking_with_line_write_back_is_refused() {
+    require_userfaultfd();
+    let err = Runtime::start(RuntimeConfig {
+        dirty_tracking: DirtyTracking::Async,
+        writeback: WritebackMode::Line,
+        ..RuntimeConfig::default()
+    })
+    .expect_err("line write-back needs twins");
+    assert!(err.to_string().contains("--writeback page"), "{err}");
+}
+
 /// A region larger than the host's capacity is refused with the host's reason.
 #[test]
 fn full_host_refuses_with_a_clear_error() {
@@ -145,11 +158,22 @@ fn dead_host_is_reported_not_hung_on() {
 }
 
 /// Writers on several threads, the flusher running every few milliseconds and eviction under
-/// a tight limit: pages are re-dirtied during their own write-back all the time. Every byte
-/// is then checked against a shadow copy, after dropping everything local (a second pass
-/// through a tiny limit forces every page to come back from the host).
+/// a tight limit (1/4 of the region): pages are re-dirtied during their own write-back all the
+/// time. Every word is then checked against a shadow copy; reading them back fetches most
+/// pages from the host again.
 #[test]
 fn redirtied_pages_survive_concurrent_flushes_and_evictions() {
+    redirtied_pages_survive(DirtyTracking::Sync, WritebackMode::Line);
+}
+
+/// The same under async tracking, where stores never wait for the handler: a store racing
+/// an eviction's scan or a flusher's copy must not be lost.
+#[test]
+fn redirtied_pages_survive_under_async_tracking() {
+    redirtied_pages_survive(DirtyTracking::Async, WritebackMode::Page);
+}
+
+fn redirtied_pages_survive(dirty_tracking: DirtyTracking, writeback: WritebackMode) {
     use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
     require_userfaultfd();
     let a = HostProcess::start("64M");
@@ -158,6 +182,8 @@ fn redirtied_pages_survive_concurrent_flushes_and_evictions() {
         local_mem_bytes: 1 << 20,
         slab_bytes: 1 << 20,
         flush_interval: Some(Duration::from_millis(2)),
+        dirty_tracking,
+        writeback,
         ..RuntimeConfig::default()
     })
     .unwrap();
@@ -186,7 +212,19 @@ fn redirtied_pages_survive_concurrent_flushes_and_evictions() {
     region.flush().unwrap();
     let stats = rt.stats().snapshot();
     assert!(stats.pages_flushed > 0, "the flusher ran: {stats:?}");
-    assert!(stats.dirty_lines_written < stats.pages_written_back * 64, "line write-back was used: {stats:?}");
+    assert!(stats.pages_evicted > 1000, "eviction ran: {stats:?}");
+    match dirty_tracking {
+        DirtyTracking::Sync => {
+            assert!(
+                stats.dirty_lines_written < stats.pages_written_back * 64,
+                "line write-back was used: {stats:?}"
+            );
+        }
+        DirtyTracking::Async => {
+            assert_eq!(stats.write_faults, 0, "no store waited for the handler: {stats:?}");
+            assert!(stats.tracking_scans > 0, "written pages were found by scans: {stats:?}");
+        }
+    }
     for (i, (w, s)) in words.iter().zip(&shadow).enumerate() {
         assert_eq!(w.load(Relaxed), s.load(Relaxed), "word {i}");
     }

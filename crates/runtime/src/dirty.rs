@@ -30,6 +30,42 @@ impl std::str::FromStr for WritebackMode {
     }
 }
 
+/// How the runtime learns which resident pages were written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DirtyTracking {
+    /// Pages are installed write-protected and the first store to each faults to the handler
+    /// (`UFFDIO_WRITEPROTECT`), which takes its twin and lets the writer on: exact, and the
+    /// only mode with a moment to take twins, so the one line write-back needs. Costs a fault
+    /// round trip through the handler thread per page per residency.
+    #[default]
+    Sync,
+    /// `UFFD_FEATURE_WP_ASYNC` (Linux 6.7+): the kernel resolves the first store itself and
+    /// `PAGEMAP_SCAN` finds the written pages later, so stores never wait for the handler. No
+    /// twin can be taken (no fault), so write-back is whole pages, and eviction moves each
+    /// victim out with `UFFDIO_MOVE` (Linux 6.8+) so a racing store cannot be lost.
+    Async,
+}
+
+impl std::str::FromStr for DirtyTracking {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sync" => Ok(Self::Sync),
+            "async" => Ok(Self::Async),
+            _ => Err(format!("unknown dirty tracking {s:?} (expected sync or async)")),
+        }
+    }
+}
+
+impl std::fmt::Display for DirtyTracking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Sync => "sync",
+            Self::Async => "async",
+        })
+    }
+}
+
 /// A page's twin: an index into the [`TwinPool`], or "the clean page was all zeros".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Twin {

@@ -17,7 +17,10 @@
 //! - `PREFETCHED`: requested or installed by a prefetch, not yet seen in use. A fault on it
 //!   while in flight sets `WANTED`: a thread now waits for it, so it is never abandoned.
 
+mod async_tracking;
 mod redundant;
+
+pub(crate) use async_tracking::AsyncTracker;
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsRawFd;
@@ -317,6 +320,8 @@ struct Core {
     /// When no host could last take a rebuild: retried after REBUILD_RETRY, or sooner when
     /// a host comes back.
     rebuild_stalled: Option<Instant>,
+    /// Set under async dirty tracking.
+    tracker: Option<AsyncTracker>,
 }
 
 /// An error with its causes, for log lines.
@@ -450,6 +455,7 @@ impl Handler {
         connections: Vec<(Link, FrameReader)>,
         commands: Receiver<Command>,
         wakeup: Arc<Wakeup>,
+        tracker: Option<AsyncTracker>,
     ) -> Self {
         let poison_supported = uffd.features().contains(clustermem_uffd::Features::POISON);
         let exact_addresses = uffd.features().contains(clustermem_uffd::Features::EXACT_ADDRESS);
@@ -490,6 +496,7 @@ impl Handler {
                 rebuilds: Vec::new(),
                 next_rebuild: 0,
                 rebuild_stalled: None,
+                tracker,
             },
             readers,
             reconnects_in_a_row: vec![0; hosts],
@@ -602,7 +609,7 @@ impl Handler {
             // An eviction was deferred: come back for it soon.
             _ if self.core.over_limit() > 0 => 1,
             _ if fds.len() > 2 => 100,
-            Some(interval) if !self.core.dirty.is_empty() => {
+            Some(interval) if !self.core.dirty.is_empty() || self.core.tracker.is_some() => {
                 i32::try_from(interval.as_millis()).unwrap_or(1000).clamp(1, 1000)
             }
             _ => 1000,
@@ -1145,16 +1152,22 @@ impl Core {
     /// (nothing was installed).
     fn install_zero_run(&mut self, id: u32, first: usize, n: usize) -> bool {
         let Some(region) = self.regions.get_mut(&id) else { return false };
-        let copied = self.uffd.copy(region.addr(first), &self.zero_run[..n * PAGE_SIZE], false, true);
+        // Async tracking: protected, so a page never written is not sent (the kernel lets
+        // the first store in without us).
+        let tracked = self.tracker.is_none();
+        let copied = self.uffd.copy(region.addr(first), &self.zero_run[..n * PAGE_SIZE], !tracked, true);
         if !matches!(copied, Ok(CopyOutcome::Installed)) {
             return false;
         }
         for page in first..first + n {
-            region.pages[page] |= PageState::RESIDENT | PageState::DIRTY;
-            if self.config.writeback == WritebackMode::Line {
-                region.twins.insert(page, Twin::Zeros);
+            region.pages[page] |= PageState::RESIDENT;
+            if tracked {
+                region.pages[page] |= PageState::DIRTY;
+                if self.config.writeback == WritebackMode::Line {
+                    region.twins.insert(page, Twin::Zeros);
+                }
+                self.dirty.push(key(id, page));
             }
-            self.dirty.push(key(id, page));
             self.policy.insert(key(id, page));
         }
         self.resident += n;
@@ -1393,7 +1406,7 @@ impl Core {
         self.stats.pages_fetched.fetch_add(1, Relaxed);
         match self.regions.get(&id).map(|r| r.pages[page]) {
             Some(s) if s & PageState::FETCHING != 0 => {
-                let predicted = !write && self.write_predictor.predicts_write();
+                let predicted = !write && self.tracker.is_none() && self.write_predictor.predicts_write();
                 self.install(id, page, data, write || predicted);
                 if let Some(r) = self.regions.get_mut(&id).filter(|_| predicted) {
                     if r.pages[page] & PageState::DIRTY != 0 {
@@ -1444,7 +1457,7 @@ impl Core {
     fn install_run(&mut self, id: u32, first: usize, data: &[u8]) {
         let Some(region) = self.regions.get_mut(&id) else { return };
         let pages = data.len() / PAGE_SIZE;
-        let dirty = pages > 1 && self.write_predictor.predicts_write();
+        let dirty = pages > 1 && self.tracker.is_none() && self.write_predictor.predicts_write();
         if pages == 1
             || !matches!(self.uffd.copy(region.addr(first), data, !dirty, true), Ok(CopyOutcome::Installed))
         {
@@ -1478,12 +1491,14 @@ impl Core {
         self.enforce_limit_if_far_over();
     }
 
-    /// Installs `data` as page `page` of region `id`; dirty if it was a write fault.
+    /// Installs `data` as page `page` of region `id`; dirty if it was a write fault. (Under
+    /// async tracking a page installed writable is simply found written by the next scan.)
     fn install(&mut self, id: u32, page: usize, data: &[u8], write: bool) {
         let Some(region) = self.regions.get_mut(&id) else { return };
         let addr = region.addr(page);
+        let dirty = write && self.tracker.is_none();
         region.pages[page] &= !(PageState::FETCHING | PageState::WANTED);
-        region.pages[page] |= PageState::RESIDENT | if write { PageState::DIRTY } else { 0 };
+        region.pages[page] |= PageState::RESIDENT | if dirty { PageState::DIRTY } else { 0 };
         self.last_install = Instant::now();
         match self.uffd.copy(addr, data, !write, true) {
             Ok(_) => {}
@@ -1493,7 +1508,7 @@ impl Core {
                 return;
             }
         }
-        if write {
+        if dirty {
             if self.twin_gate.admit(&self.config) {
                 region.twins.insert(page, self.twins.take(data));
             }
@@ -1521,6 +1536,10 @@ impl Core {
     /// together at the end, adjacent pages with one `madvise` (and one TLB flush) per run:
     /// a scan evicts in the order it installed, so runs are long.
     fn enforce_limit(&mut self) {
+        if self.tracker.is_some() {
+            self.enforce_limit_moving();
+            return;
+        }
         let mut dropped = std::mem::take(&mut self.dropped);
         while self.over_limit() > 0 {
             let Some(victim) = self.policy.evict() else { break };
@@ -1570,26 +1589,41 @@ impl Core {
             }
             self.write_back(id, page);
         }
-        let region = self.regions.get_mut(&id).expect("checked above");
-        if region.pages[page] & PageState::PREFETCHED != 0 {
-            self.stats.prefetch_wasted.fetch_add(1, Relaxed);
-        } else if state & (PageState::DIRTY | PageState::UNTRACKED) == 0 {
+        if state & (PageState::DIRTY | PageState::UNTRACKED | PageState::PREFETCHED) == 0 {
             // Installed clean and never written.
             self.write_predictor.observe(false);
+        }
+        self.forget_evicted(id, page);
+        Some(Some(addr))
+    }
+
+    /// Marks page `page` of region `id`, just evicted, not resident.
+    fn forget_evicted(&mut self, id: u32, page: usize) {
+        let region = self.regions.get_mut(&id).expect("caller checked");
+        if region.pages[page] & PageState::PREFETCHED != 0 {
+            self.stats.prefetch_wasted.fetch_add(1, Relaxed);
         }
         region.pages[page] &=
             !(PageState::RESIDENT | PageState::DIRTY | PageState::PREFETCHED | PageState::UNTRACKED);
         self.resident -= 1;
         self.stats.pages_evicted.fetch_add(1, Relaxed);
-        Some(Some(addr))
     }
 
     /// Queues the write-back of a resident, write-protected page of region `id`: the lines
     /// that changed since its twin, or the whole page (page mode, no twin, or past the
     /// threshold). Nothing is sent for a page written back to its clean contents.
     fn write_back(&mut self, id: u32, page: usize) {
+        let addr = self.regions[&id].addr(page);
+        // SAFETY: the page is resident and write-protected, so it is readable and no store
+        // changes it while it is diffed and copied into the send buffers.
+        let data = unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) };
+        self.write_back_data(id, page, data);
+    }
+
+    /// Queues the write-back of page `page` of region `id`, whose contents are now `data`
+    /// (stable while this runs): see [`Core::write_back`].
+    fn write_back_data(&mut self, id: u32, page: usize, data: &[u8]) {
         let region = self.regions.get_mut(&id).expect("caller checked");
-        let addr = region.addr(page);
         let twin = region.twins.remove(&page);
         if !region.committed(page) {
             // A reserved region's page outside every committed range (the program wrote
@@ -1600,9 +1634,6 @@ impl Core {
             region.record_loss(page, "written outside every committed range of a reserved region");
             return;
         }
-        // SAFETY: the page is resident and write-protected, so it is readable and no store
-        // changes it while it is diffed and copied into the send buffers.
-        let data = unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) };
         let mask = match twin {
             Some(t) => {
                 let mask = self.twins.diff(data, t);
@@ -1642,6 +1673,10 @@ impl Core {
     /// Writes back the dirty pages of region `only` (or of every region) and marks them clean
     /// and write-protected again; runs of adjacent pages are protected with one ioctl.
     fn write_back_dirty(&mut self, only: Option<u32>) {
+        if self.tracker.is_some() {
+            self.write_back_written(only);
+            return;
+        }
         let mut keys = std::mem::take(&mut self.dirty);
         keys.sort_unstable();
         keys.dedup();

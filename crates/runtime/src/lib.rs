@@ -38,7 +38,7 @@ use clustermem_uffd::{Features, Uffd, UffdError};
 use thiserror::Error;
 
 pub use clustermem_proto::PAGE_SIZE;
-pub use dirty::WritebackMode;
+pub use dirty::{DirtyTracking, WritebackMode};
 pub use policy::PolicyKind;
 pub use prefetch::PrefetchMode;
 pub use redundancy::{ParseRedundancyError, Redundancy};
@@ -114,6 +114,10 @@ pub struct RuntimeConfig {
     pub embedded_capacity_bytes: u64,
     /// Write back changed 64-byte lines (default) or whole pages.
     pub writeback: WritebackMode,
+    /// How written pages are found: write-protect faults (`Sync`, needed for line
+    /// write-back) or the kernel's asynchronous tracking with `PAGEMAP_SCAN` (`Async`, whole
+    /// pages only).
+    pub dirty_tracking: DirtyTracking,
     /// With line write-back, send the whole page when more lines than this changed (0..=64).
     pub line_threshold: u32,
     /// Write dirty pages back at least this often, not only on eviction (None: never).
@@ -142,6 +146,7 @@ impl Default for RuntimeConfig {
             request_timeout: Duration::from_secs(10),
             embedded_capacity_bytes: 64 << 30,
             writeback: WritebackMode::default(),
+            dirty_tracking: DirtyTracking::default(),
             line_threshold: 48,
             flush_interval: Some(Duration::from_millis(100)),
             prefetch: PrefetchMode::default(),
@@ -185,7 +190,30 @@ impl Runtime {
         } else {
             Features::empty()
         };
-        let uffd = Arc::new(Uffd::open(Features::PAGEFAULT_FLAG_WP.union(poison).union(exact))?);
+        let tracking = match config.dirty_tracking {
+            DirtyTracking::Sync => Features::empty(),
+            DirtyTracking::Async => {
+                if config.writeback == WritebackMode::Line {
+                    return Err(RuntimeError::Config(
+                        "line write-back diffs each page against a twin taken at its first store, \
+                         which async dirty tracking never sees: use page write-back with it \
+                         (--writeback page) or sync dirty tracking"
+                            .into(),
+                    ));
+                }
+                for (feature, name) in [
+                    (Features::WP_ASYNC, "UFFD_FEATURE_WP_ASYNC (Linux 6.7+), for async dirty tracking"),
+                    (Features::MOVE, "UFFDIO_MOVE (Linux 6.8+), for async dirty tracking"),
+                ] {
+                    if !available.contains(feature) {
+                        return Err(UffdError::MissingFeature(name).into());
+                    }
+                }
+                Features::WP_ASYNC.union(Features::MOVE)
+            }
+        };
+        let uffd =
+            Arc::new(Uffd::open(Features::PAGEFAULT_FLAG_WP.union(poison).union(exact).union(tracking))?);
         if config.redundancy.shards() > config.hosts.len().max(1) {
             return Err(RuntimeError::Config(format!(
                 "--redundancy {} puts each slab on {} distinct memory hosts; {} given{}",
@@ -219,6 +247,10 @@ impl Runtime {
         let (tx, rx) = mpsc::channel();
         let wakeup =
             Arc::new(wakeup::Wakeup::new().map_err(|source| RuntimeError::Os { what: "eventfd", source })?);
+        let tracker = match config.dirty_tracking {
+            DirtyTracking::Sync => None,
+            DirtyTracking::Async => Some(handler::AsyncTracker::new(&uffd)?),
+        };
         let handler = handler::Handler::new(
             uffd,
             handler::HandlerConfig {
@@ -239,6 +271,7 @@ impl Runtime {
             connections,
             rx,
             Arc::clone(&wakeup),
+            tracker,
         );
         let thread = std::thread::Builder::new()
             .name("uffd-handler".into())

@@ -105,6 +105,10 @@ pub struct RuntimeStats {
     pub clean_write_backs_skipped: AtomicU64,
     /// Pages written back by the periodic flusher or `Region::flush`.
     pub pages_flushed: AtomicU64,
+    /// Async dirty tracking: `PAGEMAP_SCAN` calls (flusher sweeps and eviction checks).
+    pub tracking_scans: AtomicU64,
+    /// Async dirty tracking: time in those scans, and in moving eviction victims out.
+    pub tracking_ns: AtomicU64,
     /// Pages requested ahead of a fault.
     pub prefetch_issued: AtomicU64,
     /// Prefetched pages then used (written, or passed over by the stream they predicted).
@@ -157,6 +161,8 @@ impl RuntimeStats {
             &self.page_granular_bytes,
             &self.clean_write_backs_skipped,
             &self.pages_flushed,
+            &self.tracking_scans,
+            &self.tracking_ns,
             &self.prefetch_issued,
             &self.prefetch_used,
             &self.prefetch_wasted,
@@ -188,6 +194,8 @@ impl RuntimeStats {
             page_granular_bytes: self.page_granular_bytes.load(Relaxed),
             clean_write_backs_skipped: self.clean_write_backs_skipped.load(Relaxed),
             pages_flushed: self.pages_flushed.load(Relaxed),
+            tracking_scans: self.tracking_scans.load(Relaxed),
+            tracking_ns: self.tracking_ns.load(Relaxed),
             prefetch_issued: self.prefetch_issued.load(Relaxed),
             prefetch_used: self.prefetch_used.load(Relaxed),
             prefetch_wasted: self.prefetch_wasted.load(Relaxed),
@@ -235,6 +243,10 @@ pub struct StatsSnapshot {
     pub clean_write_backs_skipped: u64,
     /// See [`RuntimeStats::pages_flushed`].
     pub pages_flushed: u64,
+    /// See [`RuntimeStats::tracking_scans`].
+    pub tracking_scans: u64,
+    /// See [`RuntimeStats::tracking_ns`].
+    pub tracking_ns: u64,
     /// See [`RuntimeStats::prefetch_issued`].
     pub prefetch_issued: u64,
     /// See [`RuntimeStats::prefetch_used`].

@@ -62,6 +62,18 @@ pub(crate) struct UffdioWriteprotect {
 }
 const _: () = assert!(std::mem::size_of::<UffdioWriteprotect>() == 24);
 
+/// `struct uffdio_move` (Linux 6.8+).
+#[repr(C)]
+#[derive(Debug, Default)]
+pub(crate) struct UffdioMove {
+    pub dst: u64,
+    pub src: u64,
+    pub len: u64,
+    pub mode: u64,
+    pub moved: i64,
+}
+const _: () = assert!(std::mem::size_of::<UffdioMove>() == 40);
+
 /// `struct uffd_msg` with the pagefault member of its union spelled out (the only one we
 /// read; other events are told apart by `event` and ignored).
 #[repr(C)]
@@ -129,6 +141,8 @@ pub(crate) const UFFDIO_UNREGISTER: u64 = ioc(IOC_READ, UFFDIO, 0x01, 16);
 pub(crate) const UFFDIO_WAKE: u64 = ioc(IOC_READ, UFFDIO, 0x02, 16);
 /// `UFFDIO_COPY = _IOWR(0xAA, 0x03, struct uffdio_copy)`.
 pub(crate) const UFFDIO_COPY: u64 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x03, 40);
+/// `UFFDIO_MOVE = _IOWR(0xAA, 0x05, struct uffdio_move)`.
+pub(crate) const UFFDIO_MOVE: u64 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x05, 40);
 /// `UFFDIO_WRITEPROTECT = _IOWR(0xAA, 0x06, struct uffdio_writeprotect)`.
 pub(crate) const UFFDIO_WRITEPROTECT: u64 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x06, 24);
 /// `UFFDIO_POISON = _IOWR(0xAA, 0x08, struct uffdio_poison)`.
@@ -143,6 +157,7 @@ const _: () = assert!(UFFDIO_UNREGISTER == 0x8010_aa01);
 const _: () = assert!(UFFDIO_WAKE == 0x8010_aa02);
 const _: () = assert!(UFFDIO_COPY == 0xc028_aa03);
 const _: () = assert!(UFFDIO_WRITEPROTECT == 0xc018_aa06);
+const _: () = assert!(UFFDIO_MOVE == 0xc028_aa05);
 const _: () = assert!(USERFAULTFD_IOC_NEW == 0xaa00);
 const _: () = assert!(UFFDIO_POISON == 0xc020_aa08);
 const _: () = assert!(PAGEMAP_SCAN == 0xc060_6610);
@@ -151,6 +166,7 @@ pub(crate) const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
 pub(crate) const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 pub(crate) const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1 << 0;
 pub(crate) const UFFDIO_COPY_MODE_WP: u64 = 1 << 1;
+pub(crate) const UFFDIO_MOVE_MODE_DONTWAKE: u64 = 1 << 0;
 pub(crate) const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 pub(crate) const UFFDIO_WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
 pub(crate) const UFFD_EVENT_PAGEFAULT: u8 = 0x12;

@@ -40,6 +40,8 @@ impl Features {
     /// Write-protect faults are resolved by the kernel, which records them for
     /// `PAGEMAP_SCAN` (Linux 6.7+).
     pub const WP_ASYNC: Self = Self(1 << 15);
+    /// `UFFDIO_MOVE` is available (Linux 6.8+).
+    pub const MOVE: Self = Self(1 << 16);
 
     /// No optional feature.
     pub const fn empty() -> Self {
@@ -343,6 +345,40 @@ impl Uffd {
         self.check("UFFDIO_WRITEPROTECT", rc, addr, len)
     }
 
+    /// Atomically moves the present pages `src..src + len` to `dst` (missing pages of a
+    /// range registered with this userfaultfd), leaving `src` missing: a thread touching
+    /// `src` afterwards faults to us, and no store can land in a page after it left.
+    /// Returns how many bytes were moved, from the start, and why the rest were not (e.g.
+    /// `EBUSY` for a page shared with another process after a `fork`). Needs
+    /// `UFFD_FEATURE_MOVE` (Linux 6.8+).
+    pub fn move_pages(&self, dst: usize, src: usize, len: usize) -> (usize, Result<(), UffdError>) {
+        debug_assert!(dst.is_multiple_of(PAGE_SIZE) && src.is_multiple_of(PAGE_SIZE));
+        let mut done = 0;
+        while done < len {
+            let mut mv = UffdioMove {
+                dst: (dst + done) as u64,
+                src: (src + done) as u64,
+                len: (len - done) as u64,
+                mode: UFFDIO_MOVE_MODE_DONTWAKE,
+                moved: 0,
+            };
+            // SAFETY: `mv` is a valid uffdio_move; the kernel checks that `dst` lies in a
+            // range registered with this userfaultfd and that both ranges are private
+            // anonymous memory of this process; nobody waits on a present page, so nobody
+            // needs waking.
+            let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_MOVE as _, &mut mv) };
+            let moved = usize::try_from(mv.moved).unwrap_or(0);
+            if rc < 0 && !(last_err().raw_os_error() == Some(libc::EAGAIN) && moved > 0) {
+                return (done + moved, self.check("UFFDIO_MOVE", rc, src + done + moved, len - done - moved));
+            }
+            if moved == 0 {
+                break;
+            }
+            done += moved;
+        }
+        (done, Ok(()))
+    }
+
     /// Marks missing pages of a range as lost: a thread touching them gets `SIGBUS` instead
     /// of waiting forever, and waiters are woken to take it. Needs `UFFD_FEATURE_POISON`
     /// (Linux 6.6+).
@@ -479,10 +515,8 @@ impl PagemapScanner {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn map(len: usize) -> usize {
+mod tests_support {
+    pub(crate) fn map(len: usize) -> usize {
         // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
         let p = unsafe {
             libc::mmap(
@@ -497,6 +531,12 @@ mod tests {
         assert_ne!(p, libc::MAP_FAILED);
         p as usize
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::*;
+    use super::*;
 
     fn need_uffd() -> Uffd {
         Uffd::open(Features::empty()).unwrap_or_else(|e| panic!("userfaultfd is needed for this test: {e}"))
@@ -555,5 +595,64 @@ mod tests {
         writer.join().unwrap();
         // SAFETY: the page is present and no other thread writes it any more.
         assert_eq!(unsafe { std::ptr::read_volatile((base + 7) as *const u8) }, 9);
+    }
+}
+
+#[cfg(test)]
+mod async_tests {
+    use super::tests_support::*;
+    use super::*;
+
+    fn written(scan: &mut PagemapScanner, base: usize, pages: usize, reprotect: bool) -> Vec<usize> {
+        let mut found = Vec::new();
+        scan.scan_written(base, base + pages * PAGE_SIZE, reprotect, |s, e| {
+            found.extend((s..e).step_by(PAGE_SIZE).map(|a| (a - base) / PAGE_SIZE));
+        })
+        .unwrap();
+        found
+    }
+
+    /// The contract async dirty tracking relies on: a page installed writable counts as
+    /// written, a protected one only once stored to (with no fault to serve), a reprotecting
+    /// scan clears that, and a move takes the page out so the next touch faults as missing.
+    #[test]
+    fn async_write_protect_scan_and_move() {
+        let wanted = Features::WP_ASYNC.union(Features::MOVE).union(Features::PAGEFAULT_FLAG_WP);
+        let uffd = Uffd::open(wanted).unwrap_or_else(|e| panic!("Linux 6.8+ userfaultfd is needed: {e}"));
+        let both = RegisterMode { missing: true, write_protect: true };
+        let base = map(4 * PAGE_SIZE);
+        let staging = map(4 * PAGE_SIZE);
+        // SAFETY: both mappings are ours; faults on them are served below.
+        unsafe { uffd.register(base, 4 * PAGE_SIZE, both) }.unwrap();
+        // SAFETY: as above.
+        unsafe { uffd.register(staging, 4 * PAGE_SIZE, both) }.unwrap();
+        uffd.copy(base, &vec![1u8; PAGE_SIZE], true, true).unwrap();
+        uffd.copy(base + PAGE_SIZE, &vec![2u8; PAGE_SIZE], false, true).unwrap();
+        let mut scan = PagemapScanner::open().unwrap();
+        assert_eq!(written(&mut scan, base, 4, false), [1], "installed writable counts as written");
+        // SAFETY: page 0 is present; async protection lets the store in without a fault.
+        unsafe { std::ptr::write_volatile((base + 3) as *mut u8, 9) };
+        assert_eq!(written(&mut scan, base, 4, true), [0, 1]);
+        assert_eq!(written(&mut scan, base, 4, false), [0usize; 0], "the scan protected them again");
+        let mut events = [Event::Other(0); 1];
+        assert_eq!(uffd.read_events(&mut events).unwrap(), 0, "no fault reached us");
+
+        let (moved, result) = uffd.move_pages(staging, base, 2 * PAGE_SIZE);
+        result.unwrap();
+        assert_eq!(moved, 2 * PAGE_SIZE);
+        // SAFETY: the staging pages were just moved in, present and readable.
+        assert_eq!(unsafe { std::ptr::read_volatile((staging + 3) as *const u8) }, 9);
+        // SAFETY: as above.
+        assert_eq!(unsafe { std::ptr::read_volatile((staging + PAGE_SIZE) as *const u8) }, 2);
+        let reader = std::thread::spawn(move || {
+            // SAFETY: mapped; the read blocks until we install the page below.
+            unsafe { std::ptr::read_volatile((base + 5) as *const u8) }
+        });
+        while uffd.read_events(&mut events).unwrap() == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(matches!(events[0], Event::PageFault { addr, write_protect: false, .. } if addr == base));
+        uffd.copy(base, &vec![5u8; PAGE_SIZE], true, true).unwrap();
+        assert_eq!(reader.join().unwrap(), 5);
     }
 }

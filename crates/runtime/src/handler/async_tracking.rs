@@ -1,0 +1,240 @@
+//! Async dirty tracking (`UFFD_FEATURE_WP_ASYNC`): stores never wait for the handler; the
+//! kernel clears a page's write protection itself on the first store, and `PAGEMAP_SCAN`
+//! later reports which pages were written (and protects them again).
+//!
+//! Evicting is the hard part: with no fault to hold a writer, a store could land between the
+//! moment we decide a page is clean (or copy it for write-back) and the moment we drop it, and
+//! be lost. So a victim leaves with `UFFDIO_MOVE`, which takes the page out of the region
+//! atomically (a later touch faults to us as missing); what was moved is then the page's last
+//! word. Whether it changed since its host copy: `PAGEMAP_SCAN` says if it was written before
+//! the scan, and a copy taken before the scan, compared with what was moved, catches a store
+//! between the scan and the move.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use clustermem_mmap::AnonMapping;
+use clustermem_proto::PAGE_SIZE;
+use clustermem_uffd::{PagemapScanner, RegisterMode, Uffd};
+
+use super::{chain, unkey, Core, PageState};
+use crate::policy::PageKey;
+use crate::RuntimeError;
+
+/// Pages of the staging area victims are moved into; dropped together when full.
+pub(super) const STAGING_PAGES: usize = 256;
+
+/// What async tracking needs besides the userfaultfd.
+pub(crate) struct AsyncTracker {
+    scanner: PagemapScanner,
+    /// Where eviction victims are moved: registered with the same userfaultfd (`UFFDIO_MOVE`
+    /// requires it), and never touched by the program.
+    staging: AnonMapping,
+    /// Slots of `staging` in use since it was last dropped.
+    staged: usize,
+    /// Victims' bytes taken before their scan.
+    before: Box<[u8]>,
+    /// Which victims of a run were written before their scan.
+    written: Vec<bool>,
+    /// Reused batch of eviction victims.
+    victims: Vec<PageKey>,
+    /// Written runs found by a flusher sweep.
+    runs: Vec<(usize, usize)>,
+    /// A failed move was reported (once: it repeats for every page shared after a fork).
+    move_failure_reported: bool,
+}
+
+impl AsyncTracker {
+    /// Opens the pagemap and maps and registers the staging area on `uffd`, which must have
+    /// been opened with `WP_ASYNC` and `MOVE`.
+    pub(crate) fn new(uffd: &Uffd) -> Result<Self, RuntimeError> {
+        let scanner = PagemapScanner::open()
+            .map_err(|source| RuntimeError::Os { what: "opening /proc/self/pagemap", source })?;
+        let staging = AnonMapping::new(STAGING_PAGES * PAGE_SIZE)
+            .map_err(|source| RuntimeError::Os { what: "mapping the eviction staging area", source })?;
+        // `UFFDIO_MOVE` wants both ends with the same protection bits, and registering for
+        // write-protect changes them: register the staging area exactly as the regions are.
+        let mode = RegisterMode { missing: true, write_protect: true };
+        // SAFETY: the staging area is this tracker's own mapping, nothing else holds its
+        // address; the handler only ever reads pages it moved there itself.
+        unsafe { uffd.register(staging.as_ptr() as usize, staging.len(), mode) }?;
+        Ok(Self {
+            scanner,
+            staging,
+            staged: 0,
+            before: vec![0u8; STAGING_PAGES * PAGE_SIZE].into_boxed_slice(),
+            written: Vec::new(),
+            victims: Vec::new(),
+            runs: Vec::new(),
+            move_failure_reported: false,
+        })
+    }
+}
+
+impl Core {
+    /// Evicts until resident pages fit the local-memory limit, under async tracking:
+    /// victims are taken a batch at a time and adjacent ones leave together (one scan, one
+    /// move and one TLB flush a run).
+    pub(super) fn enforce_limit_moving(&mut self) {
+        let mut victims = std::mem::take(&mut self.tracker.as_mut().expect("async tracking").victims);
+        'batches: while self.over_limit() > 0 {
+            victims.clear();
+            let want = self.over_limit().min(STAGING_PAGES);
+            victims.extend(std::iter::from_fn(|| self.policy.evict()).take(want));
+            if victims.is_empty() {
+                break;
+            }
+            victims.sort_unstable();
+            let mut i = 0;
+            while i < victims.len() {
+                let n = 1 + victims[i + 1..]
+                    .iter()
+                    .zip(&victims[i..])
+                    .take_while(|(b, a)| **b == **a + 1)
+                    .count();
+                let moved = self.evict_run_moving(&victims[i..i + n]);
+                if moved < n {
+                    // Over the limit for now rather than spin on pages that cannot leave.
+                    for &v in &victims[i + moved..] {
+                        self.policy.insert(v);
+                    }
+                    break 'batches;
+                }
+                i += n;
+            }
+        }
+        self.drop_staged();
+        self.tracker.as_mut().expect("async tracking").victims = victims;
+    }
+
+    /// Moves the resident pages `run` (adjacent, of one region) out, writes back those that
+    /// changed, and marks them gone. Returns how many left (from the start of the run).
+    fn evict_run_moving(&mut self, run: &[PageKey]) -> usize {
+        let (id, first) = unkey(run[0]);
+        let n = run.len();
+        let Some(region) = self.regions.get(&id) else { return n };
+        let addr = region.addr(first);
+        let len = n * PAGE_SIZE;
+        let started = Instant::now();
+        let tracker = self.tracker.as_mut().expect("async tracking");
+        if tracker.staged + n > STAGING_PAGES {
+            drop_staged(tracker);
+        }
+        // SAFETY: the pages are resident (victims), so readable. A store may race the copy
+        // (async tracking lets writers in) and tear it; such a store is caught by the scan
+        // below, and then this copy is not used.
+        unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, tracker.before.as_mut_ptr(), len) };
+        tracker.written.clear();
+        tracker.written.resize(n, false);
+        let written = &mut tracker.written;
+        let scanned = tracker.scanner.scan_written(addr, addr + len, false, |s, e| {
+            written[(s - addr) / PAGE_SIZE..(e - addr) / PAGE_SIZE].fill(true);
+        });
+        let slot = tracker.staging.as_ptr() as usize + tracker.staged * PAGE_SIZE;
+        let (moved, result) = match scanned {
+            Ok(()) => self.uffd.move_pages(slot, addr, len),
+            Err(e) => (0, Err(e)),
+        };
+        let moved = moved / PAGE_SIZE;
+        if let Err(e) = result {
+            // E.g. EBUSY: a forked child shares the page, and moving it would take it from
+            // the child too. It stays until the sharing ends.
+            if !std::mem::replace(&mut tracker.move_failure_reported, true) {
+                let at = addr + moved * PAGE_SIZE;
+                eprintln!("clustermem: cannot evict page {at:#x} (pages stay resident): {}", chain(&e));
+            }
+        }
+        tracker.staged += moved;
+        self.stats.tracking_scans.fetch_add(1, Relaxed);
+        self.stats.tracking_ns.fetch_add(elapsed_ns(started), Relaxed);
+        for k in 0..moved {
+            let tracker = self.tracker.as_ref().expect("async tracking");
+            // SAFETY: the slot holds the page moved there just now; nothing else maps or
+            // writes the staging area, so its bytes are stable until the slot is dropped.
+            let last = unsafe { std::slice::from_raw_parts((slot + k * PAGE_SIZE) as *const u8, PAGE_SIZE) };
+            let before = &tracker.before[k * PAGE_SIZE..(k + 1) * PAGE_SIZE];
+            // Not written before the scan: `before` is what its host holds; so it changed
+            // if and only if a store came between the scan and the move.
+            if tracker.written[k] || last != before {
+                self.write_back_data(id, first + k, last);
+            }
+            self.forget_evicted(id, first + k);
+        }
+        moved
+    }
+
+    /// Writes back every page of region `only` (or of every region) written since the last
+    /// sweep, whole, and write-protects them again in the same `PAGEMAP_SCAN`.
+    pub(super) fn write_back_written(&mut self, only: Option<u32>) {
+        let mut ids: Vec<u32> =
+            self.regions.keys().copied().filter(|&id| only.is_none_or(|o| o == id)).collect();
+        ids.sort_unstable();
+        let tracker = self.tracker.as_mut().expect("async tracking");
+        let mut runs = std::mem::take(&mut tracker.runs);
+        let mut flushed = 0;
+        for id in ids {
+            let region = &self.regions[&id];
+            let (base, end) = (region.base, region.addr(region.pages.len()));
+            runs.clear();
+            let tracker = self.tracker.as_mut().expect("async tracking");
+            let started = Instant::now();
+            let scanned = tracker.scanner.scan_written(base, end, true, |s, e| runs.push((s, e)));
+            self.stats.tracking_scans.fetch_add(1, Relaxed);
+            self.stats.tracking_ns.fetch_add(elapsed_ns(started), Relaxed);
+            if let Err(e) = scanned {
+                eprintln!("clustermem: cannot scan region {id} for written pages: {}", chain(&e));
+                continue;
+            }
+            for &(start, stop) in &runs {
+                for addr in (start..stop).step_by(PAGE_SIZE) {
+                    let page = (addr - base) / PAGE_SIZE;
+                    if self.regions[&id].pages[page] & PageState::RESIDENT == 0 {
+                        continue;
+                    }
+                    let tracker = self.tracker.as_mut().expect("async tracking");
+                    // SAFETY: the page is resident, so readable. A store racing the copy may
+                    // tear it, but that store cleared the protection the scan just set, so
+                    // the next sweep sends the page again.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            addr as *const u8,
+                            tracker.before.as_mut_ptr(),
+                            PAGE_SIZE,
+                        )
+                    };
+                    let copy = std::mem::take(&mut tracker.before);
+                    self.write_back_data(id, page, &copy[..PAGE_SIZE]);
+                    self.tracker.as_mut().expect("async tracking").before = copy;
+                    flushed += 1;
+                }
+            }
+        }
+        self.tracker.as_mut().expect("async tracking").runs = runs;
+        self.stats.pages_flushed.fetch_add(flushed, Relaxed);
+    }
+
+    /// Drops the pages moved to the staging area (after their write-backs were queued, which
+    /// copied them).
+    pub(super) fn drop_staged(&mut self) {
+        if let Some(tracker) = self.tracker.as_mut() {
+            drop_staged(tracker);
+        }
+    }
+}
+
+fn drop_staged(tracker: &mut AsyncTracker) {
+    if tracker.staged == 0 {
+        return;
+    }
+    // SAFETY: the staging area is the tracker's own mapping and the pages in it were copied
+    // into send buffers already; dropping them leaves the slots empty for the next moves.
+    let rc = unsafe {
+        libc::madvise(tracker.staging.as_ptr().cast(), tracker.staged * PAGE_SIZE, libc::MADV_DONTNEED)
+    };
+    debug_assert_eq!(rc, 0);
+    tracker.staged = 0;
+}
+
+fn elapsed_ns(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
