@@ -20,7 +20,7 @@
 mod async_tracking;
 mod redundant;
 
-pub(crate) use async_tracking::AsyncTracker;
+use async_tracking::AsyncTracker;
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsRawFd;
@@ -254,6 +254,8 @@ type FlushReply = Sender<Result<(), RuntimeError>>;
 pub(crate) struct HandlerConfig {
     pub capacity_pages: usize,
     pub writeback: WritebackMode,
+    /// Find written pages with `PAGEMAP_SCAN` (the userfaultfd has `WP_ASYNC` and `MOVE`).
+    pub async_tracking: bool,
     /// Above this many changed lines a whole page is sent instead.
     pub line_threshold: u32,
     /// Dirty pages are written back at least this often (None: only on eviction and flush).
@@ -455,13 +457,13 @@ impl Handler {
         connections: Vec<(Link, FrameReader)>,
         commands: Receiver<Command>,
         wakeup: Arc<Wakeup>,
-        tracker: Option<AsyncTracker>,
-    ) -> Self {
+    ) -> Result<Self, RuntimeError> {
+        let tracker = if config.async_tracking { Some(AsyncTracker::new(&uffd)?) } else { None };
         let poison_supported = uffd.features().contains(clustermem_uffd::Features::POISON);
         let exact_addresses = uffd.features().contains(clustermem_uffd::Features::EXACT_ADDRESS);
         let (links, readers): (Vec<Link>, Vec<FrameReader>) = connections.into_iter().unzip();
         let hosts = links.len();
-        Self {
+        Ok(Self {
             core: Core {
                 uffd,
                 config,
@@ -505,7 +507,7 @@ impl Handler {
             last_redial: vec![None; hosts],
             commands,
             wakeup,
-        }
+        })
     }
 
     /// Runs until a `Shutdown` command (or every handle is gone).

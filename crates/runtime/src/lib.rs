@@ -247,10 +247,6 @@ impl Runtime {
         let (tx, rx) = mpsc::channel();
         let wakeup =
             Arc::new(wakeup::Wakeup::new().map_err(|source| RuntimeError::Os { what: "eventfd", source })?);
-        let tracker = match config.dirty_tracking {
-            DirtyTracking::Sync => None,
-            DirtyTracking::Async => Some(handler::AsyncTracker::new(&uffd)?),
-        };
         let handler = handler::Handler::new(
             uffd,
             handler::HandlerConfig {
@@ -258,6 +254,7 @@ impl Runtime {
                     .unwrap_or(usize::MAX),
                 low_latency: config.low_latency,
                 writeback: config.writeback,
+                async_tracking: config.dirty_tracking == DirtyTracking::Async,
                 line_threshold: config.line_threshold.min(dirty::MAX_LINES),
                 flush_interval: config.flush_interval.filter(|d| !d.is_zero()),
                 prefetch_deadline: config.prefetch_deadline,
@@ -271,8 +268,7 @@ impl Runtime {
             connections,
             rx,
             Arc::clone(&wakeup),
-            tracker,
-        );
+        )?;
         let thread = std::thread::Builder::new()
             .name("uffd-handler".into())
             .spawn(move || {

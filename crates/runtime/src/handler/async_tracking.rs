@@ -171,6 +171,8 @@ impl Core {
         ids.sort_unstable();
         let tracker = self.tracker.as_mut().expect("async tracking");
         let mut runs = std::mem::take(&mut tracker.runs);
+        // The copy of the page being sent; a slot of the eviction buffer, idle here.
+        let mut copy = std::mem::take(&mut tracker.before);
         let mut flushed = 0;
         for id in ids {
             let region = &self.regions[&id];
@@ -185,31 +187,23 @@ impl Core {
                 eprintln!("clustermem: cannot scan region {id} for written pages: {}", chain(&e));
                 continue;
             }
-            for &(start, stop) in &runs {
-                for addr in (start..stop).step_by(PAGE_SIZE) {
-                    let page = (addr - base) / PAGE_SIZE;
-                    if self.regions[&id].pages[page] & PageState::RESIDENT == 0 {
-                        continue;
-                    }
-                    let tracker = self.tracker.as_mut().expect("async tracking");
-                    // SAFETY: the page is resident, so readable. A store racing the copy may
-                    // tear it, but that store cleared the protection the scan just set, so
-                    // the next sweep sends the page again.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            addr as *const u8,
-                            tracker.before.as_mut_ptr(),
-                            PAGE_SIZE,
-                        )
-                    };
-                    let copy = std::mem::take(&mut tracker.before);
-                    self.write_back_data(id, page, &copy[..PAGE_SIZE]);
-                    self.tracker.as_mut().expect("async tracking").before = copy;
-                    flushed += 1;
+            let pages = runs.iter().flat_map(|&(start, stop)| (start..stop).step_by(PAGE_SIZE));
+            for page in pages.map(|addr| (addr - base) / PAGE_SIZE) {
+                if self.regions[&id].pages[page] & PageState::RESIDENT == 0 {
+                    continue;
                 }
+                let addr = base + page * PAGE_SIZE;
+                // SAFETY: the page is resident, so readable. A store racing the copy may tear
+                // it, but that store cleared the protection the scan just set, so the next
+                // sweep sends the page again.
+                unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, copy.as_mut_ptr(), PAGE_SIZE) };
+                self.write_back_data(id, page, &copy[..PAGE_SIZE]);
+                flushed += 1;
             }
         }
-        self.tracker.as_mut().expect("async tracking").runs = runs;
+        let tracker = self.tracker.as_mut().expect("async tracking");
+        tracker.runs = runs;
+        tracker.before = copy;
         self.stats.pages_flushed.fetch_add(flushed, Relaxed);
     }
 
