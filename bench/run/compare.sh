@@ -19,6 +19,7 @@
 #   LOCAL=64M  PY_N=2000000  REDIS_N=200000  REDIS_KEYS=100000  REDIS_VALUE=1024
 #   SWAP=4G  WORKDIR=/var/tmp  CGROUP=auto|v2|v1  CLUSTERMEM=<repo>/target/release/clustermem
 #   RESULTS=<repo>/bench/run/results-latest.jsonl  PYTHON=/usr/bin/python3
+#   RUN_ARGS="--dirty-tracking async"  (more flags for `clustermem run`, split on spaces)
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -29,7 +30,7 @@ note() { echo "runbench: $*" >&2; }
 for arg in "$@"; do
   case "$arg" in
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-    LOCAL=*|PY_N=*|REDIS_N=*|REDIS_KEYS=*|REDIS_VALUE=*|SWAP=*|WORKDIR=*|CGROUP=*|CLUSTERMEM=*|RESULTS=*|PYTHON=*)
+    LOCAL=*|PY_N=*|REDIS_N=*|REDIS_KEYS=*|REDIS_VALUE=*|SWAP=*|WORKDIR=*|CGROUP=*|CLUSTERMEM=*|RESULTS=*|PYTHON=*|RUN_ARGS=*)
       export "${arg?}" ;;
     *) die "unknown argument '$arg' (expected VAR=value; see --help)" ;;
   esac
@@ -45,6 +46,7 @@ CGROUP=${CGROUP:-auto}
 CLUSTERMEM=${CLUSTERMEM:-$repo/target/release/clustermem}
 RESULTS=${RESULTS:-$here/results-latest.jsonl}
 PYTHON=${PYTHON:-/usr/bin/python3}
+read -r -a run_args <<<"${RUN_ARGS:-}"
 programs=$repo/crates/cli/tests/programs
 
 [ -x "$CLUSTERMEM" ] || die "no clustermem at $CLUSTERMEM (cargo build --release builds it and its preload library)"
@@ -74,7 +76,7 @@ for mode in all-local linux-swap clustermem; do
   case $mode in
     all-local) "${cmd[@]}" > "$tmpdir/py.out" 2> "$tmpdir/py.err" ;;
     linux-swap) in_cgroup "${cmd[@]}" > "$tmpdir/py.out" 2> "$tmpdir/py.err" ;;
-    clustermem) "$CLUSTERMEM" run --local-mem "$local_b" --stats-json "$tmpdir/py.stats" -- "${cmd[@]}" \
+    clustermem) "$CLUSTERMEM" run --local-mem "$local_b" "${run_args[@]}" --stats-json "$tmpdir/py.stats" -- "${cmd[@]}" \
                   > "$tmpdir/py.out" 2> "$tmpdir/py.err" ;;
   esac || { cat "$tmpdir/py.err" >&2; die "python $mode failed"; }
   t1=$(now)
@@ -94,7 +96,7 @@ for mode in all-local linux-swap clustermem; do
   case $mode in
     all-local) "${server[@]}" > "$tmpdir/redis.log" 2>&1 & ;;
     linux-swap) in_cgroup "${server[@]}" > "$tmpdir/redis.log" 2>&1 & ;;
-    clustermem) "$CLUSTERMEM" run --local-mem "$local_b" -- "${server[@]}" > "$tmpdir/redis.log" 2>&1 & ;;
+    clustermem) "$CLUSTERMEM" run --local-mem "$local_b" "${run_args[@]}" -- "${server[@]}" > "$tmpdir/redis.log" 2>&1 & ;;
   esac
   pid=$!
   for _ in $(seq 1 100); do redis-cli -p "$port" ping 2>/dev/null | grep -q PONG && break; sleep 0.1; done

@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use clustermem_host::MemoryHost;
-use clustermem_runtime::{PrefetchMode, Redundancy, WritebackMode};
+use clustermem_runtime::{DirtyTracking, PrefetchMode, Redundancy, WritebackMode};
 use serde_json::{json, Map, Value};
 
 use crate::size::parse_size;
@@ -64,9 +64,15 @@ pub struct RunArgs {
     /// 100 ms and 105 K with 0 here.
     #[arg(long, default_value_t = 0)]
     flush_interval_ms: u64,
-    /// Write back changed 64-byte lines (line) or whole pages (page).
-    #[arg(long, default_value = "line", value_parser = |s: &str| s.parse::<WritebackMode>().map(|_| s.to_string()))]
-    writeback: String,
+    /// Write back changed 64-byte lines (line, the default with sync tracking) or whole
+    /// pages (page, the default and only choice with async tracking).
+    #[arg(long, value_parser = |s: &str| s.parse::<WritebackMode>().map(|_| s.to_string()))]
+    writeback: Option<String>,
+    /// How written pages are found: sync (write-protect faults, a handler round trip per
+    /// first store to a page) or async (Linux 6.8+: the kernel lets stores in and PAGEMAP_SCAN
+    /// finds them; whole-page write-back). See `clustermem bench --help`.
+    #[arg(long, default_value = "sync", value_parser = |s: &str| s.parse::<DirtyTracking>().map(|_| s.to_string()))]
+    dirty_tracking: String,
     /// Prefetch along sequential and strided miss streams (auto) or not (off).
     #[arg(long, default_value = "auto", value_parser = |s: &str| s.parse::<PrefetchMode>().map(|_| s.to_string()))]
     prefetch: String,
@@ -146,7 +152,14 @@ pub fn run(args: &RunArgs) -> Result<u8> {
         .env("CLUSTERMEM_MIN_BYTES", args.min_bytes.to_string())
         .env("CLUSTERMEM_LOW_LATENCY", if args.low_latency { "1" } else { "0" })
         .env("CLUSTERMEM_FLUSH_INTERVAL_MS", args.flush_interval_ms.to_string())
-        .env("CLUSTERMEM_WRITEBACK", &args.writeback)
+        .env(
+            "CLUSTERMEM_WRITEBACK",
+            args.writeback.as_deref().unwrap_or(match args.dirty_tracking.as_str() {
+                "async" => "page",
+                _ => "line",
+            }),
+        )
+        .env("CLUSTERMEM_DIRTY_TRACKING", &args.dirty_tracking)
         .env("CLUSTERMEM_PREFETCH", &args.prefetch)
         .env("CLUSTERMEM_REDUNDANCY", &args.redundancy);
     if let Some(dir) = &stats_dir {
@@ -212,7 +225,7 @@ pub fn run(args: &RunArgs) -> Result<u8> {
 /// Sums the figures the program's processes wrote at exit into one object with the fields of
 /// `bench --json`. Latency percentiles are those of the process that took the most faults.
 fn merge_stats(dir: &Path, args: &RunArgs, hosts: &str, wall_s: f64, exit_code: u8) -> Result<Value> {
-    const SUMMED: [&str; 17] = [
+    const SUMMED: [&str; 18] = [
         "size_bytes",
         "faults",
         "remote_faults",
@@ -226,6 +239,7 @@ fn merge_stats(dir: &Path, args: &RunArgs, hosts: &str, wall_s: f64, exit_code: 
         "dirty_lines_written",
         "page_granular_bytes",
         "pages_flushed",
+        "tracking_scans",
         "prefetch_issued",
         "prefetch_used",
         "prefetch_wasted",

@@ -12,7 +12,8 @@
 //! Configuration comes from the environment `clustermem run` sets:
 //! `CLUSTERMEM_HOSTS` (required; without it the library does nothing), `CLUSTERMEM_LOCAL_MEM`,
 //! `CLUSTERMEM_ARENA`, `CLUSTERMEM_MIN_BYTES` (bytes), `CLUSTERMEM_LOW_LATENCY` (`1`),
-//! `CLUSTERMEM_FLUSH_INTERVAL_MS`, `CLUSTERMEM_WRITEBACK` (`line|page`), `CLUSTERMEM_PREFETCH`,
+//! `CLUSTERMEM_FLUSH_INTERVAL_MS`, `CLUSTERMEM_WRITEBACK` (`line|page`),
+//! `CLUSTERMEM_DIRTY_TRACKING` (`sync|async`), `CLUSTERMEM_PREFETCH`,
 //! `CLUSTERMEM_REDUNDANCY` (`none|replicate:N|erasure:K+M`),
 //! `CLUSTERMEM_STATS_DIR` (each process writes `PID.json` there at exit).
 //!
@@ -31,7 +32,9 @@ use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use clustermem_runtime::{PrefetchMode, Redundancy, Runtime, RuntimeConfig, WritebackMode, PAGE_SIZE};
+use clustermem_runtime::{
+    DirtyTracking, PrefetchMode, Redundancy, Runtime, RuntimeConfig, WritebackMode, PAGE_SIZE,
+};
 
 use state::{set_bypass, State, ARENA_BASE, ARENA_LEN, FORKED, STATE};
 
@@ -150,6 +153,7 @@ extern "C" fn init() {
                 ms => Some(Duration::from_millis(ms)),
             },
             writeback: env_parse("CLUSTERMEM_WRITEBACK", WritebackMode::default())?,
+            dirty_tracking: env_parse("CLUSTERMEM_DIRTY_TRACKING", DirtyTracking::default())?,
             prefetch: env_parse("CLUSTERMEM_PREFETCH", PrefetchMode::default())?,
             redundancy: env_parse("CLUSTERMEM_REDUNDANCY", Redundancy::None)?,
             on_handler_start: Some(|| set_bypass(true)),
@@ -253,6 +257,7 @@ extern "C" fn write_stats() {
         "dirty_lines_written": s.dirty_lines_written,
         "page_granular_bytes": s.page_granular_bytes,
         "pages_flushed": s.pages_flushed,
+        "tracking_scans": s.tracking_scans,
         "prefetch_issued": s.prefetch_issued,
         "prefetch_used": s.prefetch_used,
         "prefetch_wasted": s.prefetch_wasted,

@@ -67,6 +67,11 @@ const PAGE_FRAME_BYTES: u64 = (clustermem_proto::HEADER_LEN + 16 + PAGE_SIZE) as
 /// Past 1/TWIN_SHARE of local memory in twins, dirty pages are flushed early.
 const TWIN_SHARE: usize = 8;
 
+/// Pages the periodic flusher writes back per round of the handler loop: faults are served
+/// between chunks, and the send buffers stay a few MiB instead of growing (and being faulted
+/// in afresh) to hold every dirty page at once.
+const FLUSH_CHUNK_PAGES: usize = 512;
+
 /// How far over the local-memory limit one round of the handler loop may go before it evicts.
 const EVICTION_SLACK_PAGES: usize = 64;
 
@@ -324,6 +329,8 @@ struct Core {
     rebuild_stalled: Option<Instant>,
     /// Set under async dirty tracking.
     tracker: Option<AsyncTracker>,
+    /// The periodic flusher stopped at its chunk limit: the next round goes on.
+    flush_backlog: bool,
 }
 
 /// An error with its causes, for log lines.
@@ -499,6 +506,7 @@ impl Handler {
                 next_rebuild: 0,
                 rebuild_stalled: None,
                 tracker,
+                flush_backlog: false,
             },
             readers,
             reconnects_in_a_row: vec![0; hosts],
@@ -518,9 +526,16 @@ impl Handler {
         loop {
             let mut progress = false;
             let twins_full = self.core.twins.in_use() > self.core.config.capacity_pages / TWIN_SHARE;
-            if twins_full || self.core.config.flush_interval.is_some_and(|i| last_flush.elapsed() >= i) {
-                self.core.write_back_dirty(None);
-                last_flush = Instant::now();
+            let backlog = self.core.flush_backlog;
+            if backlog
+                || twins_full
+                || self.core.config.flush_interval.is_some_and(|i| last_flush.elapsed() >= i)
+            {
+                if !backlog {
+                    last_flush = Instant::now();
+                }
+                self.core.flush_backlog = !self.core.write_back_dirty(None, FLUSH_CHUNK_PAGES);
+                progress |= self.core.flush_backlog;
             }
             // Before reading faults, so a fault on a late prefetch fetches its page itself.
             self.core.expire_chases();
@@ -1673,18 +1688,26 @@ impl Core {
     }
 
     /// Writes back the dirty pages of region `only` (or of every region) and marks them clean
-    /// and write-protected again; runs of adjacent pages are protected with one ioctl.
-    fn write_back_dirty(&mut self, only: Option<u32>) {
+    /// and write-protected again; runs of adjacent pages are protected with one ioctl. Stops
+    /// after about `limit` pages; returns whether every dirty page was written back.
+    fn write_back_dirty(&mut self, only: Option<u32>, limit: usize) -> bool {
         if self.tracker.is_some() {
             self.write_back_written(only);
-            return;
+            return true;
         }
         let mut keys = std::mem::take(&mut self.dirty);
-        keys.sort_unstable();
+        // Stable sort: what an earlier chunk left is sorted already, and merging it with the
+        // keys dirtied since is linear in it.
+        keys.sort();
         keys.dedup();
+        let mut written = 0;
         let mut keep = Vec::new();
         let mut run_start = 0;
         while run_start < keys.len() {
+            if written >= limit {
+                keep.extend_from_slice(&keys[run_start..]);
+                break;
+            }
             let (id, first) = unkey(keys[run_start]);
             if only.is_some_and(|o| o != id) {
                 keep.push(keys[run_start]);
@@ -1724,10 +1747,13 @@ impl Core {
                 *state = (*state & !PageState::DIRTY) | PageState::UNTRACKED;
             }
             self.stats.pages_flushed.fetch_add(pages as u64, Relaxed);
+            written += pages;
             run_start = run_end;
         }
+        let done = written < limit || keep.iter().all(|&k| only.is_some_and(|o| o != unkey(k).0));
         keep.append(&mut self.dirty);
         self.dirty = keep;
+        done
     }
 
     fn on_reply(&mut self, h: usize, id: u64, msg: &Message<'_>) {
@@ -2031,7 +2057,7 @@ impl Core {
             let _ = reply.send(Err(RuntimeError::Protocol(format!("no region {id}"))));
             return;
         }
-        self.write_back_dirty(Some(id));
+        self.write_back_dirty(Some(id), usize::MAX);
         if let Some(err) = self.regions[&id].error.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             let _ = reply.send(Err(RuntimeError::HostFailed(err)));
             return;

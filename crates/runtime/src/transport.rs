@@ -76,6 +76,10 @@ pub(crate) enum Pending {
     Ignore,
 }
 
+/// Send buffer a link keeps between flushes: the periodic flusher queues at most 512 pages
+/// a round (about 2.1 MiB of frames) and eviction a few hundred more.
+const WRITER_KEEPS: usize = 4 << 20;
+
 /// The sending half of a host connection, and its pending requests.
 #[derive(Debug)]
 pub(crate) struct Link {
@@ -160,7 +164,7 @@ impl Link {
 
     /// The host is gone: drops the queued and unanswered requests, returning the latter.
     pub(crate) fn abandon(&mut self) -> VecDeque<(u64, Pending, Instant)> {
-        self.writer = FrameWriter::new();
+        self.writer = FrameWriter::new().keep_after_flush(WRITER_KEEPS);
         self.journal = Vec::new();
         self.journal_head = 0;
         self.journal_ends.clear();
@@ -203,7 +207,8 @@ pub(crate) fn connect(
     let stream = TcpStream::connect_timeout(&sock_addr, timeout).map_err(|e| unreachable(e.to_string()))?;
     stream.set_nodelay(true).map_err(|e| unreachable(e.to_string()))?;
     let mut reader = FrameReader::new(stream).map_err(|e| unreachable(e.to_string()))?;
-    let mut writer = FrameWriter::new();
+    // Room for a flusher chunk (and a round's evictions) without regrowing the buffer.
+    let mut writer = FrameWriter::new().keep_after_flush(WRITER_KEEPS);
     let flags = if low_latency { HELLO_LOW_LATENCY } else { 0 };
     writer.push(1, &Message::Hello { min_version: MIN_VERSION, max_version: MAX_VERSION, flags });
     writer.push(2, &Message::Resume { session });
