@@ -59,9 +59,9 @@ pub struct RunArgs {
     #[arg(long)]
     low_latency: bool,
     /// Write dirty pages back at least this often, in milliseconds (0, the default: only on
-    /// eviction). A flush write-protects the pages it writes back, so a program that keeps
-    /// writing them takes a fault per page per flush: redis SET ran at 25 K requests/s with
-    /// 100 ms and 105 K with 0 here.
+    /// eviction). Under sync tracking a flush write-protects the pages it writes back, so a
+    /// program that keeps writing them takes a fault per page per flush: redis SET ran at 25 K
+    /// requests/s with 100 ms and 105 K with 0 here (async tracking takes no such faults).
     #[arg(long, default_value_t = 0)]
     flush_interval_ms: u64,
     /// Write back changed 64-byte lines (line, the default with sync tracking) or whole
@@ -69,9 +69,11 @@ pub struct RunArgs {
     #[arg(long, value_parser = |s: &str| s.parse::<WritebackMode>().map(|_| s.to_string()))]
     writeback: Option<String>,
     /// How written pages are found: sync (write-protect faults, a handler round trip per
-    /// first store to a page) or async (Linux 6.8+: the kernel lets stores in and PAGEMAP_SCAN
-    /// finds them; whole-page write-back). See `clustermem bench --help`.
-    #[arg(long, default_value = "sync", value_parser = |s: &str| s.parse::<DirtyTracking>().map(|_| s.to_string()))]
+    /// first store to a page), async (Linux 6.8+: the kernel lets stores in and PAGEMAP_SCAN
+    /// finds them; whole-page write-back), or auto (the default: async where the kernel has
+    /// it, else sync; unmodified programs ran as fast or faster with async on every row of
+    /// bench/run/compare.sh). See `clustermem bench --help`.
+    #[arg(long, default_value = "auto", value_parser = parse_tracking)]
     dirty_tracking: String,
     /// Prefetch along sequential and strided miss streams (auto) or not (off).
     #[arg(long, default_value = "auto", value_parser = |s: &str| s.parse::<PrefetchMode>().map(|_| s.to_string()))]
@@ -120,6 +122,11 @@ fn preload_library() -> Result<PathBuf> {
 /// Runs the program; returns its exit status for ours.
 pub fn run(args: &RunArgs) -> Result<u8> {
     clustermem_runtime::check_userfaultfd()?;
+    let tracking = match args.dirty_tracking.as_str() {
+        "auto" if clustermem_runtime::async_dirty_tracking_available() => DirtyTracking::Async,
+        "auto" => DirtyTracking::Sync,
+        other => other.parse().map_err(anyhow::Error::msg)?,
+    };
     let lib = preload_library()?;
     if args.local_mem < 4096 {
         bail!("--local-mem {} is less than one page", args.local_mem);
@@ -154,12 +161,12 @@ pub fn run(args: &RunArgs) -> Result<u8> {
         .env("CLUSTERMEM_FLUSH_INTERVAL_MS", args.flush_interval_ms.to_string())
         .env(
             "CLUSTERMEM_WRITEBACK",
-            args.writeback.as_deref().unwrap_or(match args.dirty_tracking.as_str() {
-                "async" => "page",
-                _ => "line",
+            args.writeback.as_deref().unwrap_or(match tracking {
+                DirtyTracking::Async => "page",
+                DirtyTracking::Sync => "line",
             }),
         )
-        .env("CLUSTERMEM_DIRTY_TRACKING", &args.dirty_tracking)
+        .env("CLUSTERMEM_DIRTY_TRACKING", tracking.to_string())
         .env("CLUSTERMEM_PREFETCH", &args.prefetch)
         .env("CLUSTERMEM_REDUNDANCY", &args.redundancy);
     if let Some(dir) = &stats_dir {
@@ -281,4 +288,11 @@ fn merge_stats(dir: &Path, args: &RunArgs, hosts: &str, wall_s: f64, exit_code: 
     totals.insert("verified".into(), Value::Null);
     totals.insert("region_errors".into(), json!(errors));
     Ok(Value::Object(totals))
+}
+
+fn parse_tracking(s: &str) -> Result<String, String> {
+    match s {
+        "auto" => Ok(s.to_string()),
+        _ => s.parse::<DirtyTracking>().map(|_| s.to_string()).map_err(|e| format!("{e}, or auto")),
+    }
 }

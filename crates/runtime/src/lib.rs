@@ -486,3 +486,9 @@ pub fn check_userfaultfd() -> Result<(), RuntimeError> {
     }
     Ok(())
 }
+
+/// Whether this kernel offers async dirty tracking (`UFFD_FEATURE_WP_ASYNC`, Linux 6.7+, and
+/// `UFFDIO_MOVE`, 6.8+) to this process.
+pub fn async_dirty_tracking_available() -> bool {
+    Uffd::available_features().is_ok_and(|f| f.contains(Features::WP_ASYNC.union(Features::MOVE)))
+}
