@@ -17,14 +17,18 @@ use crate::duration::parse_duration;
 /// `clustermem status` arguments.
 #[derive(Args, Debug)]
 #[command(after_help = "Exit status: 0 when every host is up, 1 when any is down, 2 on bad usage.\n\
-    `clients` counts the host's connections other than this query's own.")]
+    REGIONS counts the client regions with memory on the host; SHARDS (\"slabs\" in --json) its \
+    slabs, each one copy or erasure shard of one span of a region; CLIENTS the host's connections \
+    other than this query's own; ORPHANED the slabs of dropped connections kept for them to \
+    resume.")]
 pub struct StatusArgs {
     /// Memory hosts to ask, comma-separated host:port.
     #[arg(long, value_delimiter = ',', required = true)]
     hosts: Vec<String>,
     /// Print exactly one JSON object on stdout:
     /// {"hosts": [{"addr", "up", "error", "capacity_bytes", "used_bytes", "free_bytes",
-    /// "slabs", "clients", "orphaned_slabs"}]} (numbers are null for a host that is down).
+    /// "regions", "slabs", "clients", "orphaned_slabs"}]} (numbers are null for a host that is
+    /// down).
     #[arg(long)]
     json: bool,
     /// How long to wait for each host to connect and answer (e.g. 2s, 500ms).
@@ -41,6 +45,7 @@ struct HostRow {
     capacity_bytes: Option<u64>,
     used_bytes: Option<u64>,
     free_bytes: Option<u64>,
+    regions: Option<u64>,
     slabs: Option<u64>,
     clients: Option<u64>,
     orphaned_slabs: Option<u64>,
@@ -56,6 +61,7 @@ impl HostRow {
                 capacity_bytes: Some(s.capacity_bytes),
                 used_bytes: Some(s.used_bytes),
                 free_bytes: Some(s.capacity_bytes.saturating_sub(s.used_bytes)),
+                regions: Some(s.regions),
                 slabs: Some(s.slabs),
                 // The host counts this query's own connection.
                 clients: Some(s.clients.saturating_sub(1)),
@@ -68,6 +74,7 @@ impl HostRow {
                 capacity_bytes: None,
                 used_bytes: None,
                 free_bytes: None,
+                regions: None,
                 slabs: None,
                 clients: None,
                 orphaned_slabs: None,
@@ -110,8 +117,10 @@ pub fn run(args: &StatusArgs) -> ExitCode {
 fn print_table(rows: &[HostRow]) {
     let size = |v: Option<u64>| v.map_or_else(|| "-".to_string(), crate::human_bytes);
     let count = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |n| n.to_string());
+    // The state goes last: a down host's reason may be long.
     let mut table =
-        vec![["HOST", "STATE", "CAPACITY", "USED", "FREE", "SLABS", "CLIENTS", "ORPHANED"].map(String::from)];
+        vec![["HOST", "CAPACITY", "USED", "FREE", "REGIONS", "SHARDS", "CLIENTS", "ORPHANED", "STATE"]
+            .map(String::from)];
     for r in rows {
         let state = match &r.error {
             None => "up".to_string(),
@@ -122,6 +131,7 @@ fn print_table(rows: &[HostRow]) {
             size(r.capacity_bytes),
             size(r.used_bytes),
             size(r.free_bytes),
+            count(r.regions),
             count(r.slabs),
             count(r.clients),
             count(r.orphaned_slabs),
@@ -129,7 +139,7 @@ fn print_table(rows: &[HostRow]) {
         ]);
     }
     let widths: Vec<usize> =
-        (0..8).map(|c| table.iter().map(|row| row[c].len()).max().unwrap_or(0)).collect();
+        (0..9).map(|c| table.iter().map(|row| row[c].len()).max().unwrap_or(0)).collect();
     for row in &table {
         let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, &w)| format!("{cell:<w$}")).collect();
         println!("{}", cells.join("  ").trim_end());

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use clustermem_net::{FrameReader, FrameWriter};
 use clustermem_proto::{Message, MAX_VERSION, MIN_VERSION};
-use common::{json, run_with_timeout, stderr, HostProcess};
+use clustermem_runtime::{Redundancy, Runtime, RuntimeConfig};
+use common::{json, require_userfaultfd, run_with_timeout, stderr, HostProcess};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -47,7 +48,9 @@ fn status_reports_up_and_down_hosts() {
     let a = HostProcess::start("64M");
     let b = HostProcess::start("32M");
     let dead = dead_addr();
-    let _holder = client(&a.addr, &[Message::AllocSlab { bytes: 1 << 20 }]);
+    // Two regions of one client: three slabs.
+    let slab = |region| Message::AllocSlab { bytes: 1 << 20, region };
+    let _holder = client(&a.addr, &[slab(1), slab(1), slab(2)]);
     let hosts = format!("{},{},{dead}", a.addr, b.addr);
 
     let out = status(&hosts, false);
@@ -55,10 +58,11 @@ fn status_reports_up_and_down_hosts() {
     let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 4, "a header and one row per host: {text}");
-    assert!(lines[0].starts_with("HOST") && lines[0].contains("ORPHANED"), "{text}");
+    assert!(lines[0].starts_with("HOST") && lines[0].ends_with("STATE"), "{text}");
+    assert!(lines[0].contains("REGIONS") && lines[0].contains("SHARDS"), "{text}");
     assert!(lines[1].starts_with(&a.addr) && lines[1].ends_with("up"), "{text}");
     assert!(
-        lines[1].contains("64.0 MiB") && lines[1].contains("1.0 MiB") && lines[1].contains("63.0 MiB"),
+        lines[1].contains("64.0 MiB") && lines[1].contains("3.0 MiB") && lines[1].contains("61.0 MiB"),
         "{text}"
     );
     assert!(lines[2].starts_with(&b.addr) && lines[2].ends_with("up"), "{text}");
@@ -73,8 +77,8 @@ fn status_reports_up_and_down_hosts() {
     assert_eq!(rows[0]["up"], true);
     assert!(rows[0]["error"].is_null(), "{r}");
     assert_eq!(rows[0]["capacity_bytes"], 64 << 20);
-    assert_eq!(rows[0]["used_bytes"], 1 << 20);
-    assert_eq!(rows[0]["slabs"], 1);
+    assert_eq!(rows[0]["used_bytes"], 3 << 20);
+    assert_eq!((rows[0]["regions"].clone(), rows[0]["slabs"].clone()), (2.into(), 3.into()), "{r}");
     assert_eq!(rows[0]["clients"], 1, "the holder, not the query itself: {r}");
     assert_eq!(rows[0]["orphaned_slabs"], 0);
     assert_eq!((rows[1]["up"].clone(), rows[1]["used_bytes"].clone()), (true.into(), 0.into()));
@@ -92,8 +96,10 @@ fn status_reports_up_and_down_hosts() {
 #[test]
 fn orphan_grace_flag_keeps_then_frees_a_sessions_slab() {
     let host = HostProcess::start_with("64M", &["--orphan-grace", "2s"]);
-    let session =
-        client(&host.addr, &[Message::Resume { session: 42 }, Message::AllocSlab { bytes: 1 << 20 }]);
+    let session = client(
+        &host.addr,
+        &[Message::Resume { session: 42 }, Message::AllocSlab { bytes: 1 << 20, region: 1 }],
+    );
     drop(session);
     let dropped = Instant::now();
     let stats = |out: &std::process::Output| json(out)["hosts"][0].clone();
@@ -115,4 +121,34 @@ fn orphan_grace_flag_keeps_then_frees_a_sessions_slab() {
     }
     assert!(seen_orphan, "the slab was freed without being orphaned first");
     assert!(dropped.elapsed() >= Duration::from_millis(1900), "freed before the grace period");
+}
+
+/// What a runtime placed, as the hosts report it: two replicated regions spread over three
+/// hosts show up as regions and shards (one slab per copy of each span).
+#[test]
+fn status_counts_a_runtimes_regions_and_shards() {
+    require_userfaultfd();
+    let hosts: Vec<HostProcess> = (0..3).map(|_| HostProcess::start("64M")).collect();
+    let addrs: Vec<String> = hosts.iter().map(|h| h.addr.clone()).collect();
+    let rt = Runtime::start(RuntimeConfig {
+        hosts: addrs.clone(),
+        local_mem_bytes: 1 << 20,
+        slab_bytes: 1 << 20,
+        redundancy: Redundancy::Replicate(2),
+        ..RuntimeConfig::default()
+    })
+    .expect("runtime");
+    let _a = rt.map(4 << 20).expect("region a");
+    let _b = rt.map(4 << 20).expect("region b");
+    let out = status(&addrs.join(","), true);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let r = json(&out);
+    let rows = r["hosts"].as_array().expect("hosts array");
+    let total = |field: &str| rows.iter().map(|h| h[field].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(total("slabs"), 2 * 2 * 4, "two regions of four spans, two copies each: {r}");
+    for h in rows {
+        assert!(h["regions"].as_u64().unwrap() <= 2, "{r}");
+        assert_eq!(h["regions"] == 0, h["slabs"] == 0, "{r}");
+    }
+    assert!(rows.iter().any(|h| h["regions"] == 2), "a host holds shards of both: {r}");
 }

@@ -210,6 +210,8 @@ struct Session<'a> {
     /// Set by `Resume`: the slabs outlive the connection for the grace period.
     binding: Option<Binding>,
     owned: HashSet<u64>,
+    /// Whose slabs these are, for counting regions: the session token once bound.
+    owner: u64,
     cache: HashMap<u64, Arc<Slab>>,
     low_latency: bool,
     greeted: bool,
@@ -231,11 +233,13 @@ impl Session<'_> {
             return self.hello(id, msg, out);
         }
         let result = match *msg {
-            Message::AllocSlab { bytes } => self.store.alloc(bytes).map(|(slab_id, slab)| {
-                self.owned.insert(slab_id);
-                self.cache.insert(slab_id, slab);
-                out.push(id, &Message::SlabAllocated { slab_id });
-            }),
+            Message::AllocSlab { bytes, region } => {
+                self.store.alloc(bytes, (self.owner, region)).map(|(slab_id, slab)| {
+                    self.owned.insert(slab_id);
+                    self.cache.insert(slab_id, slab);
+                    out.push(id, &Message::SlabAllocated { slab_id });
+                })
+            }
             Message::FreeSlab { slab_id } => {
                 if self.owned.remove(&slab_id) && self.store.free(slab_id) {
                     self.cache.remove(&slab_id);
@@ -299,6 +303,7 @@ impl Session<'_> {
                 .map(|()| out.push(id, &Message::Ok)),
             Message::Resume { session } => {
                 self.sessions.resume(session, &mut self.binding, self.store).map(|adopted| {
+                    self.owner = session;
                     let slabs = adopted.len() as u64;
                     self.owned.extend(adopted);
                     out.push(id, &Message::Resumed { slabs });
@@ -352,6 +357,7 @@ fn serve_client(stream: TcpStream, store: &Store, sessions: &Sessions, shutdown:
         sessions,
         binding: None,
         owned: HashSet::new(),
+        owner: store.connection_owner(),
         cache: HashMap::new(),
         low_latency: false,
         greeted: false,

@@ -5,7 +5,7 @@
 //! so a host never promises more than it donated. Writes take a per-page stripe lock, so a
 //! reader sees a page before or after a `WriteLines` frame, never half of it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -29,14 +29,16 @@ pub(crate) type Refusal = (ErrorCode, String);
 pub(crate) struct Slab {
     map: AnonMapping,
     locks: Box<[RwLock<()>]>,
+    /// The client region it belongs to: (its owner's session, the client's region tag).
+    region: (u64, u64),
 }
 
 impl Slab {
-    fn new(len: usize) -> Result<Self, Refusal> {
+    fn new(len: usize, region: (u64, u64)) -> Result<Self, Refusal> {
         let map = AnonMapping::new(len)
             .map_err(|e| (ErrorCode::OutOfCapacity, format!("host could not map {len} bytes: {e}")))?;
         let locks = (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect();
-        Ok(Self { map, locks })
+        Ok(Self { map, locks, region })
     }
 
     fn pages(&self) -> u64 {
@@ -196,8 +198,9 @@ impl Store {
         self.capacity_bytes
     }
 
-    /// Grants a slab of `bytes`, or refuses if that would exceed the capacity.
-    pub(crate) fn alloc(&self, bytes: u64) -> Result<(u64, Arc<Slab>), Refusal> {
+    /// Grants a slab of `bytes` for `region` (owner, tag), or refuses if that would exceed
+    /// the capacity.
+    pub(crate) fn alloc(&self, bytes: u64, region: (u64, u64)) -> Result<(u64, Arc<Slab>), Refusal> {
         if bytes == 0 || !bytes.is_multiple_of(PAGE_SIZE as u64) || bytes > MAX_SLAB_BYTES {
             return Err((
                 ErrorCode::BadRequest,
@@ -219,7 +222,7 @@ impl Store {
                 ),
             ));
         }
-        let slab = match Slab::new(usize::try_from(bytes).expect("bounded by MAX_SLAB_BYTES")) {
+        let slab = match Slab::new(usize::try_from(bytes).expect("bounded by MAX_SLAB_BYTES"), region) {
             Ok(slab) => Arc::new(slab),
             Err(refusal) => {
                 self.used_bytes.fetch_sub(bytes, Ordering::AcqRel);
@@ -247,13 +250,23 @@ impl Store {
     }
 
     pub(crate) fn stats(&self) -> HostStats {
+        let slabs = self.slabs.lock().unwrap_or_else(|e| e.into_inner());
+        let regions: HashSet<(u64, u64)> = slabs.values().map(|s| s.region).collect();
         HostStats {
             capacity_bytes: self.capacity_bytes,
             used_bytes: self.used_bytes.load(Ordering::Acquire),
-            slabs: self.slabs.lock().unwrap_or_else(|e| e.into_inner()).len() as u64,
+            slabs: slabs.len() as u64,
             clients: self.clients.load(Ordering::Relaxed),
             orphaned_slabs: self.orphaned.load(Ordering::Relaxed),
+            regions: regions.len() as u64,
         }
+    }
+
+    /// A fresh owner for a connection's slabs until it binds to a session. Session tokens are
+    /// random, so meeting one of these is a 2^-63 chance per pair, and would only merge two
+    /// regions in the count.
+    pub(crate) fn connection_owner(&self) -> u64 {
+        (1 << 63) | self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 }
 
@@ -264,28 +277,41 @@ mod tests {
     #[test]
     fn capacity_is_enforced_and_returned_on_free() {
         let store = Store::new(8 * PAGE_SIZE as u64);
-        let (a, _) = store.alloc(6 * PAGE_SIZE as u64).unwrap();
-        let err = store.alloc(4 * PAGE_SIZE as u64).unwrap_err();
+        let (a, _) = store.alloc(6 * PAGE_SIZE as u64, (1, 1)).unwrap();
+        let err = store.alloc(4 * PAGE_SIZE as u64, (1, 1)).unwrap_err();
         assert_eq!(err.0, ErrorCode::OutOfCapacity);
         assert!(err.1.contains("8192 of 32768 bytes free"), "{}", err.1);
         assert!(store.free(a));
         assert!(!store.free(a));
-        store.alloc(8 * PAGE_SIZE as u64).unwrap();
+        store.alloc(8 * PAGE_SIZE as u64, (1, 1)).unwrap();
         assert_eq!(store.stats().used_bytes, 8 * PAGE_SIZE as u64);
+    }
+
+    /// Regions are counted by (owner, tag): two tags of one owner are two regions, the same
+    /// tag of two owners too, and several slabs of one region are one.
+    #[test]
+    fn stats_count_distinct_regions() {
+        let store = Store::new(1 << 30);
+        let page = PAGE_SIZE as u64;
+        for region in [(1, 1), (1, 1), (1, 2), (2, 1)] {
+            store.alloc(page, region).unwrap();
+        }
+        let stats = store.stats();
+        assert_eq!((stats.slabs, stats.regions), (4, 3));
     }
 
     #[test]
     fn bad_sizes_are_refused() {
         let store = Store::new(1 << 30);
         for bytes in [0, 100, MAX_SLAB_BYTES + PAGE_SIZE as u64] {
-            assert_eq!(store.alloc(bytes).unwrap_err().0, ErrorCode::BadRequest, "{bytes}");
+            assert_eq!(store.alloc(bytes, (1, 1)).unwrap_err().0, ErrorCode::BadRequest, "{bytes}");
         }
     }
 
     #[test]
     fn discarded_pages_read_as_zeros() {
         let store = Store::new(1 << 20);
-        let (_, slab) = store.alloc(16 * PAGE_SIZE as u64).expect("fits");
+        let (_, slab) = store.alloc(16 * PAGE_SIZE as u64, (1, 1)).expect("fits");
         slab.write_pages(2, &vec![7u8; 3 * PAGE_SIZE]).expect("in range");
         slab.discard_pages(3, 1).expect("in range");
         let mut out = Vec::new();
@@ -299,7 +325,7 @@ mod tests {
     #[test]
     fn byte_ranges_read_back_at_any_alignment() {
         let store = Store::new(1 << 20);
-        let (_, slab) = store.alloc(4 * PAGE_SIZE as u64).unwrap();
+        let (_, slab) = store.alloc(4 * PAGE_SIZE as u64, (1, 1)).unwrap();
         let data: Vec<u8> = (0..4 * PAGE_SIZE).map(|i| (i % 251) as u8).collect();
         slab.write_pages(0, &data).unwrap();
         for (offset, len) in
@@ -319,7 +345,7 @@ mod tests {
         assert!(out.is_empty(), "a refused read appends nothing");
         // Inside a large enough slab, a range whose reply would not fit one frame is refused.
         let store = Store::new(32 << 20);
-        let (_, big) = store.alloc(32 << 20).unwrap();
+        let (_, big) = store.alloc(32 << 20, (1, 1)).unwrap();
         assert_eq!(big.read_bytes(0, MAX_READ_BYTES + 1, &mut out).unwrap_err().0, ErrorCode::OutOfRange);
     }
 
@@ -327,7 +353,7 @@ mod tests {
     #[test]
     fn byte_reads_never_see_half_a_line_write() {
         let store = Store::new(1 << 20);
-        let (_, slab) = store.alloc(2 * PAGE_SIZE as u64).unwrap();
+        let (_, slab) = store.alloc(2 * PAGE_SIZE as u64, (1, 1)).unwrap();
         let stop = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|s| {
             s.spawn(|| {
@@ -350,7 +376,7 @@ mod tests {
     #[test]
     fn pages_and_lines_read_back() {
         let store = Store::new(1 << 20);
-        let (_, slab) = store.alloc(4 * PAGE_SIZE as u64).unwrap();
+        let (_, slab) = store.alloc(4 * PAGE_SIZE as u64, (1, 1)).unwrap();
         let mut out = Vec::new();
         slab.read_pages(0, 4, &mut out).unwrap();
         assert!(out.iter().all(|&b| b == 0), "fresh slabs read as zeros");

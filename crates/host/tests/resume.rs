@@ -63,7 +63,7 @@ impl Client {
     }
 
     fn alloc(&mut self, bytes: u64) -> u64 {
-        match self.call(&Message::AllocSlab { bytes }) {
+        match self.call(&Message::AllocSlab { bytes, region: 1 }) {
             Reply::Slab(id) => id,
             other => panic!("AllocSlab: {other:?}"),
         }

@@ -218,7 +218,7 @@ mod tests {
         let lines = vec![9u8; 3 * LINE_SIZE];
         roundtrip(Message::Hello { min_version: 1, max_version: 3, flags: HELLO_LOW_LATENCY });
         roundtrip(Message::HelloOk { version: 1, capacity_bytes: 8 << 30 });
-        roundtrip(Message::AllocSlab { bytes: 64 << 20 });
+        roundtrip(Message::AllocSlab { bytes: 64 << 20, region: 3 });
         roundtrip(Message::SlabAllocated { slab_id: 7 });
         roundtrip(Message::FreeSlab { slab_id: 7 });
         roundtrip(Message::DiscardPages { slab_id: 7, first_page: 3, count: 9 });
@@ -234,6 +234,7 @@ mod tests {
             slabs: 3,
             clients: 4,
             orphaned_slabs: 5,
+            regions: 6,
         }));
         roundtrip(Message::Error { code: ErrorCode::OutOfCapacity, message: "full" });
         roundtrip(Message::ReadBytes { slab_id: 3, offset: 4096 * 5 + 1024, len: 1024 });
@@ -268,22 +269,34 @@ mod tests {
         assert_eq!(decode_frame(&frame), Err(DecodeError::UnknownKind(18)), "18 is still free");
     }
 
-    /// A host from before `orphaned_slabs` sends four fields; they still decode.
+    /// A host from before `orphaned_slabs` sends four fields, one from before `regions` five;
+    /// they still decode.
     #[test]
     fn stats_from_an_older_host_decode_with_no_orphans() {
         let payload: Vec<u8> = [10u64, 20, 30, 40].iter().flat_map(|v| v.to_le_bytes()).collect();
-        assert_eq!(
-            Message::decode(12, &payload),
-            Ok(Message::Stats(HostStats {
-                capacity_bytes: 10,
-                used_bytes: 20,
-                slabs: 30,
-                clients: 40,
-                orphaned_slabs: 0
-            }))
-        );
+        let old = HostStats {
+            capacity_bytes: 10,
+            used_bytes: 20,
+            slabs: 30,
+            clients: 40,
+            orphaned_slabs: 0,
+            regions: 0,
+        };
+        assert_eq!(Message::decode(12, &payload), Ok(Message::Stats(old)));
         let torn = [&payload[..], &[1, 2, 3, 4]].concat();
         assert!(Message::decode(12, &torn).is_err(), "a torn fifth field is refused");
+        let five = [&payload[..], &7u64.to_le_bytes()].concat();
+        assert_eq!(Message::decode(12, &five), Ok(Message::Stats(HostStats { orphaned_slabs: 7, ..old })));
+    }
+
+    /// A client from before region tags sends `AllocSlab` with the size alone.
+    #[test]
+    fn alloc_slab_from_an_older_client_decodes_untagged() {
+        assert_eq!(
+            Message::decode(3, &(1u64 << 20).to_le_bytes()),
+            Ok(Message::AllocSlab { bytes: 1 << 20, region: 0 })
+        );
+        assert!(Message::decode(3, &[0; 12]).is_err(), "a torn region field is refused");
     }
 
     #[test]

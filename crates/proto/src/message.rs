@@ -66,6 +66,9 @@ pub struct HostStats {
     /// be adopted by a [`Message::Resume`] (counted in `slabs` and `used_bytes` too). On the
     /// wire an optional fifth field: a 32-byte payload from an older host decodes with 0.
     pub orphaned_slabs: u64,
+    /// Distinct client regions the slabs belong to (by session and region tag). On the wire
+    /// an optional sixth field: a 40-byte payload from an older host decodes with 0.
+    pub regions: u64,
 }
 
 /// One protocol message. Requests go client -> host; each gets exactly one reply with the
@@ -93,6 +96,10 @@ pub enum Message<'a> {
     AllocSlab {
         /// Size of the slab.
         bytes: u64,
+        /// Which of the client's regions the slab holds (a shard or copy of) — any
+        /// client-chosen tag, for `clustermem status`; 0 when untagged. On the wire an
+        /// optional second field: an 8-byte payload from an older client decodes with 0.
+        region: u64,
     },
     /// The new slab's id.
     SlabAllocated {
@@ -312,7 +319,10 @@ impl<'a> Message<'a> {
                 out.push(version);
                 out.extend_from_slice(&capacity_bytes.to_le_bytes());
             }
-            Self::AllocSlab { bytes } => out.extend_from_slice(&bytes.to_le_bytes()),
+            Self::AllocSlab { bytes, region } => {
+                out.extend_from_slice(&bytes.to_le_bytes());
+                out.extend_from_slice(&region.to_le_bytes());
+            }
             Self::SlabAllocated { slab_id } | Self::FreeSlab { slab_id } => {
                 out.extend_from_slice(&slab_id.to_le_bytes());
             }
@@ -344,7 +354,7 @@ impl<'a> Message<'a> {
             }
             Self::Ok | Self::GetStats => {}
             Self::Stats(s) => {
-                for v in [s.capacity_bytes, s.used_bytes, s.slabs, s.clients, s.orphaned_slabs] {
+                for v in [s.capacity_bytes, s.used_bytes, s.slabs, s.clients, s.orphaned_slabs, s.regions] {
                     out.extend_from_slice(&v.to_le_bytes());
                 }
             }
@@ -362,7 +372,11 @@ impl<'a> Message<'a> {
         let msg = match kind {
             1 => Self::Hello { min_version: r.u8()?, max_version: r.u8()?, flags: r.u8()? },
             2 => Self::HelloOk { version: r.u8()?, capacity_bytes: r.u64()? },
-            3 => Self::AllocSlab { bytes: r.u64()? },
+            3 => Self::AllocSlab {
+                bytes: r.u64()?,
+                // Absent from clients older than region tags.
+                region: if r.rest.is_empty() { 0 } else { r.u64()? },
+            },
             4 => Self::SlabAllocated { slab_id: r.u64()? },
             5 => Self::FreeSlab { slab_id: r.u64()? },
             6 => Self::ReadPages { slab_id: r.u64()?, first_page: r.u64()?, count: r.u32()? },
@@ -407,6 +421,8 @@ impl<'a> Message<'a> {
                 clients: r.u64()?,
                 // Absent from hosts older than session resumption.
                 orphaned_slabs: if r.rest.is_empty() { 0 } else { r.u64()? },
+                // Absent from hosts older than region tags.
+                regions: if r.rest.is_empty() { 0 } else { r.u64()? },
             }),
             13 => {
                 let code = ErrorCode::from_u16(r.u16()?);

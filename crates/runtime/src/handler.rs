@@ -55,8 +55,9 @@ impl PageState {
     /// A thread faulted on it while its prefetch was in flight and waits for the install.
     const WANTED: u8 = 64;
     /// Whether it gets written tells the write predictor nothing: it was installed dirty on
-    /// a prediction (its write-back's diff tells instead), or a flush made it clean after it
-    /// was written.
+    /// a prediction, or a flush made it clean after it was written. (A predicted page's diff
+    /// could tell, but only in line mode: the predictor learns from its unpredicted samples
+    /// alone, so that both write-back modes take the same faults.)
     const UNTRACKED: u8 = 128;
 }
 
@@ -64,7 +65,7 @@ impl PageState {
 /// page-granular system sends per dirty page.
 const PAGE_FRAME_BYTES: u64 = (clustermem_proto::HEADER_LEN + 16 + PAGE_SIZE) as u64;
 
-/// Past 1/TWIN_SHARE of local memory in twins, dirty pages are flushed early.
+/// Past 1/TWIN_SHARE of local memory in twins, the pages holding them are flushed early.
 const TWIN_SHARE: usize = 8;
 
 /// Pages the periodic flusher writes back per round of the handler loop: faults are served
@@ -525,16 +526,18 @@ impl Handler {
         let mut last_flush = Instant::now();
         loop {
             let mut progress = false;
-            let twins_full = self.core.twins.in_use() > self.core.config.capacity_pages / TWIN_SHARE;
+            if self.core.twins.in_use() > self.core.config.capacity_pages / TWIN_SHARE {
+                // Only the pages with twins: written back, their twins are freed, and the
+                // dirty pages without one stay writable (flushing them would cost each a
+                // write-protect fault on its next store, for no memory back).
+                self.core.write_back_dirty(None, usize::MAX, true);
+            }
             let backlog = self.core.flush_backlog;
-            if backlog
-                || twins_full
-                || self.core.config.flush_interval.is_some_and(|i| last_flush.elapsed() >= i)
-            {
+            if backlog || self.core.config.flush_interval.is_some_and(|i| last_flush.elapsed() >= i) {
                 if !backlog {
                     last_flush = Instant::now();
                 }
-                self.core.flush_backlog = !self.core.write_back_dirty(None, FLUSH_CHUNK_PAGES);
+                self.core.flush_backlog = !self.core.write_back_dirty(None, FLUSH_CHUNK_PAGES, false);
                 progress |= self.core.flush_backlog;
             }
             // Before reading faults, so a fault on a late prefetch fetches its page itself.
@@ -908,7 +911,7 @@ impl Handler {
                 self.core.rebuild_queue.push_front((id, span, shard));
                 return;
             };
-            match self.alloc_slab(host, bytes) {
+            match self.alloc_slab(host, bytes, id) {
                 Ok(slab_id) => {
                     let Some(p) = self.core.regions.get_mut(&id).and_then(|r| r.slabs[span].as_mut()) else {
                         continue;
@@ -943,9 +946,9 @@ impl Handler {
         }
     }
 
-    /// Allocates a slab of `bytes` on host `host`.
-    fn alloc_slab(&mut self, host: usize, bytes: u64) -> Result<u64, RuntimeError> {
-        match self.call(host, &Message::AllocSlab { bytes }) {
+    /// Allocates a slab of `bytes` on host `host` for region `region`.
+    fn alloc_slab(&mut self, host: usize, bytes: u64, region: u32) -> Result<u64, RuntimeError> {
+        match self.call(host, &Message::AllocSlab { bytes, region: u64::from(region) }) {
             Ok(OwnedReply::SlabAllocated(slab_id)) => {
                 self.core.links[host].allocated_bytes += bytes;
                 Ok(slab_id)
@@ -1017,7 +1020,7 @@ impl Handler {
                             RuntimeError::NoLiveHost
                         }
                     })?;
-                    let slab_id = self.alloc_slab(host, bytes)?;
+                    let slab_id = self.alloc_slab(host, bytes, id)?;
                     shards.push(Shard { slab: SlabRef { host, slab_id, bytes }, state: ShardState::Live });
                 }
                 Ok(())
@@ -1659,12 +1662,6 @@ impl Core {
             }
             None => u64::MAX,
         };
-        if region.pages[page] & PageState::UNTRACKED != 0 {
-            region.pages[page] &= !PageState::UNTRACKED;
-            if matches!(twin, Some(Twin::Slot(_))) {
-                self.write_predictor.observe(mask != 0);
-            }
-        }
         if !region.readable(page) {
             region.record_loss(page, "every copy of it is on a lost host");
             return;
@@ -1687,10 +1684,11 @@ impl Core {
         self.regions.get_mut(&id).expect("checked above").pages[page] |= PageState::ON_HOST;
     }
 
-    /// Writes back the dirty pages of region `only` (or of every region) and marks them clean
-    /// and write-protected again; runs of adjacent pages are protected with one ioctl. Stops
-    /// after about `limit` pages; returns whether every dirty page was written back.
-    fn write_back_dirty(&mut self, only: Option<u32>, limit: usize) -> bool {
+    /// Writes back the dirty pages of region `only` (or of every region), or only those with
+    /// a twin (`twinned`), and marks them clean and write-protected again; runs of adjacent
+    /// pages are protected with one ioctl. Stops after about `limit` pages; returns whether
+    /// every such page was written back.
+    fn write_back_dirty(&mut self, only: Option<u32>, limit: usize, twinned: bool) -> bool {
         if self.tracker.is_some() {
             self.write_back_written(only);
             return true;
@@ -1726,10 +1724,16 @@ impl Core {
                 run_start += 1;
                 continue;
             }
+            if twinned && !region.twins.contains_key(&first) {
+                keep.push(keys[run_start]);
+                run_start += 1;
+                continue;
+            }
             let mut run_end = run_start + 1;
             while run_end < keys.len()
                 && keys[run_end] == keys[run_end - 1] + 1
                 && dirty(unkey(keys[run_end]).1)
+                && (!twinned || region.twins.contains_key(&unkey(keys[run_end]).1))
             {
                 run_end += 1;
             }
@@ -2057,7 +2061,7 @@ impl Core {
             let _ = reply.send(Err(RuntimeError::Protocol(format!("no region {id}"))));
             return;
         }
-        self.write_back_dirty(Some(id), usize::MAX);
+        self.write_back_dirty(Some(id), usize::MAX, false);
         if let Some(err) = self.regions[&id].error.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             let _ = reply.send(Err(RuntimeError::HostFailed(err)));
             return;
