@@ -1690,8 +1690,7 @@ impl Core {
     /// every such page was written back.
     fn write_back_dirty(&mut self, only: Option<u32>, limit: usize, twinned: bool) -> bool {
         if self.tracker.is_some() {
-            self.write_back_written(only);
-            return true;
+            return self.write_back_written(only, limit);
         }
         let mut keys = std::mem::take(&mut self.dirty);
         // Stable sort: what an earlier chunk left is sorted already, and merging it with the

@@ -474,10 +474,25 @@ impl PagemapScanner {
         start: usize,
         end: usize,
         reprotect: bool,
-        mut found: impl FnMut(usize, usize),
+        found: impl FnMut(usize, usize),
     ) -> Result<(), UffdError> {
+        self.scan_written_upto(start, end, reprotect, usize::MAX, found).map(|_| ())
+    }
+
+    /// As [`PagemapScanner::scan_written`], stopping once `max_pages` written pages were
+    /// found (and, with `reprotect`, protected): returns where the walk stopped (`end` if it
+    /// got there), for the next call to go on from.
+    pub fn scan_written_upto(
+        &mut self,
+        start: usize,
+        end: usize,
+        reprotect: bool,
+        max_pages: usize,
+        mut found: impl FnMut(usize, usize),
+    ) -> Result<usize, UffdError> {
         let mut cursor = start;
-        while cursor < end {
+        let mut left = max_pages;
+        while cursor < end && left > 0 {
             let mut arg = PmScanArg {
                 size: std::mem::size_of::<PmScanArg>() as u64,
                 flags: if reprotect { PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC } else { 0 },
@@ -485,6 +500,7 @@ impl PagemapScanner {
                 end: end as u64,
                 vec: self.regions.as_mut_ptr() as u64,
                 vec_len: self.regions.len() as u64,
+                max_pages: if left == usize::MAX { 0 } else { left as u64 },
                 category_mask: PAGE_IS_WRITTEN | PAGE_IS_PRESENT,
                 return_mask: PAGE_IS_WRITTEN | PAGE_IS_PRESENT,
                 ..PmScanArg::default()
@@ -503,6 +519,9 @@ impl PagemapScanner {
             let n = usize::try_from(rc).expect("non-negative");
             for r in &self.regions[..n] {
                 found(r.start as usize, r.end as usize);
+                if left != usize::MAX {
+                    left -= usize::try_from((r.end - r.start) / PAGE_SIZE as u64).expect("fits").min(left);
+                }
             }
             let walked = usize::try_from(arg.walk_end).expect("addresses fit usize");
             if walked <= cursor {
@@ -510,7 +529,7 @@ impl PagemapScanner {
             }
             cursor = walked;
         }
-        Ok(())
+        Ok(cursor.min(end))
     }
 }
 
@@ -610,6 +629,29 @@ mod async_tests {
         })
         .unwrap();
         found
+    }
+
+    /// A scan bounded to N pages protects and reports only those, and says where to go on.
+    #[test]
+    fn bounded_scans_resume_where_they_stopped() {
+        let wanted = Features::WP_ASYNC.union(Features::PAGEFAULT_FLAG_WP);
+        let uffd = Uffd::open(wanted).unwrap_or_else(|e| panic!("Linux 6.7+ userfaultfd is needed: {e}"));
+        let base = map(8 * PAGE_SIZE);
+        // SAFETY: the mapping is ours; every page is installed below, so nothing faults.
+        unsafe { uffd.register(base, 8 * PAGE_SIZE, RegisterMode { missing: true, write_protect: true }) }
+            .unwrap();
+        uffd.copy(base, &vec![0u8; 8 * PAGE_SIZE], false, true).unwrap();
+        let mut scan = PagemapScanner::open().unwrap();
+        let end = base + 8 * PAGE_SIZE;
+        let mut found = Vec::new();
+        let stop =
+            scan.scan_written_upto(base, end, true, 3, |s, e| found.push((s - base, e - base))).unwrap();
+        assert_eq!((found.as_slice(), stop), (&[(0, 3 * PAGE_SIZE)][..], base + 3 * PAGE_SIZE));
+        assert_eq!(written(&mut scan, base, 8, false), [3, 4, 5, 6, 7], "only the three were protected");
+        found.clear();
+        let stop =
+            scan.scan_written_upto(stop, end, true, 100, |s, e| found.push((s - base, e - base))).unwrap();
+        assert_eq!((found.as_slice(), stop), (&[(3 * PAGE_SIZE, 8 * PAGE_SIZE)][..], end));
     }
 
     /// The contract async dirty tracking relies on: a page installed writable counts as

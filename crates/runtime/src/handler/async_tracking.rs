@@ -40,6 +40,8 @@ pub(crate) struct AsyncTracker {
     victims: Vec<PageKey>,
     /// Written runs found by a flusher sweep.
     runs: Vec<(usize, usize)>,
+    /// The periodic sweep under way: (region, address to go on from), the next one last.
+    sweep: Vec<(u32, usize)>,
     /// A failed move was reported (once: it repeats for every page shared after a fork).
     move_failure_reported: bool,
 }
@@ -66,6 +68,7 @@ impl AsyncTracker {
             written: Vec::new(),
             victims: Vec::new(),
             runs: Vec::new(),
+            sweep: Vec::new(),
             move_failure_reported: false,
         })
     }
@@ -163,48 +166,84 @@ impl Core {
         moved
     }
 
-    /// Writes back every page of region `only` (or of every region) written since the last
-    /// sweep, whole, and write-protects them again in the same `PAGEMAP_SCAN`.
-    pub(super) fn write_back_written(&mut self, only: Option<u32>) {
-        let mut ids: Vec<u32> =
-            self.regions.keys().copied().filter(|&id| only.is_none_or(|o| o == id)).collect();
-        ids.sort_unstable();
+    /// Writes back pages written since the last sweep, whole, write-protecting them again in
+    /// the same `PAGEMAP_SCAN`: every page of region `only` at once (a flush), or, for the
+    /// periodic flusher, about `limit` pages of the sweep under way (starting one if none
+    /// is). Returns whether the sweep is complete.
+    pub(super) fn write_back_written(&mut self, only: Option<u32>, limit: usize) -> bool {
+        if let Some(id) = only {
+            if let Some(base) = self.regions.get(&id).map(|r| r.base) {
+                self.sweep_region(id, base, usize::MAX);
+            }
+            return true;
+        }
+        let mut sweep = std::mem::take(&mut self.tracker.as_mut().expect("async tracking").sweep);
+        if sweep.is_empty() {
+            sweep.extend(self.regions.iter().map(|(&id, r)| (id, r.base)));
+            sweep.sort_unstable();
+        }
+        let mut left = limit;
+        while let Some(&(id, from)) = sweep.last() {
+            let Some(end) = self.regions.get(&id).map(|r| r.addr(r.pages.len())) else {
+                sweep.pop();
+                continue;
+            };
+            let (stop, sent) = self.sweep_region(id, from, left);
+            if stop >= end {
+                sweep.pop();
+            } else {
+                sweep.last_mut().expect("not empty").1 = stop;
+            }
+            left = left.saturating_sub(sent.max(1));
+            if left == 0 {
+                break;
+            }
+        }
+        let done = sweep.is_empty();
+        self.tracker.as_mut().expect("async tracking").sweep = sweep;
+        done
+    }
+
+    /// Scans region `id` from address `from` for written pages, protecting and writing back
+    /// up to `max_pages` of them. Returns where the scan stopped and how many were sent.
+    fn sweep_region(&mut self, id: u32, from: usize, max_pages: usize) -> (usize, usize) {
+        let region = &self.regions[&id];
+        let (base, end) = (region.base, region.addr(region.pages.len()));
         let tracker = self.tracker.as_mut().expect("async tracking");
         let mut runs = std::mem::take(&mut tracker.runs);
-        // The copy of the page being sent; a slot of the eviction buffer, idle here.
-        let mut copy = std::mem::take(&mut tracker.before);
-        let mut flushed = 0;
-        for id in ids {
-            let region = &self.regions[&id];
-            let (base, end) = (region.base, region.addr(region.pages.len()));
-            runs.clear();
-            let tracker = self.tracker.as_mut().expect("async tracking");
-            let started = Instant::now();
-            let scanned = tracker.scanner.scan_written(base, end, true, |s, e| runs.push((s, e)));
-            self.stats.tracking_scans.fetch_add(1, Relaxed);
-            self.stats.tracking_ns.fetch_add(elapsed_ns(started), Relaxed);
-            if let Err(e) = scanned {
+        runs.clear();
+        let started = Instant::now();
+        let scanned = tracker.scanner.scan_written_upto(from, end, true, max_pages, |s, e| runs.push((s, e)));
+        self.stats.tracking_scans.fetch_add(1, Relaxed);
+        self.stats.tracking_ns.fetch_add(elapsed_ns(started), Relaxed);
+        let stop = match scanned {
+            Ok(stop) => stop,
+            Err(e) => {
                 eprintln!("clustermem: cannot scan region {id} for written pages: {}", chain(&e));
+                end
+            }
+        };
+        // The copy of the page being sent; the first slot of the eviction buffer, idle here.
+        let mut copy = std::mem::take(&mut tracker.before);
+        let mut sent = 0;
+        let pages = runs.iter().flat_map(|&(start, stop)| (start..stop).step_by(PAGE_SIZE));
+        for page in pages.map(|addr| (addr - base) / PAGE_SIZE) {
+            if self.regions[&id].pages[page] & PageState::RESIDENT == 0 {
                 continue;
             }
-            let pages = runs.iter().flat_map(|&(start, stop)| (start..stop).step_by(PAGE_SIZE));
-            for page in pages.map(|addr| (addr - base) / PAGE_SIZE) {
-                if self.regions[&id].pages[page] & PageState::RESIDENT == 0 {
-                    continue;
-                }
-                let addr = base + page * PAGE_SIZE;
-                // SAFETY: the page is resident, so readable. A store racing the copy may tear
-                // it, but that store cleared the protection the scan just set, so the next
-                // sweep sends the page again.
-                unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, copy.as_mut_ptr(), PAGE_SIZE) };
-                self.write_back_data(id, page, &copy[..PAGE_SIZE]);
-                flushed += 1;
-            }
+            let addr = base + page * PAGE_SIZE;
+            // SAFETY: the page is resident, so readable. A store racing the copy may tear it,
+            // but that store cleared the protection the scan just set, so the next sweep
+            // sends the page again.
+            unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, copy.as_mut_ptr(), PAGE_SIZE) };
+            self.write_back_data(id, page, &copy[..PAGE_SIZE]);
+            sent += 1;
         }
         let tracker = self.tracker.as_mut().expect("async tracking");
         tracker.runs = runs;
         tracker.before = copy;
-        self.stats.pages_flushed.fetch_add(flushed, Relaxed);
+        self.stats.pages_flushed.fetch_add(sent as u64, Relaxed);
+        (stop, sent)
     }
 
     /// Drops the pages moved to the staging area (after their write-backs were queued, which
