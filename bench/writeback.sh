@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The write-back and dirty-tracking figures of the README, in one run (root; ~10 minutes on
-# 2 cores at the defaults), printed as a table of medians over REPS interleaved runs:
+# 2 cores at the defaults), printed as a table of medians over REPS interleaved runs (the
+# order of the modes rotates from one repetition to the next):
 #   sparse-write, random, seq-write and quicksort at 25% local memory, each with
 #   sync tracking + line write-back (the default), sync + page, and async + page;
 #   then the cost per written page of each tracking mode: seq-write over a region that fits
@@ -27,8 +28,9 @@ for ((rep = 0; rep < reps; rep++)); do
   for workload in sparse-write random seq-write quicksort; do
     s=$size
     [ $workload = quicksort ] && s=$sort_size
-    for mode in "${modes[@]}"; do
-      set -- $mode
+    # The order rotates each repetition: a run's position in the sequence moves it too.
+    for ((m = 0; m < ${#modes[@]}; m++)); do
+      set -- ${modes[(m + rep) % ${#modes[@]}]}
       run "$workload|$1 $2" $workload --size "$s" --local-mem 25% --dirty-tracking "$1" --writeback "$2"
     done
   done
