@@ -6,7 +6,11 @@
 #   sync tracking + line write-back (the default), sync + page, and async + page;
 #   then the cost per written page of each tracking mode: seq-write over a region that fits
 #   in local memory (every op is a first store to a clean resident page), against plain memory.
-# usage: sudo [SIZE=512M] [SORT_SIZE=128M] [REPS=3] bench/writeback.sh   (JSON=1: every run's JSON)
+# usage: sudo [SIZE=512M] [SORT_SIZE=128M] [REPS=3] [LINK=1gbit] bench/writeback.sh
+#   JSON=1 also prints every run's JSON line.
+#   LINK=RATE puts the memory host in a network namespace of its own, behind a veth pair
+#   shaped to RATE each way (tc tbf, e.g. 1gbit, 10gbit): a network where bytes cost time,
+#   unlike loopback. Without LINK the embedded host is used (loopback TCP).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size=${SIZE:-512M}
@@ -15,13 +19,40 @@ reps=${REPS:-3}
 cargo build --release -q -p clustermem-cli -p clustermem-uffd --examples --bins
 bin=target/release/clustermem
 runs=$(mktemp)
-trap 'rm -f "$runs"' EXIT
+ns=cm-writeback
+cleanup() {
+  rm -f "$runs"
+  if [ -n "${LINK:-}" ]; then
+    ip netns pids $ns 2>/dev/null | xargs -r kill 2>/dev/null || true
+    ip netns del $ns 2>/dev/null || true
+    ip link del cmwb0 2>/dev/null || true
+  fi
+}
+trap cleanup EXIT
+hosts=()
+if [ -n "${LINK:-}" ]; then
+  [ "$(id -u)" -eq 0 ] || { echo "LINK needs root (ip netns, tc)" >&2; exit 1; }
+  ip netns add $ns
+  ip link add cmwb0 type veth peer name cmwb1
+  ip link set cmwb1 netns $ns
+  ip addr add 10.77.0.1/24 dev cmwb0
+  ip link set cmwb0 up
+  ip netns exec $ns ip addr add 10.77.0.2/24 dev cmwb1
+  ip netns exec $ns ip link set cmwb1 up
+  tc qdisc add dev cmwb0 root tbf rate "$LINK" burst 256kb latency 5ms
+  ip netns exec $ns tc qdisc add dev cmwb1 root tbf rate "$LINK" burst 256kb latency 5ms
+  ip netns exec $ns "$bin" host --listen 10.77.0.2:7070 --capacity 8G >/dev/null 2>&1 &
+  for _ in $(seq 50); do "$bin" status --hosts 10.77.0.2:7070 >/dev/null 2>&1 && break; sleep 0.1; done
+  "$bin" status --hosts 10.77.0.2:7070 >/dev/null || { echo "the memory host in $ns did not start" >&2; exit 1; }
+  hosts=(--hosts 10.77.0.2:7070)
+  echo "memory host behind a $LINK veth link (namespace $ns)" >&2
+fi
 # run LABEL BENCH-ARGS...: one measurement, appended as "LABEL<TAB>JSON".
 run() {
   local label=$1
   shift
   echo "running $label: clustermem bench $* --json" >&2
-  printf '%s\t%s\n' "$label" "$($bin bench "$@" --json)" >>"$runs"
+  printf '%s\t%s\n' "$label" "$($bin bench "$@" "${hosts[@]}" --json)" >>"$runs"
 }
 modes=("sync line" "sync page" "async page")
 for ((rep = 0; rep < reps; rep++)); do
