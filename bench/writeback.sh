@@ -92,7 +92,7 @@ for label, rs in by.items():
     sent = med(rs, lambda r: r["bytes_written_back"])
     page = med(rs, lambda r: r["page_granular_bytes"])
     lines = med(rs, lambda r: r["dirty_lines_written"] / max(r["dirty_pages_written"], 1))
-    print(f"| {workload} | {mode} | {statistics.median(us)} ({', '.join(map(str, us))}) | {sent / 1e6:.1f} MB "
+    print(f"| {workload} | {mode} | {round(statistics.median(us), 2)} ({', '.join(map(str, us))}) | {sent / 1e6:.1f} MB "
           f"| {page / 1e6:.1f} MB | {page / max(sent, 1):.1f}x | {lines:.1f} "
           f"| {med(rs, lambda r: r['write_faults']):.0f} | {med(rs, lambda r: r['tracking_s']):.2f} |")
 print()

@@ -168,11 +168,13 @@ struct BenchArgs {
     #[arg(long, value_parser = |s: &str| s.parse::<WritebackMode>())]
     writeback: Option<WritebackMode>,
     /// How written pages are found. sync (default): pages are installed write-protected and
-    /// the first store to each waits for a fault round trip through the handler (a few us),
-    /// which takes the twin line write-back needs. async (Linux 6.8+): the kernel lets the
-    /// first store in by itself (UFFD_FEATURE_WP_ASYNC) and the flusher and eviction find
-    /// written pages with PAGEMAP_SCAN (~0.7 us a call); no twins, so whole-page write-back,
-    /// and each eviction moves its page out (UFFDIO_MOVE, ~1.5 us) so no racing store is lost.
+    /// the first store to each waits for a fault round trip through the handler (~17 us on a
+    /// 2-core VM), which takes the twin line write-back needs. async (Linux 6.8+): the kernel
+    /// lets the first store in by itself (UFFD_FEATURE_WP_ASYNC, ~1 us) and the flusher and
+    /// eviction find written pages with PAGEMAP_SCAN (~1 ms per GiB swept); no twins, so
+    /// whole-page write-back, and evicted pages are moved out (UFFDIO_MOVE) so no racing
+    /// store is lost. Async is faster for dense writers (sorts, sequential writes); sync
+    /// sends 20-40x fewer bytes for sparse ones (see bench/writeback.sh).
     #[arg(long, default_value = "sync", value_parser = |s: &str| s.parse::<DirtyTracking>())]
     dirty_tracking: DirtyTracking,
     /// Line mode: send the whole page when more than this many of its 64 lines changed.

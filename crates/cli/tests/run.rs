@@ -64,41 +64,38 @@ fn maxrss_kb(out: &Output) -> u64 {
         .unwrap_or_else(|| panic!("no maxrss line in {}", stderr(out)))
 }
 
+/// Runs structures.py with `n` plainly and under `clustermem run --local-mem 16M` with
+/// `flags`, checks both succeed with the same output, and returns both runs and the stats.
+fn python_both_ways(tag: &str, n: &str, flags: &[&str]) -> (Output, Output, serde_json::Value) {
+    let script = program("structures.py");
+    let plain = Command::new(python()).args([&script, n]).output().expect("running python3");
+    assert!(plain.status.success(), "plain python3 failed: {}", stderr(&plain));
+    let stats = stats_path(tag);
+    let mut argv = vec!["run", "--local-mem", "16M", "--stats-json", stats.to_str().unwrap()];
+    argv.extend_from_slice(flags);
+    argv.extend_from_slice(&["--", python(), &script, n]);
+    let run = run_with_timeout(&argv, Duration::from_secs(240));
+    assert!(run.status.success(), "under clustermem run: {:?} {}", run.status, stderr(&run));
+    assert_eq!(run.stdout, plain.stdout, "same checksum with and without clustermem");
+    let s = read_stats(&stats);
+    assert_eq!(s["region_errors"].as_array().unwrap().len(), 0, "{s}");
+    (plain, run, s)
+}
+
 /// Python structures ~10x the local limit: the same output as an ordinary run, in much less
 /// resident memory, with the pages really going through the host.
 #[test]
 fn python_structures_larger_than_local_memory_match_an_ordinary_run() {
     require_userfaultfd();
     require_preload_library();
-    let script = program("structures.py");
-    let plain = Command::new(python()).args([&script, "1500000"]).output().expect("running python3");
-    assert!(plain.status.success(), "plain python3 failed: {}", stderr(&plain));
-    let stats = stats_path("python");
-    let run = run_with_timeout(
-        &[
-            "run",
-            "--local-mem",
-            "16M",
-            "--stats-json",
-            stats.to_str().unwrap(),
-            "--",
-            python(),
-            &script,
-            "1500000",
-        ],
-        Duration::from_secs(240),
-    );
-    assert!(run.status.success(), "under clustermem run: {:?} {}", run.status, stderr(&run));
-    assert_eq!(run.stdout, plain.stdout, "same checksum with and without clustermem");
+    let (plain, run, s) = python_both_ways("python", "1500000", &[]);
     let (plain_kb, run_kb) = (maxrss_kb(&plain), maxrss_kb(&run));
     assert!(run_kb * 2 < plain_kb, "peak RSS {run_kb} KiB under clustermem vs {plain_kb} KiB plain");
-    let s = read_stats(&stats);
     assert_eq!(s["exit_code"], 0);
     assert_eq!(s["processes"], 1, "{s}");
     assert!(s["size_bytes"].as_u64().unwrap() > 8 * (16 << 20), "cluster memory used: {s}");
     assert!(s["pages_evicted"].as_u64().unwrap() > 10_000, "{s}");
     assert!(s["bytes_fetched"].as_u64().unwrap() > 0, "{s}");
-    assert_eq!(s["region_errors"].as_array().unwrap().len(), 0, "{s}");
     for field in ["workload", "size_bytes", "local_mem_bytes", "ops", "wall_s", "faults", "fault_p50_us"] {
         assert!(s.get(field).is_some(), "stats lack {field}: {s}");
     }
@@ -111,36 +108,12 @@ fn python_structures_larger_than_local_memory_match_an_ordinary_run() {
 fn python_under_sync_dirty_tracking_matches_an_ordinary_run() {
     require_userfaultfd();
     require_preload_library();
-    let script = program("structures.py");
-    let plain = Command::new(python()).args([&script, "800000"]).output().expect("running python3");
-    assert!(plain.status.success(), "plain python3 failed: {}", stderr(&plain));
-    let stats = stats_path("python-sync");
-    let run = run_with_timeout(
-        &[
-            "run",
-            "--local-mem",
-            "16M",
-            "--dirty-tracking",
-            "sync",
-            "--flush-interval-ms",
-            "50",
-            "--stats-json",
-            stats.to_str().unwrap(),
-            "--",
-            python(),
-            &script,
-            "800000",
-        ],
-        Duration::from_secs(240),
-    );
-    assert!(run.status.success(), "under clustermem run: {:?} {}", run.status, stderr(&run));
-    assert_eq!(run.stdout, plain.stdout, "same checksum with and without clustermem");
-    let s = read_stats(&stats);
+    let flags = ["--dirty-tracking", "sync", "--flush-interval-ms", "50"];
+    let (_, _, s) = python_both_ways("python-sync", "800000", &flags);
     assert!(s["pages_evicted"].as_u64().unwrap() > 5_000, "{s}");
     assert!(s["write_faults"].as_u64().unwrap() > 0, "{s}");
     assert!(s["pages_flushed"].as_u64().unwrap() > 0, "{s}");
     assert_eq!(s["tracking_scans"], 0, "{s}");
-    assert_eq!(s["region_errors"].as_array().unwrap().len(), 0, "{s}");
 }
 
 /// An unmodified program survives a memory host killed under it: replicate:2 over three
