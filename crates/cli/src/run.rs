@@ -122,11 +122,19 @@ fn preload_library() -> Result<PathBuf> {
 /// Runs the program; returns its exit status for ours.
 pub fn run(args: &RunArgs) -> Result<u8> {
     clustermem_runtime::check_userfaultfd()?;
+    let line = args.writeback.as_deref() == Some("line");
     let tracking = match args.dirty_tracking.as_str() {
-        "auto" if clustermem_runtime::async_dirty_tracking_available() => DirtyTracking::Async,
+        // Line write-back needs sync tracking's twins.
+        "auto" if !line && clustermem_runtime::async_dirty_tracking_available() => DirtyTracking::Async,
         "auto" => DirtyTracking::Sync,
         other => other.parse().map_err(anyhow::Error::msg)?,
     };
+    if tracking == DirtyTracking::Async && line {
+        bail!(
+            "--writeback line diffs each page against a twin taken at its first store, which \
+             --dirty-tracking async never sees: use --writeback page with it, or sync tracking"
+        );
+    }
     let lib = preload_library()?;
     if args.local_mem < 4096 {
         bail!("--local-mem {} is less than one page", args.local_mem);
@@ -222,16 +230,25 @@ pub fn run(args: &RunArgs) -> Result<u8> {
         (None, None) => 1,
     };
     if let (Some(path), Some(dir)) = (&args.stats_json, &stats_dir) {
-        let report = merge_stats(dir, args, &hosts, wall, code)?;
+        let facts = RunFacts { hosts: &hosts, tracking, wall_s: wall, exit_code: code };
+        let report = merge_stats(dir, args, &facts)?;
         std::fs::write(path, format!("{report}\n")).with_context(|| format!("writing {}", path.display()))?;
         let _ = std::fs::remove_dir_all(dir);
     }
     Ok(code)
 }
 
+/// What `clustermem run` knows of the run besides its processes' figures.
+struct RunFacts<'a> {
+    hosts: &'a str,
+    tracking: DirtyTracking,
+    wall_s: f64,
+    exit_code: u8,
+}
+
 /// Sums the figures the program's processes wrote at exit into one object with the fields of
 /// `bench --json`. Latency percentiles are those of the process that took the most faults.
-fn merge_stats(dir: &Path, args: &RunArgs, hosts: &str, wall_s: f64, exit_code: u8) -> Result<Value> {
+fn merge_stats(dir: &Path, args: &RunArgs, run: &RunFacts) -> Result<Value> {
     const SUMMED: [&str; 18] = [
         "size_bytes",
         "faults",
@@ -277,14 +294,15 @@ fn merge_stats(dir: &Path, args: &RunArgs, hosts: &str, wall_s: f64, exit_code: 
     totals.insert("command".into(), json!(args.command.join(" ")));
     totals.insert("backend".into(), json!("clustermem"));
     totals.insert("local_mem_bytes".into(), json!(args.local_mem));
-    totals.insert("hosts".into(), json!(hosts.split(',').collect::<Vec<_>>()));
+    totals.insert("hosts".into(), json!(run.hosts.split(',').collect::<Vec<_>>()));
+    totals.insert("dirty_tracking".into(), json!(run.tracking.to_string()));
     totals.insert("embedded_host".into(), json!(args.hosts.is_empty()));
     totals.insert("ops".into(), Value::Null);
-    totals.insert("wall_s".into(), json!(wall_s));
+    totals.insert("wall_s".into(), json!(run.wall_s));
     totals.insert("fault_p50_us".into(), busiest["service_p50_us"].clone());
     totals.insert("fault_p99_us".into(), busiest["service_p99_us"].clone());
     totals.insert("fault_latency_source".into(), json!("handler"));
-    totals.insert("exit_code".into(), json!(exit_code));
+    totals.insert("exit_code".into(), json!(run.exit_code));
     totals.insert("verified".into(), Value::Null);
     totals.insert("region_errors".into(), json!(errors));
     Ok(Value::Object(totals))

@@ -116,6 +116,27 @@ fn python_under_sync_dirty_tracking_matches_an_ordinary_run() {
     assert_eq!(s["tracking_scans"], 0, "{s}");
 }
 
+/// Line write-back needs sync tracking's twins: asking for it with async tracking is refused
+/// before the program starts, and `auto` tracking picks sync when line write-back is asked.
+#[test]
+fn line_write_back_with_async_tracking_is_refused_and_auto_picks_sync() {
+    require_userfaultfd();
+    require_preload_library();
+    let out = run_with_timeout(
+        &["run", "--dirty-tracking", "async", "--writeback", "line", "--", "/bin/true"],
+        Duration::from_secs(60),
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--writeback page"), "{}", stderr(&out));
+    let stats = stats_path("auto-line");
+    let out = run_with_timeout(
+        &["run", "--writeback", "line", "--stats-json", stats.to_str().unwrap(), "--", "/bin/true"],
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(read_stats(&stats)["dirty_tracking"], "sync");
+}
+
 /// An unmodified program survives a memory host killed under it: replicate:2 over three
 /// host processes, one SIGKILLed mid-run; the output matches an ordinary run.
 #[test]

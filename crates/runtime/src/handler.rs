@@ -16,6 +16,11 @@
 //! - `LOST`: its host died; a touch gets `SIGBUS` (poisoned), never a silent zero page.
 //! - `PREFETCHED`: requested or installed by a prefetch, not yet seen in use. A fault on it
 //!   while in flight sets `WANTED`: a thread now waits for it, so it is never abandoned.
+//!
+//! Under async dirty tracking (`async_tracking.rs`) there are no write-protect faults and no
+//! `DIRTY` pages: the kernel records stores, the flusher and eviction ask it with
+//! `PAGEMAP_SCAN`, and eviction moves pages out instead of write-protecting them. (Nor does
+//! the eviction policy or the prefetch accounting see first stores then.)
 
 mod async_tracking;
 mod redundant;
@@ -1165,23 +1170,25 @@ impl Core {
         }
     }
 
-    /// Fills `n` fresh pages from `first` with zeros in one copy, writable and dirty: a
-    /// program writing fresh memory in order (an allocator carving new memory, a buffer being
-    /// filled) would otherwise take a fault per page. Their twins are "all zeros" (no buffer),
-    /// so one never written costs nothing at write-back. Returns false if the copy failed
-    /// (nothing was installed).
+    /// Fills `n` fresh pages from `first` with zeros in one copy, writable and dirty (under
+    /// async tracking: protected, the kernel letting each first store in): a program writing
+    /// fresh memory in order (an allocator carving new memory, a buffer being filled) would
+    /// otherwise take a fault per page. Their twins are "all zeros" (no buffer), so one never
+    /// written costs nothing at write-back. Returns false if the copy failed (nothing was
+    /// installed).
     fn install_zero_run(&mut self, id: u32, first: usize, n: usize) -> bool {
         let Some(region) = self.regions.get_mut(&id) else { return false };
         // Async tracking: protected, so a page never written is not sent (the kernel lets
         // the first store in without us).
-        let tracked = self.tracker.is_none();
-        let copied = self.uffd.copy(region.addr(first), &self.zero_run[..n * PAGE_SIZE], !tracked, true);
+        let sync_tracking = self.tracker.is_none();
+        let copied =
+            self.uffd.copy(region.addr(first), &self.zero_run[..n * PAGE_SIZE], !sync_tracking, true);
         if !matches!(copied, Ok(CopyOutcome::Installed)) {
             return false;
         }
         for page in first..first + n {
             region.pages[page] |= PageState::RESIDENT;
-            if tracked {
+            if sync_tracking {
                 region.pages[page] |= PageState::DIRTY;
                 if self.config.writeback == WritebackMode::Line {
                     region.twins.insert(page, Twin::Zeros);
@@ -1730,6 +1737,7 @@ impl Core {
             }
             let mut run_end = run_start + 1;
             while run_end < keys.len()
+                && run_end - run_start < limit - written
                 && keys[run_end] == keys[run_end - 1] + 1
                 && dirty(unkey(keys[run_end]).1)
                 && (!twinned || region.twins.contains_key(&unkey(keys[run_end]).1))

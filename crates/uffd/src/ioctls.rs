@@ -176,3 +176,4 @@ pub(crate) const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
 pub(crate) const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 pub(crate) const PAGE_IS_WRITTEN: u64 = 1 << 1;
 pub(crate) const PAGE_IS_PRESENT: u64 = 1 << 3;
+pub(crate) const PAGE_IS_SWAPPED: u64 = 1 << 4;

@@ -22,6 +22,9 @@ use thiserror::Error;
 /// The page size this crate assumes (x86-64 and arm64 with 4 KiB pages).
 pub const PAGE_SIZE: usize = 4096;
 
+/// How often a move that found a page migrating (`EAGAIN`, nothing moved) is tried again.
+const MOVE_RETRIES: u32 = 3;
+
 /// Optional userfaultfd features (`UFFD_FEATURE_*`), as the kernel reports and grants them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Features(u64);
@@ -345,15 +348,24 @@ impl Uffd {
         self.check("UFFDIO_WRITEPROTECT", rc, addr, len)
     }
 
-    /// Atomically moves the present pages `src..src + len` to `dst` (missing pages of a
-    /// range registered with this userfaultfd), leaving `src` missing: a thread touching
-    /// `src` afterwards faults to us, and no store can land in a page after it left.
+    /// Atomically moves the pages `src..src + len` to `dst` (missing pages of a range
+    /// registered with this userfaultfd), leaving `src` missing: a thread touching `src`
+    /// afterwards faults to whoever serves it, and no store can land in a page after it left.
     /// Returns how many bytes were moved, from the start, and why the rest were not (e.g.
-    /// `EBUSY` for a page shared with another process after a `fork`). Needs
+    /// `EBUSY` for a page shared with another process after a `fork`). A page caught
+    /// migrating (`EAGAIN` with nothing moved) is tried again a few times. Needs
     /// `UFFD_FEATURE_MOVE` (Linux 6.8+).
-    pub fn move_pages(&self, dst: usize, src: usize, len: usize) -> (usize, Result<(), UffdError>) {
+    ///
+    /// # Safety
+    ///
+    /// `src..src + len` must be memory whose contents the caller owns and whose later faults
+    /// it serves (a range registered on this userfaultfd): the kernel only checks that `src`
+    /// is private anonymous memory of this process, so moving out any other memory would
+    /// leave its users reading zeros.
+    pub unsafe fn move_pages(&self, dst: usize, src: usize, len: usize) -> (usize, Result<(), UffdError>) {
         debug_assert!(dst.is_multiple_of(PAGE_SIZE) && src.is_multiple_of(PAGE_SIZE));
         let mut done = 0;
+        let mut retries = 0;
         while done < len {
             let mut mv = UffdioMove {
                 dst: (dst + done) as u64,
@@ -364,12 +376,23 @@ impl Uffd {
             };
             // SAFETY: `mv` is a valid uffdio_move; the kernel checks that `dst` lies in a
             // range registered with this userfaultfd and that both ranges are private
-            // anonymous memory of this process; nobody waits on a present page, so nobody
-            // needs waking.
+            // anonymous memory of this process; the caller vouches for `src` (see above).
+            // Nobody waits on a present page, so nobody needs waking.
             let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_MOVE as _, &mut mv) };
+            // On failure `moved` holds the bytes moved before it, or a negative errno.
             let moved = usize::try_from(mv.moved).unwrap_or(0);
-            if rc < 0 && !(last_err().raw_os_error() == Some(libc::EAGAIN) && moved > 0) {
-                return (done + moved, self.check("UFFDIO_MOVE", rc, src + done + moved, len - done - moved));
+            if rc < 0 {
+                let again = last_err().raw_os_error() == Some(libc::EAGAIN);
+                if again && moved == 0 && retries < MOVE_RETRIES {
+                    retries += 1;
+                    continue;
+                }
+                if !(again && moved > 0) {
+                    return (
+                        done + moved,
+                        self.check("UFFDIO_MOVE", rc, src + done + moved, len - done - moved),
+                    );
+                }
             }
             if moved == 0 {
                 break;
@@ -466,8 +489,8 @@ impl PagemapScanner {
         Ok(Self { pagemap: File::open("/proc/self/pagemap")?, regions: vec![PageRegion::default(); 512] })
     }
 
-    /// Calls `found(start, end)` for each run of present pages in `[start, end)` written since
-    /// their last protection; with `reprotect`, atomically write-protects them again so the
+    /// Calls `found(start, end)` for each run of pages in `[start, end)` written since their
+    /// last protection (present, or swapped out or migrating since); with `reprotect`, atomically write-protects them again so the
     /// next scan sees only newer writes.
     pub fn scan_written(
         &mut self,
@@ -501,8 +524,12 @@ impl PagemapScanner {
                 vec: self.regions.as_mut_ptr() as u64,
                 vec_len: self.regions.len() as u64,
                 max_pages: if left == usize::MAX { 0 } else { left as u64 },
-                category_mask: PAGE_IS_WRITTEN | PAGE_IS_PRESENT,
-                return_mask: PAGE_IS_WRITTEN | PAGE_IS_PRESENT,
+                // Written, and there: present, or swapped out or migrating (compaction) at
+                // the moment, which is written all the same and must not read as clean.
+                // (Never-populated PTEs count as "written" too; they are not wanted.)
+                category_mask: PAGE_IS_WRITTEN,
+                category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+                return_mask: PAGE_IS_WRITTEN | PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
                 ..PmScanArg::default()
             };
             // SAFETY: `arg` is valid; `vec` points at `vec_len` writable page_regions that
@@ -679,7 +706,8 @@ mod async_tests {
         let mut events = [Event::Other(0); 1];
         assert_eq!(uffd.read_events(&mut events).unwrap(), 0, "no fault reached us");
 
-        let (moved, result) = uffd.move_pages(staging, base, 2 * PAGE_SIZE);
+        // SAFETY: both pages are this test's, registered on `uffd`; it serves the fault below.
+        let (moved, result) = unsafe { uffd.move_pages(staging, base, 2 * PAGE_SIZE) };
         result.unwrap();
         assert_eq!(moved, 2 * PAGE_SIZE);
         // SAFETY: the staging pages were just moved in, present and readable.

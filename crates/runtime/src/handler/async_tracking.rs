@@ -54,8 +54,8 @@ impl AsyncTracker {
             .map_err(|source| RuntimeError::Os { what: "opening /proc/self/pagemap", source })?;
         let staging = AnonMapping::new(STAGING_PAGES * PAGE_SIZE)
             .map_err(|source| RuntimeError::Os { what: "mapping the eviction staging area", source })?;
-        // `UFFDIO_MOVE` wants both ends with the same protection bits, and registering for
-        // write-protect changes them: register the staging area exactly as the regions are.
+        // `UFFDIO_MOVE` wants the destination registered on the same userfaultfd and both
+        // ends with the same access flags and protection: register it as the regions are.
         let mode = RegisterMode { missing: true, write_protect: true };
         // SAFETY: the staging area is this tracker's own mapping, nothing else holds its
         // address; the handler only ever reads pages it moved there itself.
@@ -123,9 +123,10 @@ impl Core {
         if tracker.staged + n > STAGING_PAGES {
             drop_staged(tracker);
         }
-        // SAFETY: the pages are resident (victims), so readable. A store may race the copy
-        // (async tracking lets writers in) and tear it; such a store is caught by the scan
-        // below, and then this copy is not used.
+        // SAFETY: the pages are resident (victims), mapped and readable. Program threads may
+        // store into them meanwhile (async tracking lets writers in): plain memory written
+        // through raw pointers, which a byte copy may see torn. Such a store is caught by the
+        // scan below, and then this copy is not used.
         unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, tracker.before.as_mut_ptr(), len) };
         tracker.written.clear();
         tracker.written.resize(n, false);
@@ -135,7 +136,9 @@ impl Core {
         });
         let slot = tracker.staging.as_ptr() as usize + tracker.staged * PAGE_SIZE;
         let (moved, result) = match scanned {
-            Ok(()) => self.uffd.move_pages(slot, addr, len),
+            // SAFETY: the run is resident pages of a region this handler serves: a touch of
+            // them after the move faults to us as missing, and the page state says to fetch.
+            Ok(()) => unsafe { self.uffd.move_pages(slot, addr, len) },
             Err(e) => (0, Err(e)),
         };
         let moved = moved / PAGE_SIZE;
@@ -144,7 +147,10 @@ impl Core {
             // the child too. It stays until the sharing ends.
             if !std::mem::replace(&mut tracker.move_failure_reported, true) {
                 let at = addr + moved * PAGE_SIZE;
-                eprintln!("clustermem: cannot evict page {at:#x} (pages stay resident): {}", chain(&e));
+                eprintln!(
+                    "clustermem: cannot evict page {at:#x} (it stays resident; said once): {}",
+                    chain(&e)
+                );
             }
         }
         tracker.staged += moved;
@@ -232,9 +238,10 @@ impl Core {
                 continue;
             }
             let addr = base + page * PAGE_SIZE;
-            // SAFETY: the page is resident, so readable. A store racing the copy may tear it,
-            // but that store cleared the protection the scan just set, so the next sweep
-            // sends the page again.
+            // SAFETY: the page is resident, mapped and readable. A program thread's store
+            // racing the copy (plain memory, written through raw pointers) may tear it, but
+            // that store cleared the protection the scan just set, so the next sweep sends
+            // the page again.
             unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, copy.as_mut_ptr(), PAGE_SIZE) };
             self.write_back_data(id, page, &copy[..PAGE_SIZE]);
             sent += 1;
