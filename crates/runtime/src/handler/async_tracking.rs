@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use clustermem_mmap::AnonMapping;
 use clustermem_proto::PAGE_SIZE;
-use clustermem_uffd::{PagemapScanner, RegisterMode, Uffd};
+use clustermem_uffd::{PagemapScanner, RegisterMode, Uffd, UffdError};
 
 use super::{chain, unkey, Core, PageState};
 use crate::policy::PageKey;
@@ -42,8 +42,9 @@ pub(crate) struct AsyncTracker {
     runs: Vec<(usize, usize)>,
     /// The periodic sweep under way: (region, address to go on from), the next one last.
     sweep: Vec<(u32, usize)>,
-    /// A failed move was reported (once: it repeats for every page shared after a fork).
-    move_failure_reported: bool,
+    /// Failures already reported, by operation and errno: each is said once (a move fails
+    /// again for every page shared after a fork, a scan for every sweep round).
+    reported: Vec<(&'static str, Option<i32>)>,
 }
 
 impl AsyncTracker {
@@ -69,8 +70,23 @@ impl AsyncTracker {
             victims: Vec::new(),
             runs: Vec::new(),
             sweep: Vec::new(),
-            move_failure_reported: false,
+            reported: Vec::new(),
         })
+    }
+}
+
+impl AsyncTracker {
+    /// Whether a failure of `op` with `e`'s errno is new (and notes it).
+    fn first_report(&mut self, op: &'static str, e: &UffdError) -> bool {
+        let errno = match e {
+            UffdError::Ioctl { source, .. } => source.raw_os_error(),
+            _ => None,
+        };
+        let new = !self.reported.contains(&(op, errno));
+        if new {
+            self.reported.push((op, errno));
+        }
+        new
     }
 }
 
@@ -145,7 +161,7 @@ impl Core {
         if let Err(e) = result {
             // E.g. EBUSY: a forked child shares the page, and moving it would take it from
             // the child too. It stays until the sharing ends.
-            if !std::mem::replace(&mut tracker.move_failure_reported, true) {
+            if tracker.first_report("evict", &e) {
                 let at = addr + moved * PAGE_SIZE;
                 eprintln!(
                     "clustermem: cannot evict page {at:#x} (it stays resident; said once): {}",
@@ -225,7 +241,12 @@ impl Core {
         let stop = match scanned {
             Ok(stop) => stop,
             Err(e) => {
-                eprintln!("clustermem: cannot scan region {id} for written pages: {}", chain(&e));
+                if tracker.first_report("scan", &e) {
+                    eprintln!(
+                        "clustermem: cannot scan region {id} for written pages (said once): {}",
+                        chain(&e)
+                    );
+                }
                 end
             }
         };
