@@ -104,6 +104,14 @@ impl Core {
                 break;
             }
             victims.sort_unstable();
+            // A page the policy named twice must leave once: moving it again would make this
+            // thread read a page it has just taken out (and fault on its own userfaultfd).
+            victims.dedup();
+            let regions = &self.regions;
+            victims.retain(|&v| {
+                let (id, page) = unkey(v);
+                regions.get(&id).is_some_and(|r| r.pages[page] & PageState::RESIDENT != 0)
+            });
             let mut i = 0;
             while i < victims.len() {
                 let n = 1 + victims[i + 1..]
@@ -151,12 +159,24 @@ impl Core {
             written[(s - addr) / PAGE_SIZE..(e - addr) / PAGE_SIZE].fill(true);
         });
         let slot = tracker.staging.as_ptr() as usize + tracker.staged * PAGE_SIZE;
-        let (moved, result) = match scanned {
+        let (mut moved, mut result) = match scanned {
             // SAFETY: the run is resident pages of a region this handler serves: a touch of
             // them after the move faults to us as missing, and the page state says to fetch.
             Ok(()) => unsafe { self.uffd.move_pages(slot, addr, len) },
             Err(e) => (0, Err(e)),
         };
+        if moved == 0 && is_errno(&result, libc::EEXIST) {
+            // The staging slots are not empty: drop the whole area and try once more.
+            // SAFETY: the staging area is the tracker's own mapping; what it held was copied.
+            unsafe {
+                libc::madvise(tracker.staging.as_ptr().cast(), tracker.staging.len(), libc::MADV_DONTNEED)
+            };
+            tracker.staged = 0;
+            let slot = tracker.staging.as_ptr() as usize;
+            // SAFETY: as above.
+            (moved, result) = unsafe { self.uffd.move_pages(slot, addr, len) };
+        }
+        let slot = tracker.staging.as_ptr() as usize + tracker.staged * PAGE_SIZE;
         let moved = moved / PAGE_SIZE;
         if let Err(e) = result {
             // E.g. EBUSY: a forked child shares the page, and moving it would take it from
@@ -294,6 +314,10 @@ fn drop_staged(tracker: &mut AsyncTracker) {
     };
     debug_assert_eq!(rc, 0);
     tracker.staged = 0;
+}
+
+fn is_errno(result: &Result<(), UffdError>, errno: i32) -> bool {
+    matches!(result, Err(UffdError::Ioctl { source, .. }) if source.raw_os_error() == Some(errno))
 }
 
 fn elapsed_ns(since: Instant) -> u64 {
