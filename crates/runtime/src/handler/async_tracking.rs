@@ -167,11 +167,8 @@ impl Core {
         };
         if moved == 0 && is_errno(&result, libc::EEXIST) {
             // The staging slots are not empty: drop the whole area and try once more.
-            // SAFETY: the staging area is the tracker's own mapping; what it held was copied.
-            unsafe {
-                libc::madvise(tracker.staging.as_ptr().cast(), tracker.staging.len(), libc::MADV_DONTNEED)
-            };
-            tracker.staged = 0;
+            tracker.staged = STAGING_PAGES;
+            drop_staged(tracker);
             let slot = tracker.staging.as_ptr() as usize;
             // SAFETY: as above.
             (moved, result) = unsafe { self.uffd.move_pages(slot, addr, len) };
