@@ -170,8 +170,7 @@ struct BenchArgs {
     /// How written pages are found. sync (default): pages are installed write-protected and
     /// the first store to each waits for a fault round trip through the handler (~17 us on a
     /// 2-core VM), which takes the twin line write-back needs. async (Linux 6.8+): the kernel
-    /// lets the first store in by itself (UFFD_FEATURE_WP_ASYNC, ~1 us; EXPERIMENTAL: a known
-    /// race under concurrent writers can leave a page unevictable) and the flusher and
+    /// lets the first store in by itself (UFFD_FEATURE_WP_ASYNC, ~1 us) and the flusher and
     /// eviction find written pages with PAGEMAP_SCAN (~1 ms per GiB swept); no twins, so
     /// whole-page write-back, and evicted pages are moved out (UFFDIO_MOVE) so no racing
     /// store is lost. Async is faster for dense writers (sorts, sequential writes); sync

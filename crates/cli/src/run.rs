@@ -68,12 +68,13 @@ pub struct RunArgs {
     /// pages (page, the default and only choice with async tracking).
     #[arg(long, value_parser = |s: &str| s.parse::<WritebackMode>().map(|_| s.to_string()))]
     writeback: Option<String>,
-    /// How written pages are found: sync (the default: write-protect faults, a handler round
-    /// trip per first store to a page), async (EXPERIMENTAL, Linux 6.8+: the kernel lets
-    /// stores in and PAGEMAP_SCAN finds them; whole-page write-back; a known race can leave a
-    /// page unevictable and a writer spinning on it), or auto (async where the kernel has it,
-    /// else sync). See `clustermem bench --help`.
-    #[arg(long, default_value = "sync", value_parser = parse_tracking)]
+    /// How written pages are found: auto (the default: async where the kernel has it and
+    /// --writeback line is not asked, else sync), sync (write-protect faults, a handler round
+    /// trip per first store to a page; needed for line write-back) or async (Linux 6.8+: the
+    /// kernel lets stores in and PAGEMAP_SCAN finds them; whole-page write-back). Under `run`
+    /// async was as fast or faster on every program measured (bench/run/compare.sh). See
+    /// `clustermem bench --help`.
+    #[arg(long, default_value = "auto", value_parser = parse_tracking)]
     dirty_tracking: String,
     /// Prefetch along sequential and strided miss streams (auto) or not (off).
     #[arg(long, default_value = "auto", value_parser = |s: &str| s.parse::<PrefetchMode>().map(|_| s.to_string()))]

@@ -209,11 +209,6 @@ impl Runtime {
                         return Err(UffdError::MissingFeature(name).into());
                     }
                 }
-                eprintln!(
-                    "clustermem: async dirty tracking is experimental: under concurrent writers \
-                     a page can end up marked resident with no page mapped, which stops its \
-                     eviction and spins its writer (a known, not yet found bug)"
-                );
                 Features::WP_ASYNC.union(Features::MOVE)
             }
         };

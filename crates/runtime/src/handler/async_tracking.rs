@@ -159,21 +159,13 @@ impl Core {
             written[(s - addr) / PAGE_SIZE..(e - addr) / PAGE_SIZE].fill(true);
         });
         let slot = tracker.staging.as_ptr() as usize + tracker.staged * PAGE_SIZE;
-        let (mut moved, mut result) = match scanned {
+        let (moved, result) = match scanned {
             // SAFETY: the run is resident pages of a region this handler serves: a touch of
             // them after the move faults to us as missing, and the page state says to fetch.
+            // The slots from `staged` on are empty (the area is dropped whole).
             Ok(()) => unsafe { self.uffd.move_pages(slot, addr, len) },
             Err(e) => (0, Err(e)),
         };
-        if moved == 0 && is_errno(&result, libc::EEXIST) {
-            // The staging slots are not empty: drop the whole area and try once more.
-            tracker.staged = STAGING_PAGES;
-            drop_staged(tracker);
-            let slot = tracker.staging.as_ptr() as usize;
-            // SAFETY: as above.
-            (moved, result) = unsafe { self.uffd.move_pages(slot, addr, len) };
-        }
-        let slot = tracker.staging.as_ptr() as usize + tracker.staged * PAGE_SIZE;
         let moved = moved / PAGE_SIZE;
         if let Err(e) = result {
             // E.g. EBUSY: a forked child shares the page, and moving it would take it from
@@ -311,10 +303,6 @@ fn drop_staged(tracker: &mut AsyncTracker) {
     };
     debug_assert_eq!(rc, 0);
     tracker.staged = 0;
-}
-
-fn is_errno(result: &Result<(), UffdError>, errno: i32) -> bool {
-    matches!(result, Err(UffdError::Ioctl { source, .. }) if source.raw_os_error() == Some(errno))
 }
 
 fn elapsed_ns(since: Instant) -> u64 {
