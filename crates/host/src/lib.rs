@@ -49,6 +49,9 @@ use sessions::{Binding, Sessions};
 use store::{Refusal, Slab, Store};
 use thiserror::Error;
 
+/// Buffered replies this large (a page or more) are sent before the next request is read.
+const FLUSH_PAGES_AT: usize = PAGE_SIZE;
+
 /// How long a low-latency connection busy-polls for its next request after a reply.
 const SPIN_WINDOW: Duration = Duration::from_micros(200);
 /// How often blocked threads look at the shutdown flag (and connections at their session's
@@ -366,8 +369,10 @@ fn serve_client(stream: TcpStream, store: &Store, sessions: &Sessions, shutdown:
     let mut out = FrameWriter::new().keep_after_flush(8 << 20);
     let mut last_request = Instant::now();
     loop {
-        // Send replies once the requests already here are answered: one send for a batch.
-        if !out.is_empty() && !reader.has_buffered_frame() {
+        // Send replies once the requests already here are answered (one send for a batch of
+        // small replies), or as soon as they carry pages: a demand read answered ahead of a
+        // prefetch batch must not wait while that batch is copied behind it.
+        if !out.is_empty() && (!reader.has_buffered_frame() || out.len() >= FLUSH_PAGES_AT) {
             if let Err(e) = out.flush_to(reader.stream()) {
                 eprintln!("clustermem host: {peer}: send failed: {e}");
                 break;
