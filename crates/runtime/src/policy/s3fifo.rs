@@ -6,6 +6,7 @@
 //! use (a write fault) since the hand last passed gets another round. One-touch pages of a
 //! scan thus never displace the hot set, which lives in main.
 
+use std::collections::hash_map::Entry as MapEntry;
 use std::collections::VecDeque;
 
 use super::{EvictionPolicy, PageKey, PageMap};
@@ -29,13 +30,11 @@ struct Entry {
 #[derive(Debug)]
 pub struct S3Fifo {
     small_target: usize,
-    ghost_capacity: usize,
     entries: PageMap<PageKey, Entry>,
     small: VecDeque<(PageKey, u64)>,
     main: VecDeque<(PageKey, u64)>,
     small_len: usize,
-    ghost: VecDeque<(PageKey, u64)>,
-    ghost_live: PageMap<PageKey, u64>,
+    ghost: Ghost,
     next_generation: u64,
 }
 
@@ -44,13 +43,11 @@ impl S3Fifo {
     pub fn new(capacity: usize) -> Self {
         Self {
             small_target: (capacity / 10).max(1),
-            ghost_capacity: capacity.max(1),
             entries: PageMap::default(),
             small: VecDeque::new(),
             main: VecDeque::new(),
             small_len: 0,
-            ghost: VecDeque::new(),
-            ghost_live: PageMap::default(),
+            ghost: Ghost::new(capacity.max(1)),
             next_generation: 0,
         }
     }
@@ -68,70 +65,90 @@ impl S3Fifo {
         }
     }
 
-    fn remember(&mut self, page: PageKey) {
-        self.next_generation += 1;
-        self.ghost_live.insert(page, self.next_generation);
-        self.ghost.push_back((page, self.next_generation));
-        while self.ghost_live.len() > self.ghost_capacity {
-            let Some((old, generation)) = self.ghost.pop_front() else { break };
-            if self.ghost_live.get(&old) == Some(&generation) {
-                self.ghost_live.remove(&old);
-            }
-        }
-    }
-
-    /// Pops the next live slot of `queue`.
-    fn pop_live(&mut self, queue: Queue) -> Option<(PageKey, Entry)> {
+    /// Pops slots of `queue` until a live one: a page used since it was queued goes (back)
+    /// to main with one use less; an unused one stops being tracked and is returned
+    /// (remembered in the ghost if it leaves probation). One map lookup per slot: on a
+    /// sequential read every page passes through here.
+    fn evict_from(&mut self, queue: Queue) -> Option<PageKey> {
         loop {
             let (page, generation) = match queue {
                 Queue::Small => self.small.pop_front()?,
                 Queue::Main => self.main.pop_front()?,
             };
-            match self.entries.get(&page) {
-                Some(e) if e.generation == generation && e.queue == queue => {
-                    if queue == Queue::Small {
-                        self.small_len -= 1;
-                    }
-                    return Some((page, *e));
+            let MapEntry::Occupied(mut slot) = self.entries.entry(page) else { continue };
+            let entry = *slot.get();
+            if entry.generation != generation || entry.queue != queue {
+                continue; // A stale slot: the page was removed or queued again since.
+            }
+            if queue == Queue::Small {
+                self.small_len -= 1;
+            }
+            if entry.freq > 0 {
+                self.next_generation += 1;
+                let freq = if queue == Queue::Small { 0 } else { entry.freq - 1 };
+                *slot.get_mut() = Entry { queue: Queue::Main, freq, generation: self.next_generation };
+                self.main.push_back((page, self.next_generation));
+            } else {
+                slot.remove();
+                if queue == Queue::Small {
+                    self.ghost.remember(page);
                 }
-                _ => {}
-            }
-        }
-    }
-
-    fn evict_small(&mut self) -> Option<PageKey> {
-        while let Some((page, entry)) = self.pop_live(Queue::Small) {
-            if entry.freq > 0 {
-                self.push(page, Queue::Main, 0);
-            } else {
-                self.entries.remove(&page);
-                self.remember(page);
                 return Some(page);
             }
         }
-        None
+    }
+}
+
+/// The ghost: pages recently evicted from probation, by key only. A direct-mapped table of
+/// (fingerprint, eviction number) per slot instead of an exact queue and map: one memory
+/// access per eviction and per miss, no removals. A page is in the ghost if its slot still
+/// holds it and fewer than `capacity` pages were remembered since; a newer page hashing to
+/// the same slot makes it forgotten early, which only costs it the fast path to main.
+#[derive(Debug)]
+struct Ghost {
+    /// `fingerprint << 32 | eviction number`; 0 is empty (fingerprints are odd). Twice the
+    /// capacity, rounded up to a power of two, so few remembered pages collide; zeroed
+    /// memory, so a large cache's table costs memory only as it fills.
+    slots: Vec<u64>,
+    capacity: u32,
+    remembered: u32,
+}
+
+impl Ghost {
+    fn new(capacity: usize) -> Self {
+        let capacity = u32::try_from(capacity).unwrap_or(u32::MAX / 4).min(u32::MAX / 4);
+        Self { slots: vec![0; (2 * capacity as usize).next_power_of_two()], capacity, remembered: 0 }
     }
 
-    fn evict_main(&mut self) -> Option<PageKey> {
-        while let Some((page, entry)) = self.pop_live(Queue::Main) {
-            if entry.freq > 0 {
-                self.push(page, Queue::Main, entry.freq - 1);
-            } else {
-                self.entries.remove(&page);
-                return Some(page);
-            }
+    /// The page's slot and its fingerprint (odd, so never 0).
+    fn locate(&self, page: PageKey) -> (usize, u64) {
+        let hash = page.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let slot = (hash >> 32) as usize & (self.slots.len() - 1);
+        (slot, (page ^ page >> 32) & 0xFFFF_FFFF | 1)
+    }
+
+    fn remember(&mut self, page: PageKey) {
+        let (slot, fingerprint) = self.locate(page);
+        self.slots[slot] = fingerprint << 32 | u64::from(self.remembered);
+        self.remembered = self.remembered.wrapping_add(1);
+    }
+
+    /// Whether `page` is remembered; forgets it.
+    fn take(&mut self, page: PageKey) -> bool {
+        let (slot, fingerprint) = self.locate(page);
+        let held = self.slots[slot];
+        let found = held >> 32 == fingerprint && self.remembered.wrapping_sub(held as u32) < self.capacity;
+        if found {
+            self.slots[slot] = 0;
         }
-        None
+        found
     }
 }
 
 impl EvictionPolicy for S3Fifo {
     fn insert(&mut self, page: PageKey) {
-        if self.ghost_live.remove(&page).is_some() {
-            self.push(page, Queue::Main, 0);
-        } else {
-            self.push(page, Queue::Small, 0);
-        }
+        let queue = if self.ghost.take(page) { Queue::Main } else { Queue::Small };
+        self.push(page, queue, 0);
     }
 
     fn touch(&mut self, page: PageKey) {
@@ -142,11 +159,11 @@ impl EvictionPolicy for S3Fifo {
 
     fn evict(&mut self) -> Option<PageKey> {
         if self.small_len >= self.small_target || self.main.is_empty() {
-            if let Some(page) = self.evict_small() {
+            if let Some(page) = self.evict_from(Queue::Small) {
                 return Some(page);
             }
         }
-        self.evict_main().or_else(|| self.evict_small())
+        self.evict_from(Queue::Main).or_else(|| self.evict_from(Queue::Small))
     }
 
     fn remove(&mut self, page: PageKey) {
@@ -191,6 +208,24 @@ mod tests {
         let fifo = conformance::hit_rate(Box::new(Fifo::new()), capacity, &trace);
         let s3 = conformance::hit_rate(Box::new(S3Fifo::new(capacity)), capacity, &trace);
         assert!(s3 > fifo * 1.3, "s3fifo {s3:.3} vs fifo {fifo:.3}");
+    }
+
+    #[test]
+    fn the_ghost_remembers_the_last_capacity_evictions() {
+        let mut ghost = Ghost::new(100);
+        for page in 0..50 {
+            ghost.remember(page);
+        }
+        // A few may have been pushed out by a later page in the same slot; most are there.
+        let found = (0..50).filter(|&p| ghost.take(p)).count();
+        assert!(found >= 40, "{found} of 50 remembered");
+        assert!(!ghost.take(0) && !ghost.take(49), "a page is taken once");
+        assert!(!ghost.take(1 << 40), "never evicted");
+        ghost.remember(7);
+        for page in 1000..1100 {
+            ghost.remember(page);
+        }
+        assert!(!ghost.take(7), "100 later evictions make it forgotten");
     }
 
     #[test]
