@@ -8,6 +8,8 @@ mod run;
 mod size;
 mod status;
 
+use std::io::{BufRead, Write};
+use std::os::unix::process::CommandExt;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -16,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use clustermem_bench::{Backend, BenchOptions, BenchReport, Workload};
 use clustermem_host::MemoryHost;
-use clustermem_runtime::{DirtyTracking, PolicyKind, PrefetchMode, Redundancy, WritebackMode};
+use clustermem_runtime::{DirtyTracking, PolicyKind, PrefetchMode, Redundancy, RuntimeConfig, WritebackMode};
 use size::{parse_size, parse_size_or_percent};
 
 #[derive(Parser, Debug)]
@@ -97,6 +99,10 @@ struct HostArgs {
     /// of a session another live connection holds closes that connection and adopts its slabs.
     #[arg(long, default_value = "30s", value_parser = duration::parse_duration)]
     orphan_grace: Duration,
+    /// For a parent that started this host (bench's embedded host): print the address
+    /// listened on as the first line of stdout instead of the banner on stderr.
+    #[arg(long, hide = true)]
+    announce: bool,
 }
 
 /// What `bench` runs: a region workload, or transactions on a persistent pool.
@@ -249,6 +255,11 @@ fn run_host(args: &HostArgs) -> Result<()> {
         }
         flag.store(true, Ordering::Release);
     });
+    if args.announce {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{}", host.local_addr()).and_then(|()| out.flush())?;
+        return Ok(host.serve()?);
+    }
     eprintln!(
         "clustermem host: serving {} on {} (SIGINT/SIGTERM to stop)",
         human_bytes(args.capacity),
@@ -257,6 +268,56 @@ fn run_host(args: &HostArgs) -> Result<()> {
     host.serve()?;
     eprintln!("clustermem host: stopped");
     Ok(())
+}
+
+/// The embedded memory host of `bench`: this binary's `host` command in a child process on
+/// loopback, so that, like a real remote host, it shares no address space with the runtime
+/// (in-process, every eviction's TLB shootdown interrupted it too: ~3 us more per fault in
+/// low-latency mode). Stopped when dropped; killed by the kernel if we die first.
+struct ChildHost {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl ChildHost {
+    fn start(capacity: u64) -> Result<Self> {
+        let exe = std::env::current_exe().context("finding this program to start the embedded host")?;
+        let mut cmd = std::process::Command::new(exe);
+        cmd.args(["host", "--listen", "127.0.0.1:0", "--announce"])
+            .arg("--capacity")
+            .arg(capacity.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped());
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent's.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().context("starting the embedded memory host")?;
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("piped");
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .context("reading the embedded host's address")?;
+        let addr = line.trim().to_string();
+        if addr.is_empty() {
+            let status = child.wait()?;
+            bail!("the embedded memory host exited ({status}) before listening");
+        }
+        Ok(Self { child, addr })
+    }
+}
+
+impl Drop for ChildHost {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid, which is not reaped until the wait below.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
 }
 
 fn run_bench(args: &BenchArgs) -> Result<bool> {
@@ -272,11 +333,16 @@ fn run_bench(args: &BenchArgs) -> Result<bool> {
         clustermem_runtime::check_userfaultfd()?;
         install_handler(libc::SIGBUS, on_sigbus);
     }
+    let embedded = if args.backend == Backend::Clustermem && args.hosts.is_empty() {
+        Some(ChildHost::start(RuntimeConfig::default().embedded_capacity_bytes)?)
+    } else {
+        None
+    };
     let opts = BenchOptions {
         workload,
         size_bytes: args.size,
         local_mem_bytes: local_mem,
-        hosts: args.hosts.clone(),
+        hosts: embedded.as_ref().map_or_else(|| args.hosts.clone(), |h| vec![h.addr.clone()]),
         ops: args.ops,
         threads: args.threads,
         low_latency: args.low_latency,
@@ -297,7 +363,8 @@ fn run_bench(args: &BenchArgs) -> Result<bool> {
         prefetch_deadline: Duration::from_micros(args.prefetch_deadline_us),
         redundancy: args.redundancy,
     };
-    let report = clustermem_bench::run(&opts).context("benchmark failed")?;
+    let mut report = clustermem_bench::run(&opts).context("benchmark failed")?;
+    report.embedded_host = embedded.is_some();
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

@@ -34,6 +34,44 @@ fn every_workload_verifies_against_the_embedded_host() {
     }
 }
 
+/// The embedded host of `bench` is a child process (so it shares no address space with the
+/// runtime, like a real host): it serves the run, and a bench killed with SIGKILL leaves no
+/// host behind.
+#[test]
+fn the_embedded_host_is_a_child_that_dies_with_bench() {
+    require_userfaultfd();
+    let mut bench = std::process::Command::new(common::bin())
+        .args(["bench", "random", "--size", "256M", "--local-mem", "25%", "--ops", "100000000"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let children = || -> Vec<u32> {
+        let list = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", bench.id()));
+        list.unwrap_or_default().split_whitespace().map(|p| p.parse().unwrap()).collect()
+    };
+    let started = std::time::Instant::now();
+    while children().is_empty() && started.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let host = *children().first().expect("bench started a child host");
+    let cmdline = std::fs::read_to_string(format!("/proc/{host}/cmdline")).unwrap().replace('\0', " ");
+    assert!(cmdline.contains("host --listen 127.0.0.1:0"), "{cmdline}");
+    bench.kill().unwrap();
+    bench.wait().unwrap();
+    // Dead once the kernel's parent-death signal killed it: gone, or a zombie awaiting a
+    // reaper (a container's first process may not reap).
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{host}/stat"))
+            .is_ok_and(|stat| stat.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+    };
+    let killed = std::time::Instant::now();
+    while alive() {
+        assert!(killed.elapsed() < Duration::from_secs(10), "host {host} outlived its bench");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn bench_uses_remote_hosts_and_threads() {
     require_userfaultfd();
