@@ -59,9 +59,12 @@ pub struct RunArgs {
     #[arg(long)]
     low_latency: bool,
     /// Write dirty pages back at least this often, in milliseconds (0, the default: only on
-    /// eviction). Under sync tracking a flush write-protects the pages it writes back, so a
-    /// program that keeps writing them takes a fault per page per flush: redis SET ran at 25 K
-    /// requests/s with 100 ms and 105 K with 0 here (async tracking takes no such faults).
+    /// eviction: the host copies of a program's memory serve only its own process, so a
+    /// flush buys little more than cheaper evictions later). Each flush writes back every page written
+    /// since the last: under sync tracking it also write-protects them, so a program that
+    /// keeps writing them takes a fault per page per flush (redis SET: 25 K requests/s with
+    /// 100 ms, 105 K with 0); under async tracking it sends them whole (redis SET: 69 K with
+    /// 100 ms against 76-84 K with 0, bench/run/compare.sh).
     #[arg(long, default_value_t = 0)]
     flush_interval_ms: u64,
     /// Write back changed 64-byte lines (line, the default with sync tracking) or whole
@@ -71,9 +74,9 @@ pub struct RunArgs {
     /// How written pages are found: auto (the default: async where the kernel has it and
     /// --writeback line is not asked, else sync), sync (write-protect faults, a handler round
     /// trip per first store to a page; needed for line write-back) or async (Linux 6.8+: the
-    /// kernel lets stores in and PAGEMAP_SCAN finds them; whole-page write-back). Under `run`
-    /// async was as fast or faster on every program measured (bench/run/compare.sh). See
-    /// `clustermem bench --help`.
+    /// kernel lets stores in and PAGEMAP_SCAN finds them; whole-page write-back). Under
+    /// `run` async was ahead on python and level on redis, in less memory
+    /// (bench/run/compare.sh). See `clustermem bench --help`.
     #[arg(long, default_value = "auto", value_parser = parse_tracking)]
     dirty_tracking: String,
     /// Prefetch along sequential and strided miss streams (auto) or not (off).
