@@ -755,4 +755,33 @@ mod async_tests {
         uffd.copy(base, &vec![5u8; PAGE_SIZE], true, true).unwrap();
         assert_eq!(reader.join().unwrap(), 5);
     }
+
+    /// A move onto a destination page that is really there is refused (`EEXIST`) and not
+    /// taken for one the kernel made (the check for its misreports needs the source gone).
+    #[test]
+    fn a_move_onto_an_occupied_page_is_refused() {
+        let wanted = Features::MOVE;
+        let uffd = Uffd::open(wanted).unwrap_or_else(|e| panic!("Linux 6.8+ userfaultfd is needed: {e}"));
+        let missing = RegisterMode { missing: true, write_protect: false };
+        let (base, staging) = (map(2 * PAGE_SIZE), map(2 * PAGE_SIZE));
+        // SAFETY: both mappings are ours and every page touched below is installed first.
+        unsafe { uffd.register(base, 2 * PAGE_SIZE, missing) }.unwrap();
+        // SAFETY: as above.
+        unsafe { uffd.register(staging, 2 * PAGE_SIZE, missing) }.unwrap();
+        uffd.copy(base, &vec![1u8; 2 * PAGE_SIZE], false, true).unwrap();
+        uffd.copy(staging + PAGE_SIZE, &vec![7u8; PAGE_SIZE], false, true).unwrap();
+        // SAFETY: the source pages are this test's, installed above.
+        let (moved, result) = unsafe { uffd.move_pages(staging, base, 2 * PAGE_SIZE) };
+        assert_eq!(moved, PAGE_SIZE, "the first page moved, the second found its slot taken");
+        let Err(UffdError::Ioctl { source, addr, .. }) = result else { panic!("{result:?}") };
+        assert_eq!((source.raw_os_error(), addr), (Some(libc::EEXIST), base + PAGE_SIZE));
+        // SAFETY: both pages are present (the second was not moved).
+        let (left, there) = unsafe {
+            (
+                std::ptr::read_volatile((base + PAGE_SIZE) as *const u8),
+                std::ptr::read_volatile((staging + PAGE_SIZE) as *const u8),
+            )
+        };
+        assert_eq!((left, there), (1, 7));
+    }
 }
