@@ -272,7 +272,7 @@ fn run_host(args: &HostArgs) -> Result<()> {
 
 /// The embedded memory host of `bench`: this binary's `host` command in a child process on
 /// loopback, so that, like a real remote host, it shares no address space with the runtime
-/// (in-process, every eviction's TLB shootdown interrupted it too: ~3 us more per fault in
+/// (in-process, every eviction's TLB shootdown interrupted it too: ~5 us more per fault in
 /// low-latency mode). Stopped when dropped; killed by the kernel if we die first.
 struct ChildHost {
     child: std::process::Child,
@@ -281,41 +281,59 @@ struct ChildHost {
 
 impl ChildHost {
     fn start(capacity: u64) -> Result<Self> {
-        let exe = std::env::current_exe().context("finding this program to start the embedded host")?;
-        let mut cmd = std::process::Command::new(exe);
+        // This very binary, even if its file was replaced since it started.
+        let mut cmd = std::process::Command::new("/proc/self/exe");
         cmd.args(["host", "--listen", "127.0.0.1:0", "--announce"])
             .arg("--capacity")
             .arg(capacity.to_string())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped());
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent's.
+        let parent = std::process::id();
+        // SAFETY: the closure only calls prctl and getppid (async-signal-safe) and builds an
+        // io::Error from a raw errno, which does not allocate.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
+                // Killed when the thread that spawned it (main, here) exits; if the parent
+                // died before this point, the signal would never come: give up instead.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() as u32 != parent {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                 }
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().context("starting the embedded memory host")?;
-        let mut line = String::new();
-        let stdout = child.stdout.take().expect("piped");
+        let child = cmd.spawn().context("starting the embedded memory host")?;
+        // From here on, dropping `host` stops the child, on every error path too.
+        let mut host = Self { child, addr: String::new() };
+        let stdout = host.child.stdout.take().expect("piped");
+        // The host writes nothing else to stdout (its messages go to stderr), so the pipe
+        // may close after this line.
         std::io::BufReader::new(stdout)
-            .read_line(&mut line)
+            .read_line(&mut host.addr)
             .context("reading the embedded host's address")?;
-        let addr = line.trim().to_string();
-        if addr.is_empty() {
-            let status = child.wait()?;
-            bail!("the embedded memory host exited ({status}) before listening");
+        host.addr = host.addr.trim().to_string();
+        if host.addr.is_empty() {
+            bail!("the embedded memory host exited before listening (see its message above)");
         }
-        Ok(Self { child, addr })
+        Ok(host)
     }
 }
 
 impl Drop for ChildHost {
     fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's pid, which is not reaped until the wait below.
+        // SAFETY: kill(2) on our own child's pid, which is not reaped until a wait below.
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let asked = std::time::Instant::now();
+        while matches!(self.child.try_wait(), Ok(None)) {
+            if asked.elapsed() > Duration::from_secs(3) {
+                // Stuck (e.g. a send to a client that stopped reading): no more waiting.
+                let _ = self.child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.child.wait();
     }
 }

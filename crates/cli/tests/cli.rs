@@ -50,13 +50,19 @@ fn the_embedded_host_is_a_child_that_dies_with_bench() {
         let list = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", bench.id()));
         list.unwrap_or_default().split_whitespace().map(|p| p.parse().unwrap()).collect()
     };
+    let cmdline = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default().replace('\0', " ")
+    };
+    // The child shows bench's command line until it has exec'd.
     let started = std::time::Instant::now();
-    while children().is_empty() && started.elapsed() < Duration::from_secs(30) {
+    let host = loop {
+        if let Some(&pid) = children().iter().find(|&&pid| cmdline(pid).contains("host --listen 127.0.0.1:0"))
+        {
+            break pid;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no child host appeared under bench");
         std::thread::sleep(Duration::from_millis(20));
-    }
-    let host = *children().first().expect("bench started a child host");
-    let cmdline = std::fs::read_to_string(format!("/proc/{host}/cmdline")).unwrap().replace('\0', " ");
-    assert!(cmdline.contains("host --listen 127.0.0.1:0"), "{cmdline}");
+    };
     bench.kill().unwrap();
     bench.wait().unwrap();
     // Dead once the kernel's parent-death signal killed it: gone, or a zombie awaiting a

@@ -178,6 +178,20 @@ fn redirtied_pages_survive(dirty_tracking: DirtyTracking, writeback: WritebackMo
     use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
     require_userfaultfd();
     let a = HostProcess::start("64M");
+    // A writer stuck on a page the runtime cannot serve would hang the test (and CI) for
+    // good: it takes ~2 s, so if it is not over in 120 s the process stops with the reason,
+    // and the host process with it. (`_done`, declared before the runtime, is dropped after
+    // it, so its teardown is watched too; that ends the watchdog.)
+    let (_done, over) = std::sync::mpsc::channel::<()>();
+    let host_pid = a.child.id();
+    std::thread::spawn(move || {
+        if over.recv_timeout(Duration::from_secs(120)) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+            eprintln!("redirtied_pages_survive: writers stuck for 120 s (a page the runtime cannot serve)");
+            // SAFETY: kill(2) on the host process this test started.
+            unsafe { libc::kill(host_pid as libc::pid_t, libc::SIGKILL) };
+            std::process::exit(101);
+        }
+    });
     let rt = Runtime::start(RuntimeConfig {
         hosts: vec![a.addr.clone()],
         local_mem_bytes: 1 << 20,
@@ -190,16 +204,6 @@ fn redirtied_pages_survive(dirty_tracking: DirtyTracking, writeback: WritebackMo
     .unwrap();
     let region = rt.map(4 << 20).unwrap();
     let words = region.as_atomic_u64s();
-    // A writer stuck on a page the runtime cannot serve would hang the test (and CI) for
-    // good: it takes ~2 s, so if it is not over in 120 s the process stops with the reason.
-    // (`_done` is dropped when this function returns or panics, which ends the watchdog.)
-    let (_done, over) = std::sync::mpsc::channel::<()>();
-    std::thread::spawn(move || {
-        if over.recv_timeout(Duration::from_secs(120)) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
-            eprintln!("redirtied_pages_survive: writers stuck for 120 s (a page the runtime cannot serve)");
-            std::process::exit(101);
-        }
-    });
     let threads = 4;
     let shadow: Vec<AtomicU64> = (0..words.len()).map(|_| AtomicU64::new(0)).collect();
     std::thread::scope(|s| {

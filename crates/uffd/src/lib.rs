@@ -178,14 +178,14 @@ fn ioctl_error(op: &'static str, addr: usize, len: usize, source: io::Error) -> 
     }
 }
 
-/// Whether the page at `addr` is mapped in this process (`mincore`: for private anonymous
-/// memory, whether a page is present; false on any error).
-fn page_mapped(addr: usize) -> bool {
-    let mut vec = 0u8;
-    // SAFETY: mincore only reads this process's page tables and writes one byte per page
-    // into `vec`, which is valid for the one page asked about.
-    let rc = unsafe { libc::mincore(addr as *mut libc::c_void, PAGE_SIZE, &mut vec) };
-    rc == 0 && vec & 1 != 0
+/// Whether the page at `addr` is populated in this process: present or swapped out
+/// (`/proc/self/pagemap` bits 63 and 62; `mincore` would miss a page swapped out). None if
+/// the pagemap cannot be read.
+fn page_populated(pagemap: &File, addr: usize) -> Option<bool> {
+    use std::os::unix::fs::FileExt;
+    let mut entry = [0u8; 8];
+    pagemap.read_exact_at(&mut entry, (addr / PAGE_SIZE * 8) as u64).ok()?;
+    Some(u64::from_le_bytes(entry) >> 62 != 0)
 }
 
 /// Opens a raw userfaultfd: `/dev/userfaultfd` first (permission by file mode), then the
@@ -373,7 +373,8 @@ impl Uffd {
     /// seen (4 times in 40 runs of a stress test with writers storing into the pages being
     /// moved) to move a page, then fail with `EEXIST` for it, the page gone from `src` and
     /// present at `dst`. Since `dst` was empty, a page now absent at the source and present
-    /// at the destination can only have been moved.
+    /// (or swapped out) at the destination can only have been moved (`/proc/self/pagemap`
+    /// tells, read only on this error path).
     ///
     /// # Safety
     ///
@@ -411,10 +412,15 @@ impl Uffd {
                 }
                 let at = done + moved;
                 if errno == Some(libc::EEXIST) {
-                    let made = (at..len)
-                        .step_by(PAGE_SIZE)
-                        .take_while(|&o| !page_mapped(src + o) && page_mapped(dst + o))
-                        .count();
+                    let made = File::open("/proc/self/pagemap").map_or(0, |pagemap| {
+                        let populated = |a| page_populated(&pagemap, a);
+                        (at..len)
+                            .step_by(PAGE_SIZE)
+                            .take_while(|&o| {
+                                populated(src + o) == Some(false) && populated(dst + o) == Some(true)
+                            })
+                            .count()
+                    });
                     if made > 0 {
                         done = at + made * PAGE_SIZE;
                         continue;

@@ -159,13 +159,23 @@ impl Core {
             written[(s - addr) / PAGE_SIZE..(e - addr) / PAGE_SIZE].fill(true);
         });
         let slot = tracker.staging.as_ptr() as usize + tracker.staged * PAGE_SIZE;
-        let (moved, result) = match scanned {
+        let (mut moved, mut result) = match scanned {
             // SAFETY: the run is resident pages of a region this handler serves: a touch of
             // them after the move faults to us as missing, and the page state says to fetch.
-            // The slots from `staged` on are empty (the area is dropped whole).
+            // The slots from `staged` on have not been filled since the area was last dropped.
             Ok(()) => unsafe { self.uffd.move_pages(slot, addr, len) },
             Err(e) => (0, Err(e)),
         };
+        if moved == 0 && is_errno(&result, libc::EEXIST) {
+            // A slot is taken though none should be, and the victim is still in place (a
+            // page the kernel moved anyway is counted by `move_pages`): drop every slot,
+            // whose pages were all written back already, and try once more from the first.
+            tracker.staged = STAGING_PAGES;
+            drop_staged(tracker);
+            // SAFETY: as above; the whole area is empty now.
+            (moved, result) = unsafe { self.uffd.move_pages(tracker.staging.as_ptr() as usize, addr, len) };
+        }
+        let slot = tracker.staging.as_ptr() as usize + tracker.staged * PAGE_SIZE;
         let moved = moved / PAGE_SIZE;
         if let Err(e) = result {
             // E.g. EBUSY: a forked child shares the page, and moving it would take it from
@@ -303,6 +313,10 @@ fn drop_staged(tracker: &mut AsyncTracker) {
     };
     debug_assert_eq!(rc, 0);
     tracker.staged = 0;
+}
+
+fn is_errno(result: &Result<(), UffdError>, errno: i32) -> bool {
+    matches!(result, Err(UffdError::Ioctl { source, .. }) if source.raw_os_error() == Some(errno))
 }
 
 fn elapsed_ns(since: Instant) -> u64 {

@@ -137,7 +137,8 @@ impl Ghost {
     fn take(&mut self, page: PageKey) -> bool {
         let (slot, fingerprint) = self.locate(page);
         let held = self.slots[slot];
-        let found = held >> 32 == fingerprint && self.remembered.wrapping_sub(held as u32) < self.capacity;
+        // Remembered as number n, with k pages remembered after it: `remembered` is n + k + 1.
+        let found = held >> 32 == fingerprint && self.remembered.wrapping_sub(held as u32) <= self.capacity;
         if found {
             self.slots[slot] = 0;
         }
@@ -222,10 +223,18 @@ mod tests {
         assert!(!ghost.take(0) && !ghost.take(49), "a page is taken once");
         assert!(!ghost.take(1 << 40), "never evicted");
         ghost.remember(7);
-        for page in 1000..1100 {
+        for page in 1000..1099 {
+            ghost.remember(page);
+        }
+        assert!(ghost.take(7), "kept through 99 later evictions");
+        ghost.remember(7);
+        for page in 2000..2100 {
             ghost.remember(page);
         }
         assert!(!ghost.take(7), "100 later evictions make it forgotten");
+        let mut one = Ghost::new(1);
+        one.remember(3);
+        assert!(one.take(3), "a ghost of one holds the last page");
     }
 
     #[test]
