@@ -60,9 +60,9 @@ pub struct RunArgs {
     low_latency: bool,
     /// Write dirty pages back at least this often, in milliseconds (0, the default: only on
     /// eviction: the host copies of a program's memory serve only its own process, so a
-    /// flush buys little more than cheaper evictions later). Each flush writes back every page written
-    /// since the last: under sync tracking it also write-protects them, so a program that
-    /// keeps writing them takes a fault per page per flush (redis SET: 25 K requests/s with
+    /// flush buys little more than cheaper evictions later). Each flush writes back every
+    /// page written since the last: under sync tracking it also write-protects them, so a
+    /// program that keeps writing them takes a fault per page per flush (redis SET: 25 K requests/s with
     /// 100 ms, 105 K with 0); under async tracking it sends them whole (redis SET: 69 K with
     /// 100 ms against 76-84 K with 0, bench/run/compare.sh).
     #[arg(long, default_value_t = 0)]

@@ -139,7 +139,7 @@ fn print_table(rows: &[HostRow]) {
         ]);
     }
     let widths: Vec<usize> =
-        (0..9).map(|c| table.iter().map(|row| row[c].len()).max().unwrap_or(0)).collect();
+        (0..table[0].len()).map(|c| table.iter().map(|row| row[c].len()).max().unwrap_or(0)).collect();
     for row in &table {
         let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, &w)| format!("{cell:<w$}")).collect();
         println!("{}", cells.join("  ").trim_end());

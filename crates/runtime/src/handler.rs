@@ -1726,11 +1726,13 @@ impl Core {
                 region.pages[p] & (PageState::DIRTY | PageState::RESIDENT)
                     == (PageState::DIRTY | PageState::RESIDENT)
             };
+            // Asked for: with `twinned`, only the pages holding a twin.
+            let wanted = |p: usize| !twinned || region.twins.contains_key(&p);
             if !dirty(first) {
                 run_start += 1;
                 continue;
             }
-            if twinned && !region.twins.contains_key(&first) {
+            if !wanted(first) {
                 keep.push(keys[run_start]);
                 run_start += 1;
                 continue;
@@ -1740,7 +1742,7 @@ impl Core {
                 && run_end - run_start < limit - written
                 && keys[run_end] == keys[run_end - 1] + 1
                 && dirty(unkey(keys[run_end]).1)
-                && (!twinned || region.twins.contains_key(&unkey(keys[run_end]).1))
+                && wanted(unkey(keys[run_end]).1)
             {
                 run_end += 1;
             }

@@ -122,6 +122,16 @@ pub enum UffdError {
     Read(#[source] io::Error),
 }
 
+impl UffdError {
+    /// The errno of a failed ioctl on a registered range (`Ioctl`), else None.
+    pub fn ioctl_errno(&self) -> Option<i32> {
+        match self {
+            Self::Ioctl { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
 /// Which faults a registered range reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RegisterMode {
@@ -448,9 +458,7 @@ impl Uffd {
         // unsafe `register`, and poisoning only fills missing PTEs with markers.
         let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_POISON as _, &mut poison) };
         match self.check("UFFDIO_POISON", rc, addr, len) {
-            Err(UffdError::Ioctl { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {
-                self.wake(addr, len)
-            }
+            Err(e) if e.ioctl_errno() == Some(libc::EEXIST) => self.wake(addr, len),
             other => other,
         }
     }
@@ -526,8 +534,8 @@ impl PagemapScanner {
     }
 
     /// Calls `found(start, end)` for each run of pages in `[start, end)` written since their
-    /// last protection (present, or swapped out or migrating since); with `reprotect`, atomically write-protects them again so the
-    /// next scan sees only newer writes.
+    /// last protection (present, or swapped out or migrating since); with `reprotect`,
+    /// atomically write-protects them again so the next scan sees only newer writes.
     pub fn scan_written(
         &mut self,
         start: usize,

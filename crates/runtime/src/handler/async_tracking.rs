@@ -73,15 +73,10 @@ impl AsyncTracker {
             reported: Vec::new(),
         })
     }
-}
 
-impl AsyncTracker {
     /// Whether a failure of `op` with `e`'s errno is new (and notes it).
     fn first_report(&mut self, op: &'static str, e: &UffdError) -> bool {
-        let errno = match e {
-            UffdError::Ioctl { source, .. } => source.raw_os_error(),
-            _ => None,
-        };
+        let errno = e.ioctl_errno();
         let new = !self.reported.contains(&(op, errno));
         if new {
             self.reported.push((op, errno));
@@ -166,7 +161,7 @@ impl Core {
             Ok(()) => unsafe { self.uffd.move_pages(slot, addr, len) },
             Err(e) => (0, Err(e)),
         };
-        if moved == 0 && is_errno(&result, libc::EEXIST) {
+        if moved == 0 && result.as_ref().err().and_then(UffdError::ioctl_errno) == Some(libc::EEXIST) {
             // A slot is taken though none should be, and the victim is still in place (a
             // page the kernel moved anyway is counted by `move_pages`): drop every slot,
             // whose pages were all written back already, and try once more from the first.
@@ -313,10 +308,6 @@ fn drop_staged(tracker: &mut AsyncTracker) {
     };
     debug_assert_eq!(rc, 0);
     tracker.staged = 0;
-}
-
-fn is_errno(result: &Result<(), UffdError>, errno: i32) -> bool {
-    matches!(result, Err(UffdError::Ioctl { source, .. }) if source.raw_os_error() == Some(errno))
 }
 
 fn elapsed_ns(since: Instant) -> u64 {

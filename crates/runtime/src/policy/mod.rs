@@ -21,6 +21,9 @@ pub use s3fifo::S3Fifo;
 /// A page, as policies see it: `region_id << 40 | page_index`.
 pub type PageKey = u64;
 
+/// Fibonacci hashing's multiplier (2^64 / golden ratio), shared by the policies' hashes.
+pub(crate) const FIBONACCI: u64 = 0x9E37_79B9_7F4A_7C15;
+
 /// Hashes page numbers with one multiplication. The keys are our own page numbers (no
 /// adversary to defend against), and SipHash was ~10% of the handler's time on a sequential
 /// read, where every page goes through the policy's maps twice.
@@ -39,9 +42,9 @@ impl std::hash::Hasher for PageHasher {
     }
 
     fn write_u64(&mut self, n: u64) {
-        // Fibonacci hashing: the product's high bits (the table's tag) are well mixed, and
-        // its low bits (the bucket) are a bijection of the key's, so adjacent pages spread.
-        self.0 = (self.0.rotate_left(26) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        // The product's high bits (the table's tag) are well mixed, and its low bits (the
+        // bucket) are a bijection of the key's, so adjacent pages spread.
+        self.0 = (self.0.rotate_left(26) ^ n).wrapping_mul(FIBONACCI);
     }
 
     fn write_usize(&mut self, n: usize) {

@@ -9,7 +9,7 @@
 use std::collections::hash_map::Entry as MapEntry;
 use std::collections::VecDeque;
 
-use super::{EvictionPolicy, PageKey, PageMap};
+use super::{EvictionPolicy, PageKey, PageMap, FIBONACCI};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Queue {
@@ -122,7 +122,7 @@ impl Ghost {
 
     /// The page's slot and its fingerprint (odd, so never 0).
     fn locate(&self, page: PageKey) -> (usize, u64) {
-        let hash = page.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let hash = page.wrapping_mul(FIBONACCI);
         let slot = (hash >> 32) as usize & (self.slots.len() - 1);
         (slot, (page ^ page >> 32) & 0xFFFF_FFFF | 1)
     }
