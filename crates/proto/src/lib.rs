@@ -17,7 +17,10 @@
 
 mod message;
 
-pub use message::{encode_write_lines_prefix, ErrorCode, HostStats, Message, HELLO_LOW_LATENCY};
+pub use message::{
+    encode_write_lines_prefix, ErrorCode, HostStats, Message, FEATURE_CHASE_POINTERS, HELLO_ASKS_FEATURES,
+    HELLO_LOW_LATENCY, MAX_CHASE_HOPS,
+};
 
 use thiserror::Error;
 
@@ -217,7 +220,8 @@ mod tests {
         let page = vec![7u8; PAGE_SIZE];
         let lines = vec![9u8; 3 * LINE_SIZE];
         roundtrip(Message::Hello { min_version: 1, max_version: 3, flags: HELLO_LOW_LATENCY });
-        roundtrip(Message::HelloOk { version: 1, capacity_bytes: 8 << 30 });
+        roundtrip(Message::HelloOk { version: 1, capacity_bytes: 8 << 30, features: 0 });
+        roundtrip(Message::HelloOk { version: 1, capacity_bytes: 8 << 30, features: FEATURE_CHASE_POINTERS });
         roundtrip(Message::AllocSlab { bytes: 64 << 20, region: 3 });
         roundtrip(Message::SlabAllocated { slab_id: 7 });
         roundtrip(Message::FreeSlab { slab_id: 7 });
@@ -241,6 +245,16 @@ mod tests {
         roundtrip(Message::Pages { first_page: 4096 * 5 + 1024, data: &page[..1024] });
         roundtrip(Message::Resume { session: 0xdead_beef_1234 });
         roundtrip(Message::Resumed { slabs: 3 });
+        let slabs: Vec<u8> = [5u64, 0, 6].iter().flat_map(|v| v.to_le_bytes()).collect();
+        roundtrip(Message::ChasePointers {
+            start: 0x7f00_0040,
+            hops: 16,
+            base: 0x7f00_0000,
+            span_bytes: 1 << 26,
+            slabs: &slabs,
+        });
+        roundtrip(Message::Chain { addresses: &slabs });
+        roundtrip(Message::Chain { addresses: &[] });
     }
 
     /// The wire layouts other implementations rely on, byte for byte.
@@ -264,9 +278,41 @@ mod tests {
         payload.clear();
         msg.encode_payload(&mut payload);
         assert_eq!(payload, 9u64.to_le_bytes());
+        let slabs = 9u64.to_le_bytes();
+        let msg = Message::ChasePointers { start: 1, hops: 2, base: 3, span_bytes: 4, slabs: &slabs };
+        assert_eq!(msg.kind(), 18);
+        payload.clear();
+        msg.encode_payload(&mut payload);
+        let want = [&1u64.to_le_bytes()[..], &[2], &3u64.to_le_bytes(), &4u64.to_le_bytes(), &slabs].concat();
+        assert_eq!(payload, want);
+        let mut bad = want.clone();
+        bad[8] = 0;
+        assert!(Message::decode(18, &bad).is_err(), "no hops");
+        bad[8] = MAX_CHASE_HOPS + 1;
+        assert!(Message::decode(18, &bad).is_err(), "too many hops");
+        assert!(Message::decode(18, &want[..25]).is_err(), "no span table");
+        assert!(Message::decode(18, &want[..30]).is_err(), "a torn slab id");
+        assert!(Message::decode(18, &[&want[..9], &[0; 8], &want[17..]].concat()).is_ok(), "base 0");
+        let span0 = [&want[..17], &0u64.to_le_bytes(), &want[25..]].concat();
+        assert!(Message::decode(18, &span0).is_err(), "empty spans");
+        assert_eq!(Message::Chain { addresses: &[] }.kind(), 19);
+        assert!(Message::decode(19, &[0; 12]).is_err(), "a torn address");
         let mut frame = encode_frame(1, &Message::Ok);
-        frame[3] = 18;
-        assert_eq!(decode_frame(&frame), Err(DecodeError::UnknownKind(18)), "18 is still free");
+        frame[3] = 20;
+        assert_eq!(decode_frame(&frame), Err(DecodeError::UnknownKind(20)), "20 is still free");
+    }
+
+    /// A host from before feature bits (or not asked for them) sends two fields.
+    #[test]
+    fn hello_ok_without_features_decodes_with_none() {
+        let payload = [&[1u8][..], &(8u64 << 30).to_le_bytes()].concat();
+        assert_eq!(
+            Message::decode(2, &payload),
+            Ok(Message::HelloOk { version: 1, capacity_bytes: 8 << 30, features: 0 })
+        );
+        let mut encoded = Vec::new();
+        Message::HelloOk { version: 1, capacity_bytes: 8 << 30, features: 0 }.encode_payload(&mut encoded);
+        assert_eq!(encoded, payload, "no features: the layout older clients read");
     }
 
     /// A host from before `orphaned_slabs` sends four fields, one from before `regions` five;

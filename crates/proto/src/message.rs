@@ -5,6 +5,13 @@ use crate::{DecodeError, LINE_SIZE, PAGE_SIZE};
 
 /// [`Message::Hello`] flag: busy-poll this connection while it is active.
 pub const HELLO_LOW_LATENCY: u8 = 1;
+/// [`Message::Hello`] flag: the client reads [`Message::HelloOk`]'s `features` (clients older
+/// than feature bits would refuse the extra field, so a host sends it only when asked).
+pub const HELLO_ASKS_FEATURES: u8 = 2;
+/// [`Message::HelloOk`] feature bit: the host answers [`Message::ChasePointers`].
+pub const FEATURE_CHASE_POINTERS: u64 = 1;
+/// Most pointers one [`Message::ChasePointers`] follows.
+pub const MAX_CHASE_HOPS: u8 = 64;
 
 /// Why a memory host refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +89,8 @@ pub enum Message<'a> {
         /// Newest version the client speaks.
         max_version: u8,
         /// Bit 0 ([`HELLO_LOW_LATENCY`]): the host should busy-poll this connection for a short
-        /// while after each reply instead of sleeping, trading a core for latency.
+        /// while after each reply instead of sleeping, trading a core for latency. Bit 1
+        /// ([`HELLO_ASKS_FEATURES`]): reply with the host's feature bits.
         flags: u8,
     },
     /// The host accepts, choosing `version`.
@@ -91,6 +99,9 @@ pub enum Message<'a> {
         version: u8,
         /// The host's total donated capacity.
         capacity_bytes: u64,
+        /// `FEATURE_*` bits the host supports. On the wire an optional third field, sent only
+        /// to a client whose `Hello` set [`HELLO_ASKS_FEATURES`]; absent, it decodes as 0.
+        features: u64,
     },
     /// Reserve `bytes` (a multiple of the page size) of host memory as a new slab.
     AllocSlab {
@@ -202,9 +213,36 @@ pub enum Message<'a> {
         /// Slabs adopted.
         slabs: u64,
     },
+    /// Follow a chain of pointers through this host's copy of a region, near the data: a
+    /// linked structure costs the client one round trip per `hops` pointers instead of one
+    /// per pointer. From the 64-byte line holding `start`, the host takes the line's first
+    /// 8-byte value that points into the region (and not into the same line), records it, and
+    /// goes on from the line it points to, until `hops` values are recorded, a line holds no
+    /// such value, or a value points into a span with no copy here. Answered by `Chain`. Only
+    /// advice: the host's copy may be older than the client's.
+    ChasePointers {
+        /// Region address to start from.
+        start: u64,
+        /// Pointers to follow: 1 to [`MAX_CHASE_HOPS`].
+        hops: u8,
+        /// The region's first address.
+        base: u64,
+        /// Bytes per span: the address `v` lies in span `(v - base) / span_bytes`, at that
+        /// offset of the span's slab (non-zero).
+        span_bytes: u64,
+        /// Per span, the little-endian u64 id of the slab holding its copy on this host, 0
+        /// where this host holds none: non-empty, a whole number of ids.
+        slabs: &'a [u8],
+    },
+    /// The reply to `ChasePointers`: the values recorded, in chain order, as little-endian
+    /// u64s (possibly none).
+    Chain {
+        /// The addresses, 8 bytes each.
+        addresses: &'a [u8],
+    },
 }
 
-const KINDS: [&str; 17] = [
+const KINDS: [&str; 19] = [
     "Hello",
     "HelloOk",
     "AllocSlab",
@@ -222,6 +260,8 @@ const KINDS: [&str; 17] = [
     "ReadBytes",
     "Resume",
     "Resumed",
+    "ChasePointers",
+    "Chain",
 ];
 
 /// Name of a kind byte, or `None` when it names no message.
@@ -297,6 +337,8 @@ impl<'a> Message<'a> {
             Self::ReadBytes { .. } => 15,
             Self::Resume { .. } => 16,
             Self::Resumed { .. } => 17,
+            Self::ChasePointers { .. } => 18,
+            Self::Chain { .. } => 19,
         }
     }
 
@@ -305,6 +347,8 @@ impl<'a> Message<'a> {
             Self::Pages { data, .. } | Self::WritePages { data, .. } => 16 + data.len(),
             Self::WriteLines { lines, .. } => 24 + lines.len(),
             Self::Error { message, .. } => 2 + message.len(),
+            Self::ChasePointers { slabs, .. } => 25 + slabs.len(),
+            Self::Chain { addresses } => addresses.len(),
             _ => 32,
         }
     }
@@ -315,10 +359,21 @@ impl<'a> Message<'a> {
             Self::Hello { min_version, max_version, flags } => {
                 out.extend_from_slice(&[min_version, max_version, flags]);
             }
-            Self::HelloOk { version, capacity_bytes } => {
+            Self::HelloOk { version, capacity_bytes, features } => {
                 out.push(version);
                 out.extend_from_slice(&capacity_bytes.to_le_bytes());
+                if features != 0 {
+                    out.extend_from_slice(&features.to_le_bytes());
+                }
             }
+            Self::ChasePointers { start, hops, base, span_bytes, slabs } => {
+                out.extend_from_slice(&start.to_le_bytes());
+                out.push(hops);
+                out.extend_from_slice(&base.to_le_bytes());
+                out.extend_from_slice(&span_bytes.to_le_bytes());
+                out.extend_from_slice(slabs);
+            }
+            Self::Chain { addresses } => out.extend_from_slice(addresses),
             Self::AllocSlab { bytes, region } => {
                 out.extend_from_slice(&bytes.to_le_bytes());
                 out.extend_from_slice(&region.to_le_bytes());
@@ -371,7 +426,30 @@ impl<'a> Message<'a> {
         let mut r = Reader { kind: name, rest: payload };
         let msg = match kind {
             1 => Self::Hello { min_version: r.u8()?, max_version: r.u8()?, flags: r.u8()? },
-            2 => Self::HelloOk { version: r.u8()?, capacity_bytes: r.u64()? },
+            2 => Self::HelloOk {
+                version: r.u8()?,
+                capacity_bytes: r.u64()?,
+                // Absent from hosts older than feature bits, and when not asked for.
+                features: if r.rest.is_empty() { 0 } else { r.u64()? },
+            },
+            18 => {
+                let (start, hops, base, span_bytes) = (r.u64()?, r.u8()?, r.u64()?, r.u64()?);
+                let slabs = r.rest();
+                if !(1..=MAX_CHASE_HOPS).contains(&hops) {
+                    return Err(DecodeError::Malformed { kind: name, why: "hops out of range" });
+                }
+                if span_bytes == 0 || slabs.is_empty() || !slabs.len().is_multiple_of(8) {
+                    return Err(DecodeError::Malformed { kind: name, why: "bad span table" });
+                }
+                Self::ChasePointers { start, hops, base, span_bytes, slabs }
+            }
+            19 => {
+                let addresses = r.rest();
+                if !addresses.len().is_multiple_of(8) {
+                    return Err(DecodeError::Malformed { kind: name, why: "addresses are not whole u64s" });
+                }
+                Self::Chain { addresses }
+            }
             3 => Self::AllocSlab {
                 bytes: r.u64()?,
                 // Absent from clients older than region tags.
