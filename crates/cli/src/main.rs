@@ -99,6 +99,11 @@ struct HostArgs {
     /// of a session another live connection holds closes that connection and adopts its slabs.
     #[arg(long, default_value = "30s", value_parser = duration::parse_duration)]
     orphan_grace: Duration,
+    /// Do not follow pointer chains for clients (`--prefetch pointer` asks a host to, so a
+    /// linked list costs the client one round trip per 16 nodes instead of one per node);
+    /// such clients then chase their chains themselves.
+    #[arg(long)]
+    no_pointer_chasing: bool,
     /// For a parent that started this host (bench's embedded host): print the address
     /// listened on as the first line of stdout instead of the banner on stderr.
     #[arg(long, hide = true)]
@@ -245,7 +250,11 @@ fn install_handler(signal: libc::c_int, handler: extern "C" fn(libc::c_int)) {
 }
 
 fn run_host(args: &HostArgs) -> Result<()> {
-    let host = MemoryHost::bind(args.listen.as_str(), args.capacity)?.with_orphan_grace(args.orphan_grace);
+    let mut host =
+        MemoryHost::bind(args.listen.as_str(), args.capacity)?.with_orphan_grace(args.orphan_grace);
+    if args.no_pointer_chasing {
+        host = host.without_pointer_chasing();
+    }
     let flag = host.shutdown_flag();
     install_handler(libc::SIGINT, on_terminate);
     install_handler(libc::SIGTERM, on_terminate);
@@ -522,8 +531,8 @@ fn print_summary(r: &BenchReport) {
     }
     if r.prefetch_issued > 0 {
         println!(
-            "  prefetch       {} pages issued ({} by pointer), {} seen used, {} evicted unseen",
-            r.prefetch_issued, r.pointer_prefetch_issued, r.prefetch_used, r.prefetch_wasted
+            "  prefetch       {} pages issued ({} by pointer, {} chains followed by hosts), {} seen used, {} evicted unseen",
+            r.prefetch_issued, r.pointer_prefetch_issued, r.pointer_chains_offloaded, r.prefetch_used, r.prefetch_wasted
         );
         println!(
             "                 {} faults waited for a prefetch in flight, {} abandoned past the deadline",

@@ -43,7 +43,8 @@ use std::time::{Duration, Instant};
 
 use clustermem_net::{FrameReader, FrameWriter, RecvError};
 use clustermem_proto::{
-    ErrorCode, Message, HELLO_LOW_LATENCY, MAX_PAYLOAD, MAX_VERSION, MIN_VERSION, PAGE_SIZE,
+    ErrorCode, Message, FEATURE_CHASE_POINTERS, HELLO_ASKS_FEATURES, HELLO_LOW_LATENCY, LINE_SIZE,
+    MAX_PAYLOAD, MAX_VERSION, MIN_VERSION, PAGE_SIZE,
 };
 use sessions::{Binding, Sessions};
 use store::{Refusal, Slab, Store};
@@ -86,6 +87,7 @@ pub struct MemoryHost {
     store: Arc<Store>,
     sessions: Arc<Sessions>,
     shutdown: Arc<AtomicBool>,
+    pointer_chasing: bool,
 }
 
 impl MemoryHost {
@@ -99,7 +101,16 @@ impl MemoryHost {
             store: Arc::new(Store::new(capacity_bytes)),
             sessions: Arc::new(Sessions::new(DEFAULT_ORPHAN_GRACE)),
             shutdown: Arc::new(AtomicBool::new(false)),
+            pointer_chasing: true,
         })
+    }
+
+    /// Refuses `ChasePointers` and does not offer it: the host spends no CPU following
+    /// clients' pointers (they chase their chains themselves, a round trip per hop).
+    #[must_use]
+    pub fn without_pointer_chasing(mut self) -> Self {
+        self.pointer_chasing = false;
+        self
     }
 
     /// Sets how long the slabs of a resumable session whose connection ended are kept for it
@@ -131,9 +142,10 @@ impl MemoryHost {
                     let store = Arc::clone(&self.store);
                     let sessions = Arc::clone(&self.sessions);
                     let shutdown = Arc::clone(&self.shutdown);
+                    let chasing = self.pointer_chasing;
                     let spawned = std::thread::Builder::new()
                         .name(format!("host-conn-{peer}"))
-                        .spawn(move || serve_client(stream, &store, &sessions, &shutdown));
+                        .spawn(move || serve_client(stream, &store, &sessions, &shutdown, chasing));
                     match spawned {
                         Ok(handle) => workers.push(handle),
                         Err(e) => eprintln!("clustermem host: cannot start a thread for {peer}: {e}"),
@@ -218,6 +230,8 @@ struct Session<'a> {
     cache: HashMap<u64, Arc<Slab>>,
     low_latency: bool,
     greeted: bool,
+    /// The host answers `ChasePointers` (see [`MemoryHost::without_pointer_chasing`]).
+    chasing: bool,
 }
 
 impl Session<'_> {
@@ -316,12 +330,55 @@ impl Session<'_> {
                 out.push(id, &Message::Stats(self.store.stats()));
                 Ok(())
             }
+            Message::ChasePointers { .. } if !self.chasing => Err((
+                ErrorCode::BadRequest,
+                "this host does not follow pointers (--no-pointer-chasing)".into(),
+            )),
+            Message::ChasePointers { start, hops, base, span_bytes, slabs } => {
+                let chain = self.chase(start, hops, base, span_bytes, slabs);
+                out.push(id, &Message::Chain { addresses: &chain });
+                Ok(())
+            }
             _ => Err((ErrorCode::BadRequest, format!("{msg:?} is not a request"))),
         };
         if let Err((code, text)) = result {
             out.push(id, &Message::Error { code, message: &text });
         }
         true
+    }
+
+    /// Follows a `ChasePointers` chain through the slabs named in `slabs` (see the message):
+    /// the values recorded, as little-endian bytes. A slab not here, a line out of its range
+    /// or a line without a pointer ends the chain early: the answer is advice, never an error.
+    fn chase(&mut self, start: u64, hops: u8, base: u64, span_bytes: u64, slabs: &[u8]) -> Vec<u8> {
+        const LINE: u64 = LINE_SIZE as u64;
+        let mut chain = Vec::with_capacity(8 * usize::from(hops));
+        let Some(end) =
+            span_bytes.checked_mul((slabs.len() / 8) as u64).and_then(|len| base.checked_add(len))
+        else {
+            return chain;
+        };
+        let inside = |v: u64| (base..end).contains(&v);
+        let mut line = Vec::with_capacity(LINE_SIZE);
+        let mut at = start;
+        while chain.len() < 8 * usize::from(hops) && inside(at) {
+            let (span, offset) = (((at - base) / span_bytes) as usize, (at - base) % span_bytes);
+            let slab_id = u64::from_le_bytes(slabs[8 * span..8 * span + 8].try_into().expect("8 bytes"));
+            let Some(slab) = (slab_id != 0).then(|| self.slab(slab_id).ok()).flatten() else { break };
+            line.clear();
+            if slab.read_bytes(offset & !(LINE - 1), LINE, &mut line).is_err() {
+                break;
+            }
+            let here = at & !(LINE - 1);
+            let next = line
+                .chunks_exact(8)
+                .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
+                .find(|&v| inside(v) && v & !(LINE - 1) != here);
+            let Some(next) = next else { break };
+            chain.extend_from_slice(&next.to_le_bytes());
+            at = next;
+        }
+        chain
     }
 
     fn hello(&mut self, id: u64, msg: &Message<'_>, out: &mut FrameWriter) -> bool {
@@ -339,12 +396,14 @@ impl Session<'_> {
         }
         self.greeted = true;
         self.low_latency = flags & HELLO_LOW_LATENCY != 0;
-        out.push(id, &Message::HelloOk { version, capacity_bytes: self.store.capacity_bytes() });
+        let asked = flags & HELLO_ASKS_FEATURES != 0;
+        let features = if asked && self.chasing { FEATURE_CHASE_POINTERS } else { 0 };
+        out.push(id, &Message::HelloOk { version, capacity_bytes: self.store.capacity_bytes(), features });
         true
     }
 }
 
-fn serve_client(stream: TcpStream, store: &Store, sessions: &Sessions, shutdown: &AtomicBool) {
+fn serve_client(stream: TcpStream, store: &Store, sessions: &Sessions, shutdown: &AtomicBool, chasing: bool) {
     let peer = stream.peer_addr().map_or_else(|_| "?".to_string(), |a| a.to_string());
     let _ = stream.set_nodelay(true);
     let mut reader = match FrameReader::new(stream) {
@@ -364,6 +423,7 @@ fn serve_client(stream: TcpStream, store: &Store, sessions: &Sessions, shutdown:
         cache: HashMap::new(),
         low_latency: false,
         greeted: false,
+        chasing,
     };
     // Replies to prefetches are batches of 256 KiB frames: keep a buffer that fits a few.
     let mut out = FrameWriter::new().keep_after_flush(8 << 20);

@@ -1,81 +1,13 @@
 //! Session resumption against a real host over loopback TCP: slabs survive a dropped
 //! connection when the client resumes its session, and are freed when it does not.
 
-use std::net::TcpStream;
+mod common;
+
 use std::time::{Duration, Instant};
 
 use clustermem_host::{MemoryHost, RunningHost};
-use clustermem_net::{FrameReader, FrameWriter};
-use clustermem_proto::{ErrorCode, HostStats, Message, MAX_VERSION, MIN_VERSION, PAGE_SIZE};
-
-const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// What a reply was, owned so it outlives the reader's buffer.
-#[derive(Debug, PartialEq, Eq)]
-enum Reply {
-    Ok,
-    Resumed(u64),
-    Slab(u64),
-    Data(u64, Vec<u8>),
-    Stats(HostStats),
-    Error(ErrorCode, String),
-    Other(String),
-}
-
-/// A blocking test client: one request at a time.
-struct Client {
-    reader: FrameReader,
-    next_id: u64,
-}
-
-impl Client {
-    fn connect(host: &RunningHost) -> Self {
-        let stream = TcpStream::connect(host.addr()).expect("connect");
-        let mut c = Self { reader: FrameReader::new(stream).expect("reader"), next_id: 1 };
-        let hello = Message::Hello { min_version: MIN_VERSION, max_version: MAX_VERSION, flags: 0 };
-        assert!(matches!(c.call_raw(&hello), Ok(Reply::Other(s)) if s.starts_with("HelloOk")));
-        c
-    }
-
-    /// Sends `msg` and waits for its reply; `Err` when the connection fails.
-    fn call_raw(&mut self, msg: &Message<'_>) -> Result<Reply, String> {
-        let id = self.next_id;
-        self.next_id += 1;
-        let mut out = FrameWriter::new();
-        out.push(id, msg);
-        out.flush_to(self.reader.stream()).map_err(|e| format!("send: {e}"))?;
-        let (rid, reply) =
-            self.reader.recv(None, Some(Instant::now() + REPLY_TIMEOUT)).map_err(|e| format!("recv: {e}"))?;
-        assert_eq!(rid, id, "replies come in order");
-        Ok(match reply {
-            Message::Ok => Reply::Ok,
-            Message::Resumed { slabs } => Reply::Resumed(slabs),
-            Message::SlabAllocated { slab_id } => Reply::Slab(slab_id),
-            Message::Pages { first_page, data } => Reply::Data(first_page, data.to_vec()),
-            Message::Stats(s) => Reply::Stats(s),
-            Message::Error { code, message } => Reply::Error(code, message.to_string()),
-            other => Reply::Other(format!("{other:?}")),
-        })
-    }
-
-    fn call(&mut self, msg: &Message<'_>) -> Reply {
-        self.call_raw(msg).expect("a reply")
-    }
-
-    fn alloc(&mut self, bytes: u64) -> u64 {
-        match self.call(&Message::AllocSlab { bytes, region: 1 }) {
-            Reply::Slab(id) => id,
-            other => panic!("AllocSlab: {other:?}"),
-        }
-    }
-
-    fn stats(&mut self) -> HostStats {
-        match self.call(&Message::GetStats) {
-            Reply::Stats(s) => s,
-            other => panic!("GetStats: {other:?}"),
-        }
-    }
-}
+use clustermem_proto::{ErrorCode, HostStats, Message, PAGE_SIZE};
+use common::{Client, Reply};
 
 fn host(grace: Duration) -> RunningHost {
     MemoryHost::bind("127.0.0.1:0", 64 << 20).expect("bind").with_orphan_grace(grace).spawn()
