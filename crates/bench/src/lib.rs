@@ -297,6 +297,8 @@ pub struct BenchReport {
     pub prefetch_wasted: u64,
     /// Of `prefetch_issued`, pages a fetched page pointed to (`--prefetch pointer`).
     pub pointer_prefetch_issued: u64,
+    /// Pointer chains handed to a memory host to follow near the data (`--prefetch pointer`).
+    pub pointer_chains_offloaded: u64,
     /// Faults on a page whose prefetch was still in flight: the thread waited, but for a
     /// fetch already under way (not counted in `remote_faults`).
     pub prefetch_waits: u64,
@@ -569,6 +571,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         prefetch_used: snap.prefetch_used,
         prefetch_wasted: snap.prefetch_wasted,
         pointer_prefetch_issued: snap.pointer_prefetch_issued,
+        pointer_chains_offloaded: snap.pointer_chains_offloaded,
         prefetch_waits: snap.prefetch_waits,
         prefetch_abandoned: snap.prefetch_abandoned,
         redundancy: opts.redundancy.to_string(),

@@ -23,6 +23,7 @@
 //! the eviction policy or the prefetch accounting see first stores then.)
 
 mod async_tracking;
+mod pointer_chase;
 mod redundant;
 
 use async_tracking::AsyncTracker;
@@ -107,15 +108,6 @@ const REBUILD_RETRY: Duration = Duration::from_secs(1);
 
 /// How long a low-latency handler keeps busy-polling after its last fault.
 const SPIN_WINDOW: Duration = Duration::from_micros(100);
-
-/// Pointer prefetch: hops a chain may run ahead of the last page a thread was seen to need.
-/// A linked list is walked serially, so only a chain that runs ahead saves faults; the bound
-/// stops one that follows pointers nobody will use.
-const CHASE_DEPTH: u8 = 16;
-/// Pointers followed per scanned page (a 64-byte line holds 8).
-const POINTERS_PER_PAGE: usize = 8;
-/// Pointer prefetches in flight at once, across regions: bounds fan-out (trees, junk).
-const CHASES_IN_FLIGHT: usize = 32;
 
 /// Requests from `Runtime`/`Region` handles to the handler thread.
 pub(crate) enum Command {
@@ -220,6 +212,9 @@ struct RegionState {
     last_zero_write: usize,
     /// The last prefetch window: first page, delta, pages.
     window: Option<(usize, i64, usize)>,
+    /// Where a host-followed pointer chain stopped at its lead bound: the next address to
+    /// follow from and its depth (see `pointer_chase`).
+    stalled_chain: Option<(u64, u8)>,
 }
 
 impl RegionState {
@@ -312,9 +307,15 @@ struct Core {
     exact_addresses: bool,
     /// Pointer prefetches in flight.
     chases: usize,
+    /// `ChasePointers` requests in flight.
+    host_chases: usize,
+    /// Reused span table of a `ChasePointers` request.
+    chase_spans: Vec<u8>,
     /// Reused stack of resident pages a pointer chain passes through: (region page, byte
     /// offset pointed to, depth).
     chase_work: Vec<(usize, Option<u16>, u8)>,
+    /// Reused list of addresses a pointer chain continues from: (address, depth).
+    chase_starts: Vec<(u64, u8)>,
     /// Reused list of evicted pages' addresses, dropped together.
     dropped: Vec<usize>,
     /// State of the placement's random choices.
@@ -501,6 +502,9 @@ impl Handler {
                 last_install: Instant::now(),
                 exact_addresses,
                 chases: 0,
+                host_chases: 0,
+                chase_starts: Vec::new(),
+                chase_spans: Vec::new(),
                 chase_work: Vec::new(),
                 dropped: Vec::new(),
                 rng: 0x9E37_79B9_7F4A_7C15 ^ u64::from(std::process::id()),
@@ -871,6 +875,7 @@ impl Handler {
                 prefetch,
                 stream: Stream::default(),
                 window: None,
+                stalled_chain: None,
                 last_zero_write: usize::MAX,
             },
         );
@@ -1320,94 +1325,6 @@ impl Core {
         self.stats.prefetch_issued.fetch_add(issued, Relaxed);
     }
 
-    /// After a page arrived (or was found resident) for an access at byte `offset` (None:
-    /// unknown), fetches the pages that the 8-byte values of that access's 64-byte line point
-    /// to (the whole page's when the offset is unknown, at most POINTERS_PER_PAGE). Targets
-    /// that are resident are scanned at once, from the line pointed to, so a chain runs
-    /// through the cache without a round trip; fetched targets continue it when they arrive.
-    /// Pages with no values in the region (random data, indices) issue nothing.
-    fn follow_pointers(&mut self, id: u32, page: usize, offset: Option<u16>, depth: u8) {
-        let Some(region) = self.regions.get_mut(&id) else { return };
-        let len = region.pages.len() * PAGE_SIZE;
-        let mut work = std::mem::take(&mut self.chase_work);
-        work.push((page, offset, depth));
-        while let Some((page, offset, depth)) = work.pop() {
-            if region.pages[page] & PageState::RESIDENT == 0 || depth >= CHASE_DEPTH {
-                continue;
-            }
-            let bytes = match offset {
-                Some(o) => usize::from(o) & !63..(usize::from(o) & !63) + 64,
-                None => 0..PAGE_SIZE,
-            };
-            let mut pointers = 0;
-            for at in bytes.step_by(8) {
-                // SAFETY: the page is resident (only this thread evicts) and mapped for the
-                // region's life, and `at` is an aligned word inside it. A racing store may
-                // give an old value, which only misdirects a prefetch.
-                let value = unsafe { std::ptr::read_volatile((region.addr(page) + at) as *const u64) };
-                let Some(rel) =
-                    usize::try_from(value).ok().and_then(|v| v.checked_sub(region.base)).filter(|&r| r < len)
-                else {
-                    continue;
-                };
-                pointers += 1;
-                if pointers > POINTERS_PER_PAGE {
-                    break;
-                }
-                let (target, target_offset) = (rel / PAGE_SIZE, (rel % PAGE_SIZE) as u16);
-                let state = region.pages[target];
-                if state & PageState::RESIDENT != 0 {
-                    if work.len() < usize::from(CHASE_DEPTH) * POINTERS_PER_PAGE {
-                        work.push((target, Some(target_offset), depth + 1));
-                    }
-                    continue;
-                }
-                let fetchable = state & PageState::ON_HOST != 0
-                    && state & (PageState::FETCHING | PageState::LOST) == 0
-                    && self.chases < CHASES_IN_FLIGHT;
-                let Some((slab, slab_page)) = region.read_copy(target).filter(|_| fetchable) else {
-                    continue;
-                };
-                let link = &mut self.links[slab.host];
-                link.send(
-                    &Message::ReadPages { slab_id: slab.slab_id, first_page: slab_page, count: 1 },
-                    Pending::Chase { region: id, page: target, offset: target_offset, depth: depth + 1 },
-                );
-                region.pages[target] |= PageState::FETCHING | PageState::PREFETCHED;
-                self.chases += 1;
-                self.stats.prefetch_issued.fetch_add(1, Relaxed);
-                self.stats.pointer_prefetch_issued.fetch_add(1, Relaxed);
-            }
-        }
-        self.chase_work = work;
-    }
-
-    /// Drops pointer prefetches that missed their deadline and nobody waits for: their pages
-    /// are no longer in flight (a fault on one fetches it normally) and their replies are
-    /// ignored. Requests on a link were sent in order, so the scan stops at the first young one.
-    fn expire_chases(&mut self) {
-        if self.chases == 0 {
-            return;
-        }
-        let now = Instant::now();
-        for link in &mut self.links {
-            for (_, pending, sent) in &mut link.pending {
-                if now.duration_since(*sent) <= self.config.prefetch_deadline {
-                    break;
-                }
-                let Pending::Chase { region, page, .. } = *pending else { continue };
-                let Some(r) = self.regions.get_mut(&region) else { continue };
-                if r.pages[page] & PageState::WANTED != 0 {
-                    continue;
-                }
-                r.pages[page] &= !(PageState::FETCHING | PageState::PREFETCHED);
-                *pending = Pending::Ignore;
-                self.chases -= 1;
-                self.stats.prefetch_abandoned.fetch_add(1, Relaxed);
-            }
-        }
-    }
-
     /// A prefetch of `page` will not be installed. If a thread faulted on it meanwhile, that
     /// thread asked for it: fetch it for the thread (or fail it, if its host is dead).
     /// Otherwise the page just faults normally when touched.
@@ -1792,26 +1709,12 @@ impl Core {
             (Pending::Chase { region, page, offset, depth }, Message::Pages { data, .. })
                 if data.len() == PAGE_SIZE =>
             {
-                self.chases -= 1;
-                self.stats.pages_fetched.fetch_add(1, Relaxed);
-                self.stats.bytes_fetched.fetch_add(data.len() as u64, Relaxed);
-                let Some(r) = self.regions.get_mut(&region) else { return };
-                let state = r.pages[page];
-                if state & (PageState::FETCHING | PageState::RESIDENT) != PageState::FETCHING {
-                    return;
-                }
-                let wanted = state & PageState::WANTED != 0;
-                if !wanted && sent.elapsed() > self.config.prefetch_deadline {
-                    // Too late to count on: leave the page to fault normally.
-                    r.pages[page] &= !(PageState::FETCHING | PageState::PREFETCHED);
-                    self.stats.prefetch_abandoned.fetch_add(1, Relaxed);
-                    return;
-                }
-                self.install(region, page, &data[..PAGE_SIZE], false);
-                // A thread waiting here means the chain has been caught up with: its lead
-                // may grow again from here.
-                self.follow_pointers(region, page, Some(offset), if wanted { 0 } else { depth });
+                self.chase_arrived(h, (region, page, offset, depth), data, sent);
             }
+            (Pending::ChaseList { region, host_asked, depth }, Message::Chain { addresses }) => {
+                self.chain_arrived(region, host_asked, depth, addresses);
+            }
+            (Pending::ChaseList { .. }, _) => self.host_chases -= 1,
             (Pending::Chase { region, page, .. }, _) => {
                 self.chases -= 1;
                 self.drop_prefetch(region, page);
@@ -1893,6 +1796,7 @@ impl Core {
                     self.chases -= 1;
                     self.drop_prefetch(region, page);
                 }
+                Pending::ChaseList { .. } => self.host_chases -= 1,
                 Pending::Barrier(token) => self.barrier_passed(token),
                 Pending::Ignore => {}
             }

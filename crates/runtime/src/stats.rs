@@ -117,6 +117,8 @@ pub struct RuntimeStats {
     pub prefetch_wasted: AtomicU64,
     /// Of `prefetch_issued`, pages requested because a fetched page pointed to them.
     pub pointer_prefetch_issued: AtomicU64,
+    /// Pointer chains handed to a host to follow (`ChasePointers` requests).
+    pub pointer_chains_offloaded: AtomicU64,
     /// Faults on a page whose prefetch was still in flight: the thread waited for it (these
     /// are not in `remote_faults`, which counts faults that sent a fetch of their own).
     pub prefetch_waits: AtomicU64,
@@ -167,6 +169,7 @@ impl RuntimeStats {
             &self.prefetch_used,
             &self.prefetch_wasted,
             &self.pointer_prefetch_issued,
+            &self.pointer_chains_offloaded,
             &self.prefetch_waits,
             &self.prefetch_abandoned,
             &self.predicted_writes,
@@ -200,6 +203,7 @@ impl RuntimeStats {
             prefetch_used: self.prefetch_used.load(Relaxed),
             prefetch_wasted: self.prefetch_wasted.load(Relaxed),
             pointer_prefetch_issued: self.pointer_prefetch_issued.load(Relaxed),
+            pointer_chains_offloaded: self.pointer_chains_offloaded.load(Relaxed),
             prefetch_waits: self.prefetch_waits.load(Relaxed),
             prefetch_abandoned: self.prefetch_abandoned.load(Relaxed),
             predicted_writes: self.predicted_writes.load(Relaxed),
@@ -255,6 +259,8 @@ pub struct StatsSnapshot {
     pub prefetch_wasted: u64,
     /// See [`RuntimeStats::pointer_prefetch_issued`].
     pub pointer_prefetch_issued: u64,
+    /// See [`RuntimeStats::pointer_chains_offloaded`].
+    pub pointer_chains_offloaded: u64,
     /// See [`RuntimeStats::prefetch_waits`].
     pub prefetch_waits: u64,
     /// See [`RuntimeStats::prefetch_abandoned`].

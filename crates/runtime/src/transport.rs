@@ -11,7 +11,10 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use clustermem_net::{FrameReader, FrameWriter};
-use clustermem_proto::{ErrorCode, Message, HELLO_LOW_LATENCY, MAX_VERSION, MIN_VERSION};
+use clustermem_proto::{
+    ErrorCode, Message, FEATURE_CHASE_POINTERS, HELLO_ASKS_FEATURES, HELLO_LOW_LATENCY, MAX_VERSION,
+    MIN_VERSION,
+};
 
 use crate::RuntimeError;
 
@@ -62,6 +65,16 @@ pub(crate) enum Pending {
         /// Hops since a thread last needed a page of this chain.
         depth: u8,
     },
+    /// A `ChasePointers` asked of host `host_asked` for region `region`, started `depth` hops
+    /// ahead of the last page a thread was seen to need.
+    ChaseList {
+        /// Region id.
+        region: u32,
+        /// The host asked (the chain goes on elsewhere if it ended at a span held elsewhere).
+        host_asked: usize,
+        /// Hops of the chain's start.
+        depth: u8,
+    },
     /// Shard `shard` of gather `gather` (a read that needs K of a span's shards: an
     /// erasure-coded fault, or a rebuild's read of surviving copies).
     Part {
@@ -90,6 +103,8 @@ pub(crate) struct Link {
     next_id: u64,
     pub(crate) capacity_bytes: u64,
     pub(crate) allocated_bytes: u64,
+    /// The host follows pointer chains (`Message::ChasePointers`).
+    pub(crate) chases_pointers: bool,
     /// Set when the host stopped answering; no request is sent after that.
     pub(crate) dead: Option<String>,
     /// The session the connection is bound to: a new connection resuming it gets the slabs
@@ -209,15 +224,15 @@ pub(crate) fn connect(
     let mut reader = FrameReader::new(stream).map_err(|e| unreachable(e.to_string()))?;
     // Room for a flusher chunk (and a round's evictions) without regrowing the buffer.
     let mut writer = FrameWriter::new().keep_after_flush(WRITER_KEEPS);
-    let flags = if low_latency { HELLO_LOW_LATENCY } else { 0 };
+    let flags = HELLO_ASKS_FEATURES | if low_latency { HELLO_LOW_LATENCY } else { 0 };
     writer.push(1, &Message::Hello { min_version: MIN_VERSION, max_version: MAX_VERSION, flags });
     writer.push(2, &Message::Resume { session });
     writer.flush_to(reader.stream()).map_err(|e| unreachable(e.to_string()))?;
     let deadline = Instant::now() + timeout;
     let (_, reply) =
         reader.recv(None, Some(deadline)).map_err(|e| unreachable(format!("handshake failed: {e}")))?;
-    let capacity_bytes = match reply {
-        Message::HelloOk { capacity_bytes, .. } => capacity_bytes,
+    let (capacity_bytes, features) = match reply {
+        Message::HelloOk { capacity_bytes, features, .. } => (capacity_bytes, features),
         Message::Error { code: ErrorCode::VersionMismatch, message } => {
             return Err(unreachable(format!("incompatible protocol: {message}")))
         }
@@ -240,6 +255,7 @@ pub(crate) fn connect(
         next_id: 2,
         capacity_bytes,
         allocated_bytes: 0,
+        chases_pointers: features & FEATURE_CHASE_POINTERS != 0,
         dead: None,
         session,
         journal: Vec::new(),

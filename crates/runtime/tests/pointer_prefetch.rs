@@ -30,10 +30,16 @@ fn marker(page: usize) -> u64 {
 }
 
 fn runtime(deadline: Duration) -> Runtime {
+    runtime_on(deadline, Vec::new())
+}
+
+/// A runtime on `hosts` (none: the embedded host, which follows pointer chains itself).
+fn runtime_on(deadline: Duration, hosts: Vec<String>) -> Runtime {
     clustermem_runtime::check_userfaultfd().expect("this test needs userfaultfd");
     Runtime::start(RuntimeConfig {
         local_mem_bytes: (64 * PAGE_SIZE) as u64,
         prefetch_deadline: deadline,
+        hosts,
         ..RuntimeConfig::default()
     })
     .expect("starting the runtime")
@@ -94,6 +100,11 @@ fn pointer_prefetch_fetches_a_chain_ahead_of_its_walk() {
     let s = rt.stats().snapshot();
     assert!(cold > HOPS / 2, "the walk must mostly touch pages that were pushed out ({cold})");
     assert!(s.pointer_prefetch_issued >= cold as u64 / 2, "{s:?}");
+    // The host followed the chain, whose pages then came back to back: the walk found most
+    // of them installed (a client chasing it itself waits at nearly every cold hop; see
+    // below).
+    assert!(s.pointer_chains_offloaded > 0, "{s:?}");
+    assert!((s.remote_faults + s.prefetch_waits) * 4 < cold as u64 * 3, "{cold} cold hops, {s:?}");
     // Each cold hop was fetched by the chain (arrived, or waited for in flight), except where
     // the chain stopped at its depth bound and a fault restarted it.
     assert!(s.remote_faults * 4 < cold as u64, "{cold} cold hops, {s:?}");
@@ -124,4 +135,23 @@ fn a_prefetch_past_its_deadline_leaves_the_page_to_fault_with_its_contents() {
     // checked by `walk`). Only a prefetch a thread was already waiting for is kept.
     assert!(s.remote_faults + s.prefetch_waits >= cold as u64, "{cold} cold hops, {s:?}");
     assert!(s.remote_faults > cold as u64 / 2, "{cold} cold hops, {s:?}");
+}
+
+#[test]
+fn a_host_that_does_not_chase_leaves_the_chain_to_the_client() {
+    let host = clustermem_host::MemoryHost::bind("127.0.0.1:0", 64 << 20)
+        .expect("binding a host")
+        .without_pointer_chasing()
+        .spawn();
+    let rt = runtime_on(Duration::from_secs(10), vec![host.addr().to_string()]);
+    let mut region = rt.map_with_prefetch(PAGES * PAGE_SIZE, PrefetchMode::Pointer).unwrap();
+    build_chain(&mut region);
+    rt.stats().reset();
+    let cold = walk(&region);
+    let s = rt.stats().snapshot();
+    assert!(cold > HOPS / 2, "the walk must mostly touch pages that were pushed out ({cold})");
+    assert_eq!(s.pointer_chains_offloaded, 0, "{s:?}");
+    // The client chased the chain itself, a round trip per hop, still ahead of the walk.
+    assert!(s.pointer_prefetch_issued >= cold as u64 / 2, "{s:?}");
+    assert!(s.remote_faults * 4 < cold as u64, "{cold} cold hops, {s:?}");
 }

@@ -1,0 +1,258 @@
+//! Pointer-directed prefetch: when a page arrives for a fault, the pages that the values near
+//! the faulting address point to are fetched too, and so on along the chain, each abandoned
+//! if it misses its deadline.
+//!
+//! Chased by the client, a serial chain (a linked list) advances one round trip per hop, and
+//! a walker that needs each node right after the last catches up with it at every hop: it
+//! still waits once per node, if for less time. So where the chain's next page lives on a
+//! host that offers it (`FEATURE_CHASE_POINTERS`), the host is asked to follow the chain
+//! through its own copy (`ChasePointers`): one round trip yields `HOST_HOPS` addresses, whose
+//! pages are then requested together and arrive back to back, installed while the walker is
+//! still waiting for the first. The host's copy may be older than a page the client holds
+//! dirty: a stale pointer only misdirects a prefetch, since pages are read only through the
+//! usual requests, which see every write-back sent before them.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use clustermem_proto::{Message, PAGE_SIZE};
+
+use super::{Core, PageState, RegionState, ShardState};
+use crate::transport::Pending;
+
+/// Pointer prefetch: hops a chain may run ahead of the last page a thread was seen to need.
+/// A linked list is walked serially, so only a chain that runs ahead saves faults; the bound
+/// stops one that follows pointers nobody will use.
+const CHASE_DEPTH: u8 = 16;
+/// The same bound for a chain its hosts follow: its pages come back to back, so it may run
+/// further ahead for the same wait.
+const HOST_CHASE_DEPTH: u8 = 128;
+/// Pointers a host follows per `ChasePointers`.
+const HOST_HOPS: u8 = 32;
+/// `ChasePointers` requests in flight at once, across regions.
+const HOST_CHASES_IN_FLIGHT: usize = 8;
+/// A region with more spans is chased by the client alone: the span table goes with every
+/// `ChasePointers` (8 bytes a span: 4 KiB, a 32 GiB region of 64 MiB slabs).
+const MAX_CHASE_SPANS: usize = 512;
+/// Pointers followed per scanned page (a 64-byte line holds 8).
+const POINTERS_PER_PAGE: usize = 8;
+/// Pointer prefetches in flight at once, across regions: bounds fan-out (trees, junk).
+const CHASES_IN_FLIGHT: usize = 64;
+
+impl Core {
+    /// After a page arrived (or was found resident) for an access at byte `offset` (None:
+    /// unknown), fetches the pages that the 8-byte values of that access's 64-byte line point
+    /// to (the whole page's when the offset is unknown, at most POINTERS_PER_PAGE). Targets
+    /// that are resident are scanned at once, from the line pointed to, so a chain runs
+    /// through the cache without a round trip; fetched targets continue it when they arrive.
+    /// Pages with no values in the region (random data, indices) issue nothing.
+    pub(super) fn follow_pointers(&mut self, id: u32, page: usize, offset: Option<u16>, depth: u8) {
+        let Some(region) = self.regions.get_mut(&id) else { return };
+        let len = region.pages.len() * PAGE_SIZE;
+        let mut work = std::mem::take(&mut self.chase_work);
+        let mut starts = std::mem::take(&mut self.chase_starts);
+        work.push((page, offset, depth));
+        while let Some((page, offset, depth)) = work.pop() {
+            if region.pages[page] & PageState::RESIDENT == 0 || depth >= CHASE_DEPTH {
+                continue;
+            }
+            let bytes = match offset {
+                Some(o) => usize::from(o) & !63..(usize::from(o) & !63) + 64,
+                None => 0..PAGE_SIZE,
+            };
+            let mut pointers = 0;
+            for at in bytes.step_by(8) {
+                // SAFETY: the page is resident (only this thread evicts) and mapped for the
+                // region's life, and `at` is an aligned word inside it. A racing store may
+                // give an old value, which only misdirects a prefetch.
+                let value = unsafe { std::ptr::read_volatile((region.addr(page) + at) as *const u64) };
+                let Some(rel) =
+                    usize::try_from(value).ok().and_then(|v| v.checked_sub(region.base)).filter(|&r| r < len)
+                else {
+                    continue;
+                };
+                pointers += 1;
+                if pointers > POINTERS_PER_PAGE {
+                    break;
+                }
+                let (target, target_offset) = (rel / PAGE_SIZE, (rel % PAGE_SIZE) as u16);
+                let state = region.pages[target];
+                if state & PageState::RESIDENT != 0 {
+                    if work.len() < usize::from(CHASE_DEPTH) * POINTERS_PER_PAGE {
+                        work.push((target, Some(target_offset), depth + 1));
+                    }
+                    continue;
+                }
+                let fetchable = state & PageState::ON_HOST != 0
+                    && state & (PageState::FETCHING | PageState::LOST) == 0
+                    && self.chases < CHASES_IN_FLIGHT;
+                let Some((slab, slab_page)) = region.read_copy(target).filter(|_| fetchable) else {
+                    continue;
+                };
+                let link = &mut self.links[slab.host];
+                link.send(
+                    &Message::ReadPages { slab_id: slab.slab_id, first_page: slab_page, count: 1 },
+                    Pending::Chase { region: id, page: target, offset: target_offset, depth: depth + 1 },
+                );
+                region.pages[target] |= PageState::FETCHING | PageState::PREFETCHED;
+                self.chases += 1;
+                self.stats.prefetch_issued.fetch_add(1, Relaxed);
+                self.stats.pointer_prefetch_issued.fetch_add(1, Relaxed);
+                starts.push((value, depth + 1));
+            }
+        }
+        self.chase_work = work;
+        // The chain goes on from each page just requested: where its host follows pointers,
+        // it is asked to (the page's own arrival then adds nothing; see `chase_arrived`).
+        for &(start, depth) in &starts {
+            self.ask_host_to_chase(id, start, depth);
+        }
+        starts.clear();
+        self.chase_starts = starts;
+    }
+
+    /// Drops pointer prefetches that missed their deadline and nobody waits for: their pages
+    /// are no longer in flight (a fault on one fetches it normally) and their replies are
+    /// ignored. Requests on a link were sent in order, so the scan stops at the first young one.
+    pub(super) fn expire_chases(&mut self) {
+        if self.chases == 0 {
+            return;
+        }
+        let now = Instant::now();
+        for link in &mut self.links {
+            for (_, pending, sent) in &mut link.pending {
+                if now.duration_since(*sent) <= self.config.prefetch_deadline {
+                    break;
+                }
+                let Pending::Chase { region, page, .. } = *pending else { continue };
+                let Some(r) = self.regions.get_mut(&region) else { continue };
+                if r.pages[page] & PageState::WANTED != 0 {
+                    continue;
+                }
+                r.pages[page] &= !(PageState::FETCHING | PageState::PREFETCHED);
+                *pending = Pending::Ignore;
+                self.chases -= 1;
+                self.stats.prefetch_abandoned.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// Asks the host of the page holding address `start` to follow the chain from there
+    /// (`depth` hops from where a thread was last seen), if it can and the bounds allow.
+    fn ask_host_to_chase(&mut self, id: u32, start: u64, depth: u8) {
+        if depth >= HOST_CHASE_DEPTH || self.host_chases >= HOST_CHASES_IN_FLIGHT {
+            return;
+        }
+        let Some(region) = self.regions.get(&id).filter(|r| r.slabs.len() <= MAX_CHASE_SPANS) else { return };
+        let Some((slab, _)) = region_page(region, start).and_then(|page| region.read_copy(page)) else {
+            return;
+        };
+        if !self.links[slab.host].chases_pointers {
+            return;
+        }
+        self.chase_spans.clear();
+        for placement in &region.slabs {
+            let here = placement.as_ref().and_then(|p| {
+                p.shards.iter().find(|s| s.slab.host == slab.host && matches!(s.state, ShardState::Live))
+            });
+            self.chase_spans.extend_from_slice(&here.map_or(0, |s| s.slab.slab_id).to_le_bytes());
+        }
+        let msg = Message::ChasePointers {
+            start,
+            hops: HOST_HOPS,
+            base: region.base as u64,
+            span_bytes: (region.slab_pages * PAGE_SIZE) as u64,
+            slabs: &self.chase_spans,
+        };
+        self.links[slab.host].send(&msg, Pending::ChaseList { region: id, host_asked: slab.host, depth });
+        self.host_chases += 1;
+        self.stats.pointer_chains_offloaded.fetch_add(1, Relaxed);
+    }
+
+    /// A pointer prefetch of `page` (pointed to at byte `offset`, `depth` hops ahead of a
+    /// thread) arrived from host `h`, `sent` when requested.
+    pub(super) fn chase_arrived(
+        &mut self,
+        h: usize,
+        (id, page, offset, depth): (u32, usize, u16, u8),
+        data: &[u8],
+        sent: Instant,
+    ) {
+        self.chases -= 1;
+        self.stats.pages_fetched.fetch_add(1, Relaxed);
+        self.stats.bytes_fetched.fetch_add(data.len() as u64, Relaxed);
+        let Some(r) = self.regions.get_mut(&id) else { return };
+        let state = r.pages[page];
+        if state & (PageState::FETCHING | PageState::RESIDENT) != PageState::FETCHING {
+            return;
+        }
+        let wanted = state & PageState::WANTED != 0;
+        if !wanted && sent.elapsed() > self.config.prefetch_deadline {
+            // Too late to count on: leave the page to fault normally.
+            r.pages[page] &= !(PageState::FETCHING | PageState::PREFETCHED);
+            self.stats.prefetch_abandoned.fetch_add(1, Relaxed);
+            return;
+        }
+        self.install(id, page, &data[..PAGE_SIZE], false);
+        if wanted {
+            // A thread waiting here has caught up with the chain: its lead may grow again,
+            // from here and from where a host-followed chain stopped at its bound.
+            let stalled = self.regions.get_mut(&id).and_then(|r| r.stalled_chain.take());
+            if let Some((start, stalled_depth)) = stalled {
+                self.ask_host_to_chase(id, start, stalled_depth.saturating_sub(depth));
+            }
+            self.follow_pointers(id, page, Some(offset), 0);
+        } else if !self.links[h].chases_pointers {
+            self.follow_pointers(id, page, Some(offset), depth);
+        }
+    }
+
+    /// Host `host_asked` answered a `ChasePointers` started `depth` hops ahead of a thread:
+    /// requests the pages of the chain's `addresses`, and asks for the chain's next stretch
+    /// at once (so its pages are requested before the walker gets there), unless the chain
+    /// ended or reached its bound (then it resumes when a thread catches up).
+    pub(super) fn chain_arrived(&mut self, id: u32, host_asked: usize, depth: u8, addresses: &[u8]) {
+        self.host_chases -= 1;
+        let Some(region) = self.regions.get_mut(&id) else { return };
+        let mut last = None;
+        for (i, address) in addresses.chunks_exact(8).enumerate() {
+            let value = u64::from_le_bytes(address.try_into().expect("8 bytes"));
+            // A value outside the region: a host answering nonsense. Nothing to follow.
+            let Some(page) = region_page(region, value) else { break };
+            let hop_depth = depth.saturating_add(u8::try_from(i + 1).unwrap_or(u8::MAX));
+            last = Some((value, page, hop_depth));
+            let state = region.pages[page];
+            let fetchable = state & (PageState::RESIDENT | PageState::FETCHING | PageState::LOST) == 0
+                && state & PageState::ON_HOST != 0
+                && self.chases < CHASES_IN_FLIGHT;
+            let Some((slab, slab_page)) = region.read_copy(page).filter(|_| fetchable) else { continue };
+            let offset = (value as usize - region.base) % PAGE_SIZE;
+            self.links[slab.host].send(
+                &Message::ReadPages { slab_id: slab.slab_id, first_page: slab_page, count: 1 },
+                Pending::Chase { region: id, page, offset: offset as u16, depth: hop_depth },
+            );
+            region.pages[page] |= PageState::FETCHING | PageState::PREFETCHED;
+            self.chases += 1;
+            self.stats.prefetch_issued.fetch_add(1, Relaxed);
+            self.stats.pointer_prefetch_issued.fetch_add(1, Relaxed);
+        }
+        let Some((value, page, hop_depth)) = last else { return };
+        // Fewer hops than asked with the last on the same host: the chain ended there.
+        let went_on = addresses.len() == 8 * usize::from(HOST_HOPS)
+            || region.read_copy(page).is_some_and(|(slab, _)| slab.host != host_asked);
+        if !went_on {
+            return;
+        }
+        if hop_depth >= HOST_CHASE_DEPTH {
+            region.stalled_chain = Some((value, hop_depth));
+        } else {
+            self.ask_host_to_chase(id, value, hop_depth);
+        }
+    }
+}
+
+/// The page of `region` holding address `value`, if it lies in the region.
+fn region_page(region: &RegionState, value: u64) -> Option<usize> {
+    let rel = usize::try_from(value).ok()?.checked_sub(region.base)?;
+    (rel < region.pages.len() * PAGE_SIZE).then_some(rel / PAGE_SIZE)
+}
