@@ -315,14 +315,26 @@ fn no_userfaultfd_permission_is_explained() {
     }
 }
 
-/// The prefetcher follows a sequential scan (fewer faults than pages, data verified) and
-/// stays quiet on a random stream.
+/// The prefetcher follows a sequential scan (fewer faults than pages, data verified), also
+/// two at once from two threads, and stays quiet on a random stream.
 #[test]
 fn prefetch_follows_scans_and_ignores_random_streams() {
     require_userfaultfd();
-    let run = |workload: &str, prefetch: &str| {
+    let run_threads = |workload: &str, prefetch: &str, threads: &str| {
         let out = run_with_timeout(
-            &["bench", workload, "--size", "32M", "--local-mem", "25%", "--prefetch", prefetch, "--json"],
+            &[
+                "bench",
+                workload,
+                "--size",
+                "32M",
+                "--local-mem",
+                "25%",
+                "--prefetch",
+                prefetch,
+                "--threads",
+                threads,
+                "--json",
+            ],
             TIMEOUT,
         );
         assert!(out.status.success(), "{workload} {prefetch}: {}", stderr(&out));
@@ -330,10 +342,15 @@ fn prefetch_follows_scans_and_ignores_random_streams() {
         assert_eq!(r["verified"], true, "{r}");
         r
     };
+    let run = |workload: &str, prefetch: &str| run_threads(workload, prefetch, "1");
     let scan = run("seq-read", "auto");
     let pages = 8192;
     assert!(scan["prefetch_issued"].as_u64().unwrap() > pages / 4, "{scan}");
     assert!(scan["remote_faults"].as_u64().unwrap() < pages / 2, "{scan}");
+    // Each thread reads its own part in order: their misses interleave, each thread's
+    // stream still has its trend.
+    let scans = run_threads("seq-read", "auto", "2");
+    assert!(scans["remote_faults"].as_u64().unwrap() < pages / 2, "{scans}");
     let off = run("seq-read", "off");
     assert_eq!(off["prefetch_issued"], 0, "{off}");
     // Without prefetch nearly every page faults (a few may still be resident from the fill).
@@ -346,7 +363,8 @@ fn prefetch_follows_scans_and_ignores_random_streams() {
 }
 
 /// Pointer prefetch follows a linked list scattered over the region: the walk sends far fewer
-/// fetches of its own than without it (faults on a page already in flight only wait).
+/// fetches of its own than without it, and blocks (fetching or waiting for a page in flight)
+/// at most half as often, its host following the chain.
 #[test]
 fn pointer_prefetch_follows_a_list_walk() {
     require_userfaultfd();
@@ -367,6 +385,9 @@ fn pointer_prefetch_follows_a_list_walk() {
     assert_eq!(auto["prefetch_issued"], 0, "a scattered list has no stride: {auto}");
     assert!(pointer["pointer_prefetch_issued"].as_u64().unwrap() > faults(&off) / 2, "{pointer}");
     assert!(faults(&pointer) * 2 < faults(&off), "off: {off}\npointer: {pointer}");
+    let blocking = faults(&pointer) + pointer["prefetch_waits"].as_u64().unwrap();
+    assert!(blocking * 2 < faults(&off), "off: {off}\npointer: {pointer}");
+    assert!(pointer["pointer_chains_offloaded"].as_u64().unwrap() > 0, "{pointer}");
 }
 
 /// A host that stops answering (SIGSTOP: its connections stay open) is declared dead after

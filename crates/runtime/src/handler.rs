@@ -41,7 +41,7 @@ use clustermem_uffd::{CopyOutcome, Event, RegisterMode, Uffd};
 
 use crate::dirty::{Twin, TwinPool, WritebackMode};
 use crate::policy::{EvictionPolicy, PageKey, PageMap};
-use crate::prefetch::{PrefetchMode, Stream};
+use crate::prefetch::{PrefetchMode, Streams};
 use crate::redundancy::{Coder, Redundancy};
 use crate::stats::RuntimeStats;
 use crate::transport::{self, Link, Pending};
@@ -205,13 +205,11 @@ struct RegionState {
     /// Clean twins of dirty pages (line write-back only).
     twins: PageMap<usize, Twin>,
     prefetch: PrefetchMode,
-    /// The miss stream, for prefetching.
-    stream: Stream,
+    /// The miss streams of the threads faulting on it, for prefetching.
+    streams: Streams,
     /// The last page filled with zeros for a write fault (usize::MAX: none yet), to spot a
     /// program writing fresh memory in order.
     last_zero_write: usize,
-    /// The last prefetch window: first page, delta, pages.
-    window: Option<(usize, i64, usize)>,
     /// Where a host-followed pointer chain stopped at its lead bound: the next address to
     /// follow from and its depth (see `pointer_chase`).
     stalled_chain: Option<(u64, u8)>,
@@ -873,8 +871,7 @@ impl Handler {
                 lost: 0,
                 twins: PageMap::default(),
                 prefetch,
-                stream: Stream::default(),
-                window: None,
+                streams: Streams::default(),
                 stalled_chain: None,
                 last_zero_write: usize::MAX,
             },
@@ -1075,7 +1072,7 @@ impl Core {
     }
 
     fn on_event(&mut self, ev: Event) {
-        let Event::PageFault { addr, exact_addr, write, write_protect, .. } = ev else { return };
+        let Event::PageFault { addr, exact_addr, write, write_protect, tid } = ev else { return };
         let started = Instant::now();
         let Some((id, page)) = self.lookup(addr) else {
             // Not ours (a region being removed): wake, the thread will refault elsewhere.
@@ -1123,7 +1120,7 @@ impl Core {
                 self.stats.prefetch_waits.fetch_add(1, Relaxed);
                 self.stats.prefetch_used.fetch_add(1, Relaxed);
                 if region.prefetch != PrefetchMode::Off {
-                    self.prefetch_on_wait(id, page);
+                    self.prefetch_on_wait(id, page, tid);
                 }
             }
         } else if state & PageState::ON_HOST != 0 {
@@ -1133,7 +1130,7 @@ impl Core {
                 let prefetch = region.prefetch != PrefetchMode::Off;
                 self.gather_start(id, page, 1, redundant::GatherFor::Fault { write, started });
                 if prefetch {
-                    self.prefetch_after(id, page);
+                    self.prefetch_after(id, page, tid);
                 }
                 return;
             }
@@ -1150,7 +1147,7 @@ impl Core {
                 Pending::Fetch { region: id, page, write, started, offset },
             );
             if region.prefetch != PrefetchMode::Off {
-                self.prefetch_after(id, page);
+                self.prefetch_after(id, page, tid);
             }
         } else {
             // Never written back: the host copy is zeros, so no network trip.
@@ -1225,37 +1222,37 @@ impl Core {
     }
 
     /// After the faulting page's own fetch has been queued (critical page first), follows the
-    /// region's miss stream: fetches ahead of a sequential or strided trend, in runs of
-    /// adjacent pages per request.
-    fn prefetch_after(&mut self, id: u32, page: usize) {
-        let region = self.regions.get_mut(&id).expect("caller checked");
-        let Some(prediction) = region.stream.on_miss(page) else {
+    /// faulting thread's (`tid`) miss stream: fetches ahead of a sequential or strided trend,
+    /// in runs of adjacent pages per request.
+    fn prefetch_after(&mut self, id: u32, page: usize, tid: u32) {
+        let thread = self.regions.get_mut(&id).expect("caller checked").streams.of(tid);
+        let Some(prediction) = thread.stream.on_miss(page) else {
             return;
         };
         if prediction.window_consumed {
             // The stream ran off the end of the windows: every page of them was used.
-            if let Some((first, delta, count)) = region.window.take() {
+            if let Some((first, delta, count)) = thread.window.take() {
                 self.mark_used(id, first, delta, count);
             }
         }
-        self.issue_window(id, prediction);
+        self.issue_window(id, prediction, tid);
     }
 
-    /// A thread waits for `page` of region `id`, a prefetch in flight: the stream reached it,
-    /// so the window's pages before it were used, and the next window may be due.
-    fn prefetch_on_wait(&mut self, id: u32, page: usize) {
-        let region = self.regions.get_mut(&id).expect("caller checked");
-        if let Some((first, delta, count)) = region.window {
+    /// Thread `tid` waits for `page` of region `id`, a prefetch in flight: if its stream
+    /// reached it, the window's pages before it were used, and the next window may be due.
+    fn prefetch_on_wait(&mut self, id: u32, page: usize, tid: u32) {
+        let thread = self.regions.get_mut(&id).expect("caller checked").streams.of(tid);
+        if let Some((first, delta, count)) = thread.window {
             let passed = (page as i64 - first as i64) / delta;
             if (page as i64 - first as i64) % delta == 0 && (0..count as i64).contains(&passed) {
                 let passed = passed as usize;
-                region.window = Some((page, delta, count - passed));
+                thread.window = Some((page, delta, count - passed));
                 self.mark_used(id, first, delta, passed);
             }
         }
-        let region = self.regions.get_mut(&id).expect("caller checked");
-        if let Some(prediction) = region.stream.on_wait(page) {
-            self.issue_window(id, prediction);
+        let thread = self.regions.get_mut(&id).expect("caller checked").streams.of(tid);
+        if let Some(prediction) = thread.stream.on_wait(page) {
+            self.issue_window(id, prediction, tid);
         }
     }
 
@@ -1272,8 +1269,8 @@ impl Core {
     }
 
     /// Fetches the pages of a predicted window that are on a host and not already here or
-    /// coming, adjacent ones in one request, and extends the region's window over them.
-    fn issue_window(&mut self, id: u32, prediction: crate::prefetch::Prediction) {
+    /// coming, adjacent ones in one request, and extends thread `tid`'s window over them.
+    fn issue_window(&mut self, id: u32, prediction: crate::prefetch::Prediction, tid: u32) {
         let region = self.regions.get_mut(&id).expect("caller checked");
         let (delta, depth) = (prediction.delta, prediction.depth);
         let mut run: Option<(usize, u32)> = None; // (first page, pages) of adjacent fetchable pages
@@ -1312,7 +1309,8 @@ impl Core {
         }
         if let Some(first) = first_window_page {
             // A window issued on a wait continues the one before: account for both together.
-            region.window = match region.window {
+            let thread = region.streams.of(tid);
+            thread.window = match thread.window {
                 Some((old, d, n)) if d == delta && old as i64 + n as i64 * d == first as i64 => {
                     Some((old, d, n + window_pages))
                 }

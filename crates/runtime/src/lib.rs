@@ -190,6 +190,9 @@ impl Runtime {
         } else {
             Features::empty()
         };
+        // The faulting thread's id (4.14+) gives each thread a miss stream of its own.
+        let thread_id =
+            if available.contains(Features::THREAD_ID) { Features::THREAD_ID } else { Features::empty() };
         let tracking = match config.dirty_tracking {
             DirtyTracking::Sync => Features::empty(),
             DirtyTracking::Async => {
@@ -212,8 +215,9 @@ impl Runtime {
                 Features::WP_ASYNC.union(Features::MOVE)
             }
         };
-        let uffd =
-            Arc::new(Uffd::open(Features::PAGEFAULT_FLAG_WP.union(poison).union(exact).union(tracking))?);
+        let uffd = Arc::new(Uffd::open(
+            Features::PAGEFAULT_FLAG_WP.union(poison).union(exact).union(thread_id).union(tracking),
+        )?);
         if config.redundancy.shards() > config.hosts.len().max(1) {
             return Err(RuntimeError::Config(format!(
                 "--redundancy {} puts each slab on {} distinct memory hosts; {} given{}",

@@ -1,4 +1,7 @@
-//! Miss-stream prefetching: find the trend in a region's recent faults and fetch ahead of it.
+//! Miss-stream prefetching: find the trend in a thread's recent faults on a region and fetch
+//! ahead of it. Each faulting thread (named by the kernel with `UFFD_FEATURE_THREAD_ID`) has a
+//! stream of its own, so threads scanning their own parts of a region do not mix their trends
+//! into noise.
 //!
 //! The detector keeps the deltas between the last few missing pages and looks for a majority
 //! delta with Boyer-Moore voting (as Leap does): a sequential or strided stream has one, even
@@ -13,10 +16,12 @@
 //! blocking miss per window.
 //!
 //! Pointer mode adds content-directed prefetch for linked structures, which have no trend to
-//! find: see `Core::follow_pointers` in `handler.rs`.
+//! find: see `handler/pointer_chase.rs`.
 
-/// Deltas remembered per region.
+/// Deltas remembered per stream.
 const HISTORY: usize = 8;
+/// Miss streams kept per region, one per faulting thread (least recently used replaced).
+const THREAD_STREAMS: usize = 8;
 /// Prefetch depth bounds, in pages.
 pub(crate) const MIN_DEPTH: usize = 4;
 const MAX_DEPTH: usize = 256;
@@ -69,7 +74,49 @@ pub(crate) struct Prediction {
     pub window_consumed: bool,
 }
 
-/// The miss-stream state of one region.
+/// A prefetch window: first page, delta, pages.
+pub(crate) type Window = (usize, i64, usize);
+
+/// One thread's miss stream in a region, and its last prefetch window.
+#[derive(Debug, Default)]
+pub(crate) struct ThreadStream {
+    pub stream: Stream,
+    pub window: Option<Window>,
+}
+
+/// A region's miss streams, one per faulting thread: threads that each read their own part
+/// of a region in order keep their trends, which one shared history would mix into none.
+/// Where the kernel does not name the faulting thread (tid 0), the region has one stream.
+#[derive(Debug, Default)]
+pub(crate) struct Streams {
+    /// (thread id, last use, stream).
+    entries: Vec<(u32, u64, ThreadStream)>,
+    clock: u64,
+}
+
+impl Streams {
+    /// The stream of thread `tid`, started afresh (in place of the least recently used one,
+    /// when THREAD_STREAMS are kept) if it has none.
+    pub(crate) fn of(&mut self, tid: u32) -> &mut ThreadStream {
+        self.clock += 1;
+        let i = match self.entries.iter().position(|e| e.0 == tid) {
+            Some(i) => i,
+            None if self.entries.len() < THREAD_STREAMS => {
+                self.entries.push((tid, 0, ThreadStream::default()));
+                self.entries.len() - 1
+            }
+            None => {
+                let i = (0..self.entries.len()).min_by_key(|&i| self.entries[i].1).expect("full");
+                self.entries[i] = (tid, 0, ThreadStream::default());
+                i
+            }
+        };
+        self.entries[i].1 = self.clock;
+        &mut self.entries[i].2
+    }
+}
+
+/// The miss-stream state of one thread in a region.
 #[derive(Debug, Default)]
 pub(crate) struct Stream {
     deltas: [i64; HISTORY],
@@ -198,6 +245,37 @@ mod tests {
             x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) % 100_000;
             assert_eq!(r.on_miss(x), None, "random misses never prefetch");
         }
+    }
+
+    #[test]
+    fn interleaved_threads_each_keep_their_stream() {
+        let (mut streams, mut shared) = (Streams::default(), Stream::default());
+        let (mut a, mut b) = (None, None);
+        // Two threads reading their own halves in order, their misses interleaved.
+        for k in 0..6 {
+            a = streams.of(7).stream.on_miss(k);
+            b = streams.of(9).stream.on_miss(50_000 + k);
+            for page in [k, 50_000 + k] {
+                let p = shared.on_miss(page);
+                assert!(p.is_none_or(|p| p.delta.abs() > 1), "one history misses the trend: {p:?}");
+            }
+        }
+        assert_eq!(a.map(|p| (p.start, p.delta)), Some((6, 1)));
+        assert_eq!(b.map(|p| (p.start, p.delta)), Some((50_006, 1)));
+    }
+
+    #[test]
+    fn the_least_recently_used_thread_stream_gives_way() {
+        let mut streams = Streams::default();
+        for tid in 1..=THREAD_STREAMS as u32 {
+            streams.of(tid).stream.on_miss(10);
+            streams.of(tid).stream.on_miss(11);
+        }
+        streams.of(1); // thread 2 is now the least recently used
+        streams.of(100).stream.on_miss(0);
+        assert!(streams.of(1).stream.on_miss(12).is_some(), "thread 1 kept its history");
+        assert_eq!(streams.of(2).stream.on_miss(12), None, "thread 2 starts over");
+        assert_eq!(streams.entries.len(), THREAD_STREAMS);
     }
 
     #[test]
