@@ -114,7 +114,8 @@ pub enum UffdError {
         #[source]
         source: io::Error,
     },
-    /// The process that owned the registered memory is gone (`ESRCH`/`ENOMEM` from a copy).
+    /// The process that owned the registered memory is gone (`ESRCH`; `ENOSPC` from a copy
+    /// before Linux 4.13).
     #[error("the address space behind the userfaultfd is gone")]
     Closed,
     /// Reading fault messages failed.
@@ -181,9 +182,11 @@ fn last_err() -> io::Error {
     io::Error::last_os_error()
 }
 
+/// `ENOMEM` is not among the "gone" errors: a copy that cannot allocate or charge its page (a
+/// memory cgroup at its limit) fails so, with the address space alive.
 fn ioctl_error(op: &'static str, addr: usize, len: usize, source: io::Error) -> UffdError {
     match source.raw_os_error() {
-        Some(libc::ESRCH | libc::ENOMEM) => UffdError::Closed,
+        Some(libc::ESRCH | libc::ENOSPC) => UffdError::Closed,
         _ => UffdError::Ioctl { op, addr, len, source },
     }
 }
@@ -630,6 +633,18 @@ mod tests {
 
     fn need_uffd() -> Uffd {
         Uffd::open(Features::empty()).unwrap_or_else(|e| panic!("userfaultfd is needed for this test: {e}"))
+    }
+
+    /// Only the errors of an exited address space say it is gone; out of memory (a cgroup at
+    /// its limit) is an ordinary failure with its cause kept.
+    #[test]
+    fn only_an_exited_address_space_reads_as_closed() {
+        let err = |errno| ioctl_error("UFFDIO_COPY", 0x1000, 4096, io::Error::from_raw_os_error(errno));
+        assert!(matches!(err(libc::ESRCH), UffdError::Closed));
+        assert!(matches!(err(libc::ENOSPC), UffdError::Closed));
+        let oom = err(libc::ENOMEM);
+        assert_eq!(oom.ioctl_errno(), Some(libc::ENOMEM), "{oom}");
+        assert_eq!(err(libc::EEXIST).ioctl_errno(), Some(libc::EEXIST));
     }
 
     /// A fault from another thread is reported, served by a copy, and the reader sees the
