@@ -100,7 +100,7 @@ struct HostArgs {
     #[arg(long, default_value = "30s", value_parser = duration::parse_duration)]
     orphan_grace: Duration,
     /// Do not follow pointer chains for clients (`--prefetch pointer` asks a host to, so a
-    /// linked list costs the client one round trip per 16 nodes instead of one per node);
+    /// linked list costs the client one round trip per 32 nodes instead of one per node);
     /// such clients then chase their chains themselves.
     #[arg(long)]
     no_pointer_chasing: bool,

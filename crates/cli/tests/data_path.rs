@@ -300,3 +300,58 @@ fn reserved_regions_commit_on_demand_and_discard_frees_host_memory() {
     assert!(region.discard(1, PAGE_SIZE).is_err(), "unaligned ranges are refused");
     assert!(region.commit(64 << 20, PAGE_SIZE).is_err(), "ranges past the end are refused");
 }
+
+/// Whether the page at `addr` is mapped in this process.
+fn resident(addr: usize) -> bool {
+    let mut vec = 0u8;
+    // SAFETY: mincore(2) reads the page tables for one page-aligned page and writes one byte.
+    let rc = unsafe { libc::mincore(addr as *mut libc::c_void, PAGE_SIZE, &mut vec) };
+    assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+    vec & 1 != 0
+}
+
+/// A read still in flight when its page is discarded never lands: the page may be rewritten,
+/// written back and fetched anew before the old reply arrives. A stopped host holds every
+/// reply back until all of that has happened, then answers in order: the stale page first.
+#[test]
+fn a_read_in_flight_across_a_discard_never_lands() {
+    require_userfaultfd();
+    let mut host = HostProcess::start("16M");
+    let rt = runtime(&[&host], 4 * PAGE_SIZE as u64);
+    let mut region = rt.map(256 * PAGE_SIZE).unwrap();
+    let base = region.as_ptr() as usize;
+    // Writes `byte` over page 0, then other pages until page 0 is evicted (written back).
+    let mut next = 1;
+    let mut write_and_push_out = |region: &mut clustermem_runtime::Region<'_>, byte: u8| {
+        region.as_mut_slice()[..PAGE_SIZE].fill(byte);
+        while resident(base) {
+            assert!(next < 256, "page 0 was never evicted");
+            region.as_mut_slice()[next * PAGE_SIZE..(next + 1) * PAGE_SIZE].fill(0x44);
+            next += 1;
+        }
+    };
+    write_and_push_out(&mut region, 0x11);
+    region.flush().unwrap();
+    host.signal(libc::SIGSTOP);
+    let read_first_byte = move || {
+        // SAFETY: the region stays mapped until the end of the test, after both readers are
+        // joined; a volatile load of one byte, which the runtime serves like any access.
+        unsafe { std::ptr::read_volatile(base as *const u8) }
+    };
+    let stale = std::thread::spawn(read_first_byte); // its fetch waits at the stopped host
+    std::thread::sleep(Duration::from_millis(200));
+    region.discard(0, PAGE_SIZE).unwrap();
+    assert_eq!(stale.join().unwrap(), 0, "woken by the discard, the reader refaults on zeros");
+    // Rewritten, pushed out and faulted again, all while the host sleeps; the other pages
+    // are dropped first, so that nothing evicts page 0 again once a reply installs it.
+    write_and_push_out(&mut region, 0x22);
+    region.discard(PAGE_SIZE, 255 * PAGE_SIZE).unwrap();
+    let fresh = std::thread::spawn(read_first_byte);
+    std::thread::sleep(Duration::from_millis(200));
+    let before = rt.stats().snapshot().remote_faults;
+    host.signal(libc::SIGCONT);
+    assert_eq!(fresh.join().unwrap(), 0x22, "the reply to the read before the discard was installed");
+    assert!(region.as_slice()[..PAGE_SIZE].iter().all(|&b| b == 0x22));
+    // One fetch served a fault (the fresh one); the stale reply was dropped uncounted.
+    assert_eq!(rt.stats().snapshot().remote_faults, before + 1);
+}

@@ -41,7 +41,7 @@ use clustermem_uffd::{CopyOutcome, Event, RegisterMode, Uffd};
 
 use crate::dirty::{Twin, TwinPool, WritebackMode};
 use crate::policy::{EvictionPolicy, PageKey, PageMap};
-use crate::prefetch::{PrefetchMode, Streams};
+use crate::prefetch::{PrefetchMode, StreamKey, Streams};
 use crate::redundancy::{Coder, Redundancy};
 use crate::stats::RuntimeStats;
 use crate::transport::{self, Link, Pending};
@@ -312,8 +312,8 @@ struct Core {
     /// Reused stack of resident pages a pointer chain passes through: (region page, byte
     /// offset pointed to, depth).
     chase_work: Vec<(usize, Option<u16>, u8)>,
-    /// Reused list of addresses a pointer chain continues from: (address, depth).
-    chase_starts: Vec<(u64, u8)>,
+    /// Reused list of the pages a pointer chain goes on to.
+    chase_starts: Vec<pointer_chase::ChaseStart>,
     /// Reused list of evicted pages' addresses, dropped together.
     dropped: Vec<usize>,
     /// State of the placement's random choices.
@@ -1222,37 +1222,44 @@ impl Core {
     }
 
     /// After the faulting page's own fetch has been queued (critical page first), follows the
-    /// faulting thread's (`tid`) miss stream: fetches ahead of a sequential or strided trend,
-    /// in runs of adjacent pages per request.
+    /// miss stream of the faulting thread (`tid`), or else the region's: fetches ahead of a
+    /// sequential or strided trend, in runs of adjacent pages per request.
     fn prefetch_after(&mut self, id: u32, page: usize, tid: u32) {
-        let thread = self.regions.get_mut(&id).expect("caller checked").streams.of(tid);
-        let Some(prediction) = thread.stream.on_miss(page) else {
+        let streams = &mut self.regions.get_mut(&id).expect("caller checked").streams;
+        let Some((key, prediction)) = streams.on_miss(page, tid) else {
             return;
         };
         if prediction.window_consumed {
             // The stream ran off the end of the windows: every page of them was used.
-            if let Some((first, delta, count)) = thread.window.take() {
+            if let Some((first, delta, count)) = streams.find(key).and_then(|s| s.window.take()) {
                 self.mark_used(id, first, delta, count);
             }
         }
-        self.issue_window(id, prediction, tid);
+        self.issue_window(id, prediction, key);
     }
 
-    /// Thread `tid` waits for `page` of region `id`, a prefetch in flight: if its stream
-    /// reached it, the window's pages before it were used, and the next window may be due.
+    /// Thread `tid` waits for `page` of region `id`, a prefetch in flight: if its stream (or
+    /// the region's) reached it, the window's pages before it were used, and the next window
+    /// may be due.
     fn prefetch_on_wait(&mut self, id: u32, page: usize, tid: u32) {
-        let thread = self.regions.get_mut(&id).expect("caller checked").streams.of(tid);
-        if let Some((first, delta, count)) = thread.window {
-            let passed = (page as i64 - first as i64) / delta;
-            if (page as i64 - first as i64) % delta == 0 && (0..count as i64).contains(&passed) {
-                let passed = passed as usize;
-                thread.window = Some((page, delta, count - passed));
-                self.mark_used(id, first, delta, passed);
+        for key in [StreamKey::Thread(tid), StreamKey::Shared] {
+            let streams = &mut self.regions.get_mut(&id).expect("caller checked").streams;
+            // Only a stream that issued windows follows them up (the shared one runs beside
+            // the threads' without issuing while they predict).
+            let Some(stream) = streams.find(key).filter(|s| s.window.is_some()) else { continue };
+            if let Some((first, delta, count)) = stream.window {
+                let passed = (page as i64 - first as i64) / delta;
+                if (page as i64 - first as i64) % delta == 0 && (0..count as i64).contains(&passed) {
+                    let passed = passed as usize;
+                    stream.window = Some((page, delta, count - passed));
+                    self.mark_used(id, first, delta, passed);
+                }
             }
-        }
-        let thread = self.regions.get_mut(&id).expect("caller checked").streams.of(tid);
-        if let Some(prediction) = thread.stream.on_wait(page) {
-            self.issue_window(id, prediction, tid);
+            let streams = &mut self.regions.get_mut(&id).expect("caller checked").streams;
+            if let Some(prediction) = streams.find(key).and_then(|s| s.stream.on_wait(page)) {
+                self.issue_window(id, prediction, key);
+                return;
+            }
         }
     }
 
@@ -1269,8 +1276,8 @@ impl Core {
     }
 
     /// Fetches the pages of a predicted window that are on a host and not already here or
-    /// coming, adjacent ones in one request, and extends thread `tid`'s window over them.
-    fn issue_window(&mut self, id: u32, prediction: crate::prefetch::Prediction, tid: u32) {
+    /// coming, adjacent ones in one request, and extends stream `key`'s window over them.
+    fn issue_window(&mut self, id: u32, prediction: crate::prefetch::Prediction, key: StreamKey) {
         let region = self.regions.get_mut(&id).expect("caller checked");
         let (delta, depth) = (prediction.delta, prediction.depth);
         let mut run: Option<(usize, u32)> = None; // (first page, pages) of adjacent fetchable pages
@@ -1307,10 +1314,9 @@ impl Core {
         if let Some((first, n)) = run {
             issued += send_prefetch(region, &mut self.links, &mut coded, id, first, n);
         }
-        if let Some(first) = first_window_page {
-            // A window issued on a wait continues the one before: account for both together.
-            let thread = region.streams.of(tid);
-            thread.window = match thread.window {
+        // A window issued on a wait continues the one before: account for both together.
+        if let (Some(first), Some(stream)) = (first_window_page, region.streams.find(key)) {
+            stream.window = match stream.window {
                 Some((old, d, n)) if d == delta && old as i64 + n as i64 * d == first as i64 => {
                     Some((old, d, n + window_pages))
                 }
@@ -1357,13 +1363,8 @@ impl Core {
                     }
                 }
             }
-            Some(s) if s & PageState::RESIDENT == 0 => {
-                // Discarded while in flight: the waiting thread gets what freed memory holds.
-                let zeros = std::mem::take(&mut self.zero_page);
-                self.install(id, page, &zeros, write);
-                self.zero_page = zeros;
-            }
-            // Discarded and served again since, or the region is gone.
+            // Served since (a fault racing an install), or the region is gone. (A discard
+            // drops the replies to reads of its pages: see `forget_reads`.)
             _ => {}
         }
         self.stats.fault_service.record(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
@@ -1701,16 +1702,18 @@ impl Core {
                 self.stats.bytes_fetched.fetch_add(data.len() as u64, Relaxed);
                 self.install_fetched(region, page, data, write, started);
                 if self.regions.get(&region).is_some_and(|r| r.prefetch == PrefetchMode::Pointer) {
-                    self.follow_pointers(region, page, offset, 0);
+                    self.chase_from_fault(region, page, offset);
                 }
             }
-            (Pending::Chase { region, page, offset, depth }, Message::Pages { data, .. })
+            (Pending::Chase { region, page, offset, depth, host_follows }, Message::Pages { data, .. })
                 if data.len() == PAGE_SIZE =>
             {
-                self.chase_arrived(h, (region, page, offset, depth), data, sent);
+                let chase = pointer_chase::ChaseArrival { region, page, offset, depth, host_follows };
+                self.chase_arrived(chase, data, sent);
             }
-            (Pending::ChaseList { region, host_asked, depth }, Message::Chain { addresses }) => {
-                self.chain_arrived(region, host_asked, depth, addresses);
+            (Pending::ChaseList { region, host_asked, start, depth, hops }, Message::Chain { addresses }) => {
+                let list = pointer_chase::ChainList { region, host_asked, start, depth, hops };
+                self.chain_arrived(list, addresses);
             }
             (Pending::ChaseList { .. }, _) => self.host_chases -= 1,
             (Pending::Chase { region, page, .. }, _) => {
@@ -1836,6 +1839,44 @@ impl Core {
     /// Forgets pages `first..first + count` of region `id`, as munmap or MADV_DONTNEED of
     /// private anonymous memory would: they read as zeros afterwards. Local copies, twins and
     /// the host's copies are dropped; a fetch in flight for one of them installs zeros.
+    /// Drops the replies still due to reads of pages `first..first + count` of region `id`
+    /// (being discarded): each page may be written, written back and fetched anew before an
+    /// old reply arrives, which would install what the page held before the discard. A
+    /// thread asleep on such a read is woken by the discard and faults anew; the other pages
+    /// of a prefetch cut short fault normally (or are fetched for a thread waiting on them).
+    fn forget_reads(&mut self, id: u32, first: usize, count: usize) {
+        let discarded = first..first + count;
+        let overlaps = |from: usize, n: usize| from < discarded.end && discarded.start < from + n;
+        let mut cut_short = Vec::new();
+        for link in &mut self.links {
+            for (_, pending, _) in &mut link.pending {
+                match *pending {
+                    Pending::Fetch { region, page, .. } if region == id && discarded.contains(&page) => {}
+                    Pending::Chase { region, page, .. } if region == id && discarded.contains(&page) => {
+                        self.chases -= 1;
+                    }
+                    Pending::Prefetch { region, first: from, count: n }
+                        if region == id && overlaps(from, n as usize) =>
+                    {
+                        cut_short.extend((from..from + n as usize).filter(|p| !discarded.contains(p)));
+                    }
+                    _ => continue,
+                }
+                *pending = Pending::Ignore;
+            }
+        }
+        self.gathers.retain(|_, g| match g.installs() {
+            Some((region, from, n)) if region == id && overlaps(from, n) => {
+                cut_short.extend((from..from + n).filter(|p| !discarded.contains(p)));
+                false
+            }
+            _ => true,
+        });
+        for page in cut_short {
+            self.drop_prefetch(id, page);
+        }
+    }
+
     fn discard(&mut self, id: u32, first: usize, count: usize) -> Result<(), RuntimeError> {
         let region =
             self.regions.get_mut(&id).ok_or_else(|| RuntimeError::Config(format!("no region {id}")))?;
@@ -1845,6 +1886,8 @@ impl Core {
                 "pages {first}+{count} outside a region of {pages} pages"
             )));
         }
+        self.forget_reads(id, first, count);
+        let region = self.regions.get_mut(&id).expect("checked above");
         // Threads waiting for a page in flight are served zeros below: the reply to a
         // prefetch of a discarded page is dropped, and would leave them asleep.
         let mut waiting = Vec::new();

@@ -84,11 +84,22 @@ pub(crate) struct ThreadStream {
     pub window: Option<Window>,
 }
 
-/// A region's miss streams, one per faulting thread: threads that each read their own part
-/// of a region in order keep their trends, which one shared history would mix into none.
-/// Where the kernel does not name the faulting thread (tid 0), the region has one stream.
+/// Which of a region's streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StreamKey {
+    /// The region's stream of every thread's misses.
+    Shared,
+    /// One thread's (by thread id).
+    Thread(u32),
+}
+
+/// A region's miss streams: one per faulting thread, so threads that each read their own
+/// part of a region in order keep their trends (one history would mix them into none), and
+/// one of all misses, which still follows a scan that several threads share (a pool taking
+/// the next chunk in turn) and serves where the kernel names no thread (tid 0).
 #[derive(Debug, Default)]
 pub(crate) struct Streams {
+    shared: ThreadStream,
     /// (thread id, last use, stream).
     entries: Vec<(u32, u64, ThreadStream)>,
     clock: u64,
@@ -97,7 +108,7 @@ pub(crate) struct Streams {
 impl Streams {
     /// The stream of thread `tid`, started afresh (in place of the least recently used one,
     /// when THREAD_STREAMS are kept) if it has none.
-    pub(crate) fn of(&mut self, tid: u32) -> &mut ThreadStream {
+    pub(crate) fn thread(&mut self, tid: u32) -> &mut ThreadStream {
         self.clock += 1;
         let i = match self.entries.iter().position(|e| e.0 == tid) {
             Some(i) => i,
@@ -113,6 +124,22 @@ impl Streams {
         };
         self.entries[i].1 = self.clock;
         &mut self.entries[i].2
+    }
+
+    /// The stream `key`, if kept (a thread's is never started here).
+    pub(crate) fn find(&mut self, key: StreamKey) -> Option<&mut ThreadStream> {
+        match key {
+            StreamKey::Shared => Some(&mut self.shared),
+            StreamKey::Thread(tid) => self.entries.iter_mut().find(|e| e.0 == tid).map(|e| &mut e.2),
+        }
+    }
+
+    /// Records a miss at `page` by thread `tid` (0: unknown) in its stream and the shared
+    /// one; the prediction to follow, its own stream's first, and whose it is.
+    pub(crate) fn on_miss(&mut self, page: usize, tid: u32) -> Option<(StreamKey, Prediction)> {
+        let own = (tid != 0).then(|| self.thread(tid).stream.on_miss(page)).flatten();
+        let shared = self.shared.stream.on_miss(page);
+        own.map(|p| (StreamKey::Thread(tid), p)).or(shared.map(|p| (StreamKey::Shared, p)))
     }
 }
 
@@ -253,8 +280,8 @@ mod tests {
         let (mut a, mut b) = (None, None);
         // Two threads reading their own halves in order, their misses interleaved.
         for k in 0..6 {
-            a = streams.of(7).stream.on_miss(k);
-            b = streams.of(9).stream.on_miss(50_000 + k);
+            a = streams.thread(7).stream.on_miss(k);
+            b = streams.thread(9).stream.on_miss(50_000 + k);
             for page in [k, 50_000 + k] {
                 let p = shared.on_miss(page);
                 assert!(p.is_none_or(|p| p.delta.abs() > 1), "one history misses the trend: {p:?}");
@@ -268,14 +295,34 @@ mod tests {
     fn the_least_recently_used_thread_stream_gives_way() {
         let mut streams = Streams::default();
         for tid in 1..=THREAD_STREAMS as u32 {
-            streams.of(tid).stream.on_miss(10);
-            streams.of(tid).stream.on_miss(11);
+            streams.thread(tid).stream.on_miss(10);
+            streams.thread(tid).stream.on_miss(11);
         }
-        streams.of(1); // thread 2 is now the least recently used
-        streams.of(100).stream.on_miss(0);
-        assert!(streams.of(1).stream.on_miss(12).is_some(), "thread 1 kept its history");
-        assert_eq!(streams.of(2).stream.on_miss(12), None, "thread 2 starts over");
+        streams.thread(1); // thread 2 is now the least recently used
+        streams.thread(100).stream.on_miss(0);
+        assert!(streams.find(StreamKey::Thread(2)).is_none(), "thread 2 gave way");
+        assert!(streams.thread(1).stream.on_miss(12).is_some(), "thread 1 kept its history");
+        assert_eq!(streams.thread(2).stream.on_miss(12), None, "thread 2 starts over");
         assert_eq!(streams.entries.len(), THREAD_STREAMS);
+    }
+
+    #[test]
+    fn a_scan_shared_by_threads_is_followed_by_the_shared_stream() {
+        // A pool of 12 threads (more than are kept) taking the next page in turn.
+        let mut streams = Streams::default();
+        let mut last = None;
+        for page in 0..48 {
+            last = streams.on_miss(page, 100 + (page % 12) as u32);
+        }
+        let (key, p) = last.expect("the scan is followed");
+        assert_eq!((key, p.delta), (StreamKey::Shared, 1));
+        // Where the kernel names no thread, the shared stream is all there is.
+        let mut anonymous = Streams::default();
+        for page in [5, 6, 7] {
+            last = anonymous.on_miss(page, 0);
+        }
+        assert_eq!(last.map(|(key, p)| (key, p.start)), Some((StreamKey::Shared, 8)));
+        assert!(anonymous.entries.is_empty());
     }
 
     #[test]

@@ -64,6 +64,8 @@ pub(crate) enum Pending {
         offset: u16,
         /// Hops since a thread last needed a page of this chain.
         depth: u8,
+        /// Its host was asked for the chain past it (so its arrival adds nothing).
+        host_follows: bool,
     },
     /// A `ChasePointers` asked of host `host_asked` for region `region`, started `depth` hops
     /// ahead of the last page a thread was seen to need.
@@ -72,8 +74,12 @@ pub(crate) enum Pending {
         region: u32,
         /// The host asked (the chain goes on elsewhere if it ended at a span held elsewhere).
         host_asked: usize,
+        /// The address the host follows the chain from.
+        start: u64,
         /// Hops of the chain's start.
         depth: u8,
+        /// Hops asked for.
+        hops: u8,
     },
     /// Shard `shard` of gather `gather` (a read that needs K of a span's shards: an
     /// erasure-coded fault, or a rebuild's read of surviving copies).

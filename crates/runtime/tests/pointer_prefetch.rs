@@ -13,10 +13,10 @@ const HOPS: usize = 48;
 
 /// The walk's order: a fixed shuffle of the pages (Fisher-Yates with xorshift), so no page
 /// repeats and there is no stride for the stream prefetcher to find.
-fn chain_order() -> Vec<usize> {
-    let mut order: Vec<usize> = (0..PAGES).collect();
+fn chain_order(pages: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..pages).collect();
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    for i in (1..PAGES).rev() {
+    for i in (1..pages).rev() {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
@@ -35,24 +35,25 @@ fn runtime(deadline: Duration) -> Runtime {
 
 /// A runtime on `hosts` (none: the embedded host, which follows pointer chains itself).
 fn runtime_on(deadline: Duration, hosts: Vec<String>) -> Runtime {
+    runtime_with(RuntimeConfig { prefetch_deadline: deadline, hosts, ..RuntimeConfig::default() })
+}
+
+/// A runtime of `config` with room for 64 pages.
+fn runtime_with(config: RuntimeConfig) -> Runtime {
     clustermem_runtime::check_userfaultfd().expect("this test needs userfaultfd");
-    Runtime::start(RuntimeConfig {
-        local_mem_bytes: (64 * PAGE_SIZE) as u64,
-        prefetch_deadline: deadline,
-        hosts,
-        ..RuntimeConfig::default()
-    })
-    .expect("starting the runtime")
+    Runtime::start(RuntimeConfig { local_mem_bytes: (64 * PAGE_SIZE) as u64, ..config })
+        .expect("starting the runtime")
 }
 
 /// Fills the pages in address order with bytes that are not addresses, linking the chain on
 /// the way: the word at LINK_AT of each page holds the address of the next chain page's
 /// LINK_AT, the word after it the page's marker. Only about the last 64 pages stay resident.
 fn build_chain(region: &mut Region<'_>) {
-    let order = chain_order();
-    let mut next = vec![0; PAGES];
-    for i in 0..PAGES {
-        next[order[i]] = order[(i + 1) % PAGES];
+    let pages = region.len() / PAGE_SIZE;
+    let order = chain_order(pages);
+    let mut next = vec![0; pages];
+    for i in 0..pages {
+        next[order[i]] = order[(i + 1) % pages];
     }
     let base = region.as_ptr() as u64;
     let bytes = region.as_mut_slice();
@@ -72,13 +73,14 @@ fn build_chain(region: &mut Region<'_>) {
 fn walk(region: &Region<'_>) -> usize {
     let base = region.as_ptr() as usize;
     let words = region.as_atomic_u64s();
-    let order = chain_order();
+    let pages = region.len() / PAGE_SIZE;
+    let order = chain_order(pages);
     let mut at = order[0] * PAGE_SIZE + LINK_AT;
     let mut cold = 0;
     for (i, &want) in order.iter().enumerate().take(HOPS) {
         let page = at / PAGE_SIZE;
         assert_eq!(page, want, "hop {i}");
-        cold += usize::from(page < PAGES - 64);
+        cold += usize::from(page < pages - 64);
         // The marker first (the access that faults), then the link, as a list walk does.
         let got = words[at / 8 + 1].load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(got, marker(page), "marker of page {page}");
@@ -151,7 +153,27 @@ fn a_host_that_does_not_chase_leaves_the_chain_to_the_client() {
     let s = rt.stats().snapshot();
     assert!(cold > HOPS / 2, "the walk must mostly touch pages that were pushed out ({cold})");
     assert_eq!(s.pointer_chains_offloaded, 0, "{s:?}");
-    // The client chased the chain itself, a round trip per hop, still ahead of the walk.
+    // The client chased the chain itself, a round trip per hop, still ahead of the walk,
+    // which caught up with it at nearly every cold hop.
     assert!(s.pointer_prefetch_issued >= cold as u64 / 2, "{s:?}");
+    assert!(s.remote_faults * 4 < cold as u64, "{cold} cold hops, {s:?}");
+    assert!(s.prefetch_waits * 2 > cold as u64, "{cold} cold hops, {s:?}");
+}
+
+#[test]
+fn a_region_of_too_many_spans_for_a_request_is_chased_by_the_client() {
+    // One page per slab: 1024 spans, more than a ChasePointers request carries.
+    let rt = runtime_with(RuntimeConfig {
+        slab_bytes: PAGE_SIZE,
+        prefetch_deadline: Duration::from_secs(10),
+        ..RuntimeConfig::default()
+    });
+    let mut region = rt.map_with_prefetch(4 * PAGES * PAGE_SIZE, PrefetchMode::Pointer).unwrap();
+    build_chain(&mut region);
+    rt.stats().reset();
+    let cold = walk(&region);
+    let s = rt.stats().snapshot();
+    assert!(cold > HOPS / 2, "the walk must mostly touch pages that were pushed out ({cold})");
+    assert_eq!(s.pointer_chains_offloaded, 0, "{s:?}");
     assert!(s.remote_faults * 4 < cold as u64, "{cold} cold hops, {s:?}");
 }

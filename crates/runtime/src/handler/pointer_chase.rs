@@ -36,8 +36,9 @@ const HOST_CHASES_IN_FLIGHT: usize = 8;
 const MAX_CHASE_SPANS: usize = 512;
 /// Pointers followed per scanned page (a 64-byte line holds 8).
 const POINTERS_PER_PAGE: usize = 8;
-/// Pointer prefetches in flight at once, across regions: bounds fan-out (trees, junk).
-const CHASES_IN_FLIGHT: usize = 64;
+/// Pointer prefetches in flight at once, across regions: bounds fan-out (trees, junk), and
+/// holds a host-followed chain's whole lead.
+const CHASES_IN_FLIGHT: usize = 128;
 
 impl Core {
     /// After a page arrived (or was found resident) for an access at byte `offset` (None:
@@ -89,26 +90,50 @@ impl Core {
                 let Some((slab, slab_page)) = region.read_copy(target).filter(|_| fetchable) else {
                     continue;
                 };
-                let link = &mut self.links[slab.host];
-                link.send(
-                    &Message::ReadPages { slab_id: slab.slab_id, first_page: slab_page, count: 1 },
-                    Pending::Chase { region: id, page: target, offset: target_offset, depth: depth + 1 },
-                );
                 region.pages[target] |= PageState::FETCHING | PageState::PREFETCHED;
                 self.chases += 1;
                 self.stats.prefetch_issued.fetch_add(1, Relaxed);
                 self.stats.pointer_prefetch_issued.fetch_add(1, Relaxed);
-                starts.push((value, depth + 1));
+                starts.push(ChaseStart {
+                    value,
+                    page: target,
+                    offset: target_offset,
+                    depth: depth + 1,
+                    read: (slab.host, slab.slab_id, slab_page),
+                    // From a whole-page scan, any of its values may be the one that matters:
+                    // too many guesses to hand each a long chain on the host.
+                    line_known: offset.is_some(),
+                });
             }
         }
         self.chase_work = work;
-        // The chain goes on from each page just requested: where its host follows pointers,
-        // it is asked to (the page's own arrival then adds nothing; see `chase_arrived`).
-        for &(start, depth) in &starts {
-            self.ask_host_to_chase(id, start, depth);
+        // The chain goes on from each page requested: where its host follows pointers, it is
+        // asked to, and the page's own arrival then adds nothing; otherwise that arrival
+        // continues the chain here (see `chase_arrived`).
+        for start in starts.drain(..) {
+            let host_follows = start.line_known && self.ask_host_to_chase(id, start.value, start.depth);
+            let (host, slab_id, first_page) = start.read;
+            self.links[host].send(
+                &Message::ReadPages { slab_id, first_page, count: 1 },
+                Pending::Chase {
+                    region: id,
+                    page: start.page,
+                    offset: start.offset,
+                    depth: start.depth,
+                    host_follows,
+                },
+            );
         }
-        starts.clear();
         self.chase_starts = starts;
+    }
+
+    /// A page arrived for a thread's fault: a chain starts at the faulting access, and one
+    /// stopped at its bound is given up (the thread faulted past it, or elsewhere).
+    pub(super) fn chase_from_fault(&mut self, id: u32, page: usize, offset: Option<u16>) {
+        if let Some(region) = self.regions.get_mut(&id) {
+            region.stalled_chain = None;
+        }
+        self.follow_pointers(id, page, offset, 0);
     }
 
     /// Drops pointer prefetches that missed their deadline and nobody waits for: their pages
@@ -137,18 +162,28 @@ impl Core {
         }
     }
 
+    /// How far ahead of a thread a host-followed chain may run: a quarter of local memory at
+    /// most, so its pages, installed cold, are not evicted before the walk gets to them.
+    fn host_chase_bound(&self) -> u8 {
+        u8::try_from(self.config.capacity_pages / 4).unwrap_or(u8::MAX).clamp(1, HOST_CHASE_DEPTH)
+    }
+
     /// Asks the host of the page holding address `start` to follow the chain from there
     /// (`depth` hops from where a thread was last seen), if it can and the bounds allow.
-    fn ask_host_to_chase(&mut self, id: u32, start: u64, depth: u8) {
-        if depth >= HOST_CHASE_DEPTH || self.host_chases >= HOST_CHASES_IN_FLIGHT {
-            return;
+    /// Returns whether the request was sent.
+    fn ask_host_to_chase(&mut self, id: u32, start: u64, depth: u8) -> bool {
+        let bound = self.host_chase_bound();
+        if depth >= bound || self.host_chases >= HOST_CHASES_IN_FLIGHT {
+            return false;
         }
-        let Some(region) = self.regions.get(&id).filter(|r| r.slabs.len() <= MAX_CHASE_SPANS) else { return };
+        let Some(region) = self.regions.get(&id).filter(|r| r.slabs.len() <= MAX_CHASE_SPANS) else {
+            return false;
+        };
         let Some((slab, _)) = region_page(region, start).and_then(|page| region.read_copy(page)) else {
-            return;
+            return false;
         };
         if !self.links[slab.host].chases_pointers {
-            return;
+            return false;
         }
         self.chase_spans.clear();
         for placement in &region.slabs {
@@ -157,27 +192,26 @@ impl Core {
             });
             self.chase_spans.extend_from_slice(&here.map_or(0, |s| s.slab.slab_id).to_le_bytes());
         }
+        let hops = HOST_HOPS.min(bound - depth);
         let msg = Message::ChasePointers {
             start,
-            hops: HOST_HOPS,
+            hops,
             base: region.base as u64,
             span_bytes: (region.slab_pages * PAGE_SIZE) as u64,
             slabs: &self.chase_spans,
         };
-        self.links[slab.host].send(&msg, Pending::ChaseList { region: id, host_asked: slab.host, depth });
+        let pending = Pending::ChaseList { region: id, host_asked: slab.host, start, depth, hops };
+        self.links[slab.host].send(&msg, pending);
         self.host_chases += 1;
         self.stats.pointer_chains_offloaded.fetch_add(1, Relaxed);
+        true
     }
 
     /// A pointer prefetch of `page` (pointed to at byte `offset`, `depth` hops ahead of a
-    /// thread) arrived from host `h`, `sent` when requested.
-    pub(super) fn chase_arrived(
-        &mut self,
-        h: usize,
-        (id, page, offset, depth): (u32, usize, u16, u8),
-        data: &[u8],
-        sent: Instant,
-    ) {
+    /// thread; its successors asked of its host when `host_follows`) arrived, `sent` when
+    /// requested.
+    pub(super) fn chase_arrived(&mut self, chase: ChaseArrival, data: &[u8], sent: Instant) {
+        let ChaseArrival { region: id, page, offset, depth, host_follows } = chase;
         self.chases -= 1;
         self.stats.pages_fetched.fetch_add(1, Relaxed);
         self.stats.bytes_fetched.fetch_add(data.len() as u64, Relaxed);
@@ -194,61 +228,119 @@ impl Core {
             return;
         }
         self.install(id, page, &data[..PAGE_SIZE], false);
+        self.resume_stalled_chain(id, wanted.then_some(depth));
         if wanted {
-            // A thread waiting here has caught up with the chain: its lead may grow again,
-            // from here and from where a host-followed chain stopped at its bound.
-            let stalled = self.regions.get_mut(&id).and_then(|r| r.stalled_chain.take());
-            if let Some((start, stalled_depth)) = stalled {
-                self.ask_host_to_chase(id, start, stalled_depth.saturating_sub(depth));
-            }
+            // A thread waiting here has caught up with the chain: its lead may grow again.
             self.follow_pointers(id, page, Some(offset), 0);
-        } else if !self.links[h].chases_pointers {
+        } else if !host_follows {
             self.follow_pointers(id, page, Some(offset), depth);
         }
     }
 
-    /// Host `host_asked` answered a `ChasePointers` started `depth` hops ahead of a thread:
-    /// requests the pages of the chain's `addresses`, and asks for the chain's next stretch
-    /// at once (so its pages are requested before the walker gets there), unless the chain
-    /// ended or reached its bound (then it resumes when a thread catches up).
-    pub(super) fn chain_arrived(&mut self, id: u32, host_asked: usize, depth: u8, addresses: &[u8]) {
-        self.host_chases -= 1;
-        let Some(region) = self.regions.get_mut(&id) else { return };
-        let mut last = None;
-        for (i, address) in addresses.chunks_exact(8).enumerate() {
-            let value = u64::from_le_bytes(address.try_into().expect("8 bytes"));
-            // A value outside the region: a host answering nonsense. Nothing to follow.
-            let Some(page) = region_page(region, value) else { break };
-            let hop_depth = depth.saturating_add(u8::try_from(i + 1).unwrap_or(u8::MAX));
-            last = Some((value, page, hop_depth));
-            let state = region.pages[page];
-            let fetchable = state & (PageState::RESIDENT | PageState::FETCHING | PageState::LOST) == 0
-                && state & PageState::ON_HOST != 0
-                && self.chases < CHASES_IN_FLIGHT;
-            let Some((slab, slab_page)) = region.read_copy(page).filter(|_| fetchable) else { continue };
-            let offset = (value as usize - region.base) % PAGE_SIZE;
-            self.links[slab.host].send(
-                &Message::ReadPages { slab_id: slab.slab_id, first_page: slab_page, count: 1 },
-                Pending::Chase { region: id, page, offset: offset as u16, depth: hop_depth },
-            );
-            region.pages[page] |= PageState::FETCHING | PageState::PREFETCHED;
-            self.chases += 1;
-            self.stats.prefetch_issued.fetch_add(1, Relaxed);
-            self.stats.pointer_prefetch_issued.fetch_add(1, Relaxed);
-        }
-        let Some((value, page, hop_depth)) = last else { return };
-        // Fewer hops than asked with the last on the same host: the chain ended there.
-        let went_on = addresses.len() == 8 * usize::from(HOST_HOPS)
-            || region.read_copy(page).is_some_and(|(slab, _)| slab.host != host_asked);
-        if !went_on {
+    /// Goes on with region `id`'s host-followed chain that stopped at a bound, once the
+    /// bound allows: the lead, when a thread caught up with the chain at `caught_up` hops
+    /// (its lead is then counted from there); the chases in flight, when half have arrived.
+    fn resume_stalled_chain(&mut self, id: u32, caught_up: Option<u8>) {
+        let Some(&(start, depth)) = self.regions.get(&id).and_then(|r| r.stalled_chain.as_ref()) else {
+            return;
+        };
+        let lead = caught_up.map_or(depth, |d| depth.saturating_sub(d));
+        if lead >= self.host_chase_bound() || self.chases >= CHASES_IN_FLIGHT / 2 {
+            if let Some(r) = self.regions.get_mut(&id) {
+                r.stalled_chain = Some((start, lead));
+            }
             return;
         }
-        if hop_depth >= HOST_CHASE_DEPTH {
-            region.stalled_chain = Some((value, hop_depth));
-        } else {
-            self.ask_host_to_chase(id, value, hop_depth);
+        if self.ask_host_to_chase(id, start, lead) {
+            if let Some(r) = self.regions.get_mut(&id) {
+                r.stalled_chain = None;
+            }
         }
     }
+
+    /// A host answered a `ChasePointers`: requests the pages of the chain's addresses (each
+    /// the successor of the one before, the first of `list.start`), and asks for the chain's
+    /// next stretch at once, so its pages are requested before the walker gets there. Where
+    /// a bound stops it (the lead, the chases in flight), the chain is marked stalled, to go
+    /// on when a thread catches up with it.
+    pub(super) fn chain_arrived(&mut self, list: ChainList, addresses: &[u8]) {
+        let ChainList { region: id, host_asked, start, depth, hops } = list;
+        self.host_chases -= 1;
+        let Some(region) = self.regions.get_mut(&id) else { return };
+        // The last address whose successors are requested or asked for, and its depth.
+        let (mut last, mut last_depth) = (start, depth);
+        let mut last_page = None;
+        let mut listed = 0;
+        for address in addresses.chunks_exact(8) {
+            let value = u64::from_le_bytes(address.try_into().expect("8 bytes"));
+            // A value outside the region: a host answering nonsense. Nothing to follow.
+            let Some(page) = region_page(region, value) else { return };
+            let hop_depth = last_depth.saturating_add(1);
+            let state = region.pages[page];
+            let fetchable = state & (PageState::RESIDENT | PageState::FETCHING | PageState::LOST) == 0
+                && state & PageState::ON_HOST != 0;
+            if let Some((slab, slab_page)) = region.read_copy(page).filter(|_| fetchable) {
+                if self.chases >= CHASES_IN_FLIGHT {
+                    // Its page is not requested: the chain resumes from the address before.
+                    region.stalled_chain = Some((last, last_depth));
+                    return;
+                }
+                let offset = ((value as usize - region.base) % PAGE_SIZE) as u16;
+                let pending =
+                    Pending::Chase { region: id, page, offset, depth: hop_depth, host_follows: true };
+                self.links[slab.host].send(
+                    &Message::ReadPages { slab_id: slab.slab_id, first_page: slab_page, count: 1 },
+                    pending,
+                );
+                region.pages[page] |= PageState::FETCHING | PageState::PREFETCHED;
+                self.chases += 1;
+                self.stats.prefetch_issued.fetch_add(1, Relaxed);
+                self.stats.pointer_prefetch_issued.fetch_add(1, Relaxed);
+            }
+            (last, last_depth, last_page) = (value, hop_depth, Some(page));
+            listed += 1;
+        }
+        let Some(last_page) = last_page else { return };
+        // Fewer hops than asked with the last on the same host: the chain ended there.
+        let went_on = listed == usize::from(hops)
+            || region.read_copy(last_page).is_some_and(|(slab, _)| slab.host != host_asked);
+        if went_on && !self.ask_host_to_chase(id, last, last_depth) {
+            if let Some(region) = self.regions.get_mut(&id) {
+                region.stalled_chain = Some((last, last_depth));
+            }
+        }
+    }
+}
+
+/// A pointer prefetch's reply, as `chase_arrived` takes it (see `Pending::Chase`).
+pub(super) struct ChaseArrival {
+    pub region: u32,
+    pub page: usize,
+    pub offset: u16,
+    pub depth: u8,
+    pub host_follows: bool,
+}
+
+/// A `ChasePointers` reply, as `chain_arrived` takes it (see `Pending::ChaseList`).
+pub(super) struct ChainList {
+    pub region: u32,
+    pub host_asked: usize,
+    pub start: u64,
+    pub depth: u8,
+    pub hops: u8,
+}
+
+/// A page a chain goes on to, found by `follow_pointers`: requested once every scan is done.
+pub(super) struct ChaseStart {
+    /// The address pointing into the page.
+    value: u64,
+    page: usize,
+    offset: u16,
+    depth: u8,
+    /// Host, slab and page in the slab to read it from.
+    read: (usize, u64, u64),
+    /// Found in the one line an access touched (not in a whole-page scan).
+    line_known: bool,
 }
 
 /// The page of `region` holding address `value`, if it lies in the region.

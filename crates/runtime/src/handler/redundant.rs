@@ -69,6 +69,15 @@ impl Gather {
     pub(super) fn partly_here(&self) -> bool {
         self.have != 0
     }
+
+    /// The pages a fault's or prefetch's gather reads (`None` for a rebuild's, which copies
+    /// host data and installs nothing): region, first page, count.
+    pub(super) fn installs(&self) -> Option<(u32, usize, usize)> {
+        match self.purpose {
+            GatherFor::Fault { .. } | GatherFor::Prefetch => Some((self.region, self.first, self.count)),
+            GatherFor::Rebuild { .. } => None,
+        }
+    }
 }
 
 impl RebuildJob {
