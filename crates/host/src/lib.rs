@@ -235,7 +235,11 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
+    /// Slab `id`, if this client owns it: a client reads and writes its own slabs only.
     fn slab(&mut self, id: u64) -> Result<&Arc<Slab>, Refusal> {
+        if !self.owned.contains(&id) {
+            return Err((ErrorCode::NoSuchSlab, format!("this client owns no slab {id}")));
+        }
         if !self.cache.contains_key(&id) {
             let slab =
                 self.store.get(id).ok_or((ErrorCode::NoSuchSlab, format!("no slab {id} on this host")))?;

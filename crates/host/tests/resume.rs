@@ -164,3 +164,27 @@ fn a_read_too_large_for_one_reply_is_refused() {
         Reply::Data(0, _)
     ));
 }
+
+/// A client reaches its own slabs only: another's slab id, even a valid one, is refused for
+/// reads, writes, discards and chases, and its owner's data stays intact.
+#[test]
+fn another_clients_slabs_are_out_of_reach() {
+    let host = host(Duration::from_secs(30));
+    let (mut owner, slab, page) = client_with_a_page(&host, None);
+    let mut other = Client::connect(&host);
+    let refused = |reply: Reply| matches!(reply, Reply::Error(ErrorCode::NoSuchSlab, _));
+    assert!(refused(other.call(&Message::ReadPages { slab_id: slab, first_page: 3, count: 1 })));
+    assert!(refused(other.call(&Message::ReadBytes { slab_id: slab, offset: 0, len: 8 })));
+    let zeros = vec![0u8; PAGE_SIZE];
+    assert!(refused(other.call(&Message::WritePages { slab_id: slab, first_page: 3, data: &zeros })));
+    assert!(refused(other.call(&Message::DiscardPages { slab_id: slab, first_page: 3, count: 1 })));
+    assert!(refused(other.call(&Message::FreeSlab { slab_id: slab })));
+    let table = slab.to_le_bytes();
+    let chase =
+        Message::ChasePointers { start: 1 << 40, hops: 4, base: 1 << 40, span_bytes: 1 << 20, slabs: &table };
+    assert_eq!(other.call(&chase), Reply::Chain(Vec::new()));
+    assert_eq!(
+        owner.call(&Message::ReadPages { slab_id: slab, first_page: 3, count: 1 }),
+        Reply::Data(3, page)
+    );
+}
