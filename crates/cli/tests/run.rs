@@ -203,10 +203,13 @@ fn fork_children_may_exec_but_not_touch_the_parents_cluster_memory() {
 fn exit_statuses_pass_through() {
     require_userfaultfd();
     require_preload_library();
-    let code = |args: &[&str]| run_with_timeout(args, Duration::from_secs(30)).status.code();
-    assert_eq!(code(&["run", "--", "sh", "-c", "exit 7"]), Some(7));
-    assert_eq!(code(&["run", "--", "sh", "-c", "kill -TERM $$"]), Some(128 + 15));
-    assert_eq!(code(&["run", "--", "/nonexistent/program"]), Some(127));
+    let check = |args: &[&str], want: i32| {
+        let out = run_with_timeout(args, Duration::from_secs(30));
+        assert_eq!(out.status.code(), Some(want), "{args:?}: {:?}\n{}", out.status, stderr(&out));
+    };
+    check(&["run", "--", "sh", "-c", "exit 7"], 7);
+    check(&["run", "--", "sh", "-c", "kill -TERM $$"], 128 + 15);
+    check(&["run", "--", "/nonexistent/program"], 127);
     let missing = Command::new(bin())
         .args(["run", "--", "true"])
         .env("CLUSTERMEM_PRELOAD", "/nonexistent/libclustermem_preload.so")
