@@ -11,6 +11,8 @@
 //! Regions are not persistent, and a crashed client must not leak a host's memory, but a
 //! client must survive the loss of a TCP connection. So:
 //!
+//! - A connection reaches only the slabs it owns (allocated, or adopted by `Resume`): any
+//!   other slab id is refused with `NoSuchSlab`.
 //! - A connection that never sends `Resume` has its slabs freed when it ends.
 //! - `Resume { session }` (after `Hello`; `session` a non-zero random token the client chose)
 //!   binds the connection to that session. When a bound connection ends, its slabs become

@@ -18,7 +18,7 @@ pub const MAX_CHASE_HOPS: u8 = 64;
 pub enum ErrorCode {
     /// Granting the request would exceed the host's donated capacity.
     OutOfCapacity,
-    /// The slab id names no slab of this host.
+    /// The slab id names no slab of this host that the client owns.
     NoSuchSlab,
     /// The page range lies outside the slab.
     OutOfRange,

@@ -1347,8 +1347,8 @@ impl Core {
     }
 
     /// Installs `data`, fetched for a fault (a `write` fault or not) on `page` of region `id`,
-    /// and counts the fault: dirty at once when a write is predicted; zeros when the page was
-    /// discarded while in flight; nothing when it was discarded and served again since.
+    /// and counts the fault: dirty at once when a write is predicted; nothing when the page was
+    /// served meanwhile.
     fn install_fetched(&mut self, id: u32, page: usize, data: &[u8], write: bool, started: Instant) {
         self.stats.remote_faults.fetch_add(1, Relaxed);
         self.stats.pages_fetched.fetch_add(1, Relaxed);
@@ -1836,9 +1836,6 @@ impl Core {
         }
     }
 
-    /// Forgets pages `first..first + count` of region `id`, as munmap or MADV_DONTNEED of
-    /// private anonymous memory would: they read as zeros afterwards. Local copies, twins and
-    /// the host's copies are dropped; a fetch in flight for one of them installs zeros.
     /// Drops the replies still due to reads of pages `first..first + count` of region `id`
     /// (being discarded): each page may be written, written back and fetched anew before an
     /// old reply arrives, which would install what the page held before the discard. A
@@ -1877,6 +1874,9 @@ impl Core {
         }
     }
 
+    /// Forgets pages `first..first + count` of region `id`, as munmap or MADV_DONTNEED of
+    /// private anonymous memory would: they read as zeros afterwards. Local copies, twins and
+    /// the host's copies are dropped, and so are the replies to reads of them in flight.
     fn discard(&mut self, id: u32, first: usize, count: usize) -> Result<(), RuntimeError> {
         let region =
             self.regions.get_mut(&id).ok_or_else(|| RuntimeError::Config(format!("no region {id}")))?;
@@ -1885,6 +1885,16 @@ impl Core {
             return Err(RuntimeError::Config(format!(
                 "pages {first}+{count} outside a region of {pages} pages"
             )));
+        }
+        // Dropped first: if the kernel refuses (locked memory), nothing has changed.
+        let addr = region.addr(first);
+        // SAFETY: the range lies in a mapping this runtime owns; dropping its pages only makes
+        // the next touch fault back to us, and we serve such a fault with zeros.
+        if unsafe { libc::madvise(addr as *mut libc::c_void, count * PAGE_SIZE, libc::MADV_DONTNEED) } != 0 {
+            return Err(RuntimeError::Os {
+                what: "madvise(MADV_DONTNEED)",
+                source: std::io::Error::last_os_error(),
+            });
         }
         self.forget_reads(id, first, count);
         let region = self.regions.get_mut(&id).expect("checked above");
@@ -1902,15 +1912,6 @@ impl Core {
             if let Some(t) = region.twins.remove(&page) {
                 self.twins.release(t);
             }
-        }
-        let addr = region.addr(first);
-        // SAFETY: the range lies in a mapping this runtime owns; dropping its pages only makes
-        // the next touch fault back to us, and we serve such a fault with zeros.
-        if unsafe { libc::madvise(addr as *mut libc::c_void, count * PAGE_SIZE, libc::MADV_DONTNEED) } != 0 {
-            return Err(RuntimeError::Os {
-                what: "madvise(MADV_DONTNEED)",
-                source: std::io::Error::last_os_error(),
-            });
         }
         let zeros = std::mem::take(&mut self.zero_page);
         for page in waiting {
