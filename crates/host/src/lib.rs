@@ -370,7 +370,8 @@ impl Session<'_> {
         while chain.len() < 8 * usize::from(hops) && inside(at) {
             let (span, offset) = (((at - base) / span_bytes) as usize, (at - base) % span_bytes);
             let slab_id = u64::from_le_bytes(slabs[8 * span..8 * span + 8].try_into().expect("8 bytes"));
-            let Some(slab) = (slab_id != 0).then(|| self.slab(slab_id).ok()).flatten() else { break };
+            // 0 (no copy here) is never a slab id: refused like any slab this client lacks.
+            let Ok(slab) = self.slab(slab_id) else { break };
             line.clear();
             if slab.read_bytes(offset & !(LINE - 1), LINE, &mut line).is_err() {
                 break;

@@ -65,6 +65,12 @@ impl PageState {
     /// could tell, but only in line mode: the predictor learns from its unpredicted samples
     /// alone, so that both write-back modes take the same faults.)
     const UNTRACKED: u8 = 128;
+
+    /// Whether a page in `state` is held only by its hosts: not here, not on its way, not
+    /// lost (what a fetch may be sent for).
+    fn only_on_host(state: u8) -> bool {
+        state & Self::ON_HOST != 0 && state & (Self::RESIDENT | Self::FETCHING | Self::LOST) == 0
+    }
 }
 
 /// Wire bytes of a whole-page write-back (header, slab and page ids, data): what a
@@ -1246,14 +1252,13 @@ impl Core {
             let streams = &mut self.regions.get_mut(&id).expect("caller checked").streams;
             // Only a stream that issued windows follows them up (the shared one runs beside
             // the threads' without issuing while they predict).
-            let Some(stream) = streams.find(key).filter(|s| s.window.is_some()) else { continue };
-            if let Some((first, delta, count)) = stream.window {
-                let passed = (page as i64 - first as i64) / delta;
-                if (page as i64 - first as i64) % delta == 0 && (0..count as i64).contains(&passed) {
-                    let passed = passed as usize;
-                    stream.window = Some((page, delta, count - passed));
-                    self.mark_used(id, first, delta, passed);
-                }
+            let Some(stream) = streams.find(key) else { continue };
+            let Some((first, delta, count)) = stream.window else { continue };
+            let passed = (page as i64 - first as i64) / delta;
+            if (page as i64 - first as i64) % delta == 0 && (0..count as i64).contains(&passed) {
+                let passed = passed as usize;
+                stream.window = Some((page, delta, count - passed));
+                self.mark_used(id, first, delta, passed);
             }
             let streams = &mut self.regions.get_mut(&id).expect("caller checked").streams;
             if let Some(prediction) = streams.find(key).and_then(|s| s.stream.on_wait(page)) {
@@ -1292,9 +1297,7 @@ impl Core {
             }
             first_window_page.get_or_insert(p);
             window_pages += 1;
-            let s = region.pages[p];
-            let fetchable = s & PageState::ON_HOST != 0
-                && s & (PageState::RESIDENT | PageState::FETCHING | PageState::LOST) == 0;
+            let fetchable = PageState::only_on_host(region.pages[p]);
             let same_slab = |a: usize, b: usize| a / region.slab_pages == b / region.slab_pages;
             // Extend the run while pages are adjacent (delta 1) and in the same slab.
             match run {
@@ -1705,20 +1708,16 @@ impl Core {
                     self.chase_from_fault(region, page, offset);
                 }
             }
-            (Pending::Chase { region, page, offset, depth, host_follows }, Message::Pages { data, .. })
-                if data.len() == PAGE_SIZE =>
-            {
-                let chase = pointer_chase::ChaseArrival { region, page, offset, depth, host_follows };
+            (Pending::Chase(chase), Message::Pages { data, .. }) if data.len() == PAGE_SIZE => {
                 self.chase_arrived(chase, data, sent);
             }
-            (Pending::ChaseList { region, host_asked, start, depth, hops }, Message::Chain { addresses }) => {
-                let list = pointer_chase::ChainList { region, host_asked, start, depth, hops };
-                self.chain_arrived(list, addresses);
+            (Pending::ChaseList(request), Message::Chain { addresses }) => {
+                self.chain_arrived(request, addresses);
             }
-            (Pending::ChaseList { .. }, _) => self.host_chases -= 1,
-            (Pending::Chase { region, page, .. }, _) => {
+            (Pending::ChaseList(_), _) => self.host_chases -= 1,
+            (Pending::Chase(chase), _) => {
                 self.chases -= 1;
-                self.drop_prefetch(region, page);
+                self.drop_prefetch(chase.region, chase.page);
             }
             (Pending::Prefetch { region, first, count }, Message::Pages { data, .. })
                 if data.len() == count as usize * PAGE_SIZE =>
@@ -1793,11 +1792,11 @@ impl Core {
                         self.drop_prefetch(region, page);
                     }
                 }
-                Pending::Chase { region, page, .. } => {
+                Pending::Chase(chase) => {
                     self.chases -= 1;
-                    self.drop_prefetch(region, page);
+                    self.drop_prefetch(chase.region, chase.page);
                 }
-                Pending::ChaseList { .. } => self.host_chases -= 1,
+                Pending::ChaseList(_) => self.host_chases -= 1,
                 Pending::Barrier(token) => self.barrier_passed(token),
                 Pending::Ignore => {}
             }
@@ -1849,9 +1848,7 @@ impl Core {
             for (_, pending, _) in &mut link.pending {
                 match *pending {
                     Pending::Fetch { region, page, .. } if region == id && discarded.contains(&page) => {}
-                    Pending::Chase { region, page, .. } if region == id && discarded.contains(&page) => {
-                        self.chases -= 1;
-                    }
+                    Pending::Chase(c) if c.region == id && discarded.contains(&c.page) => self.chases -= 1,
                     Pending::Prefetch { region, first: from, count: n }
                         if region == id && overlaps(from, n as usize) =>
                     {

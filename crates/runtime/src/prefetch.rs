@@ -108,7 +108,7 @@ pub(crate) struct Streams {
 impl Streams {
     /// The stream of thread `tid`, started afresh (in place of the least recently used one,
     /// when THREAD_STREAMS are kept) if it has none.
-    pub(crate) fn thread(&mut self, tid: u32) -> &mut ThreadStream {
+    fn thread(&mut self, tid: u32) -> &mut ThreadStream {
         self.clock += 1;
         let i = match self.entries.iter().position(|e| e.0 == tid) {
             Some(i) => i,

@@ -53,34 +53,10 @@ pub(crate) enum Pending {
         /// Pages requested.
         count: u32,
     },
-    /// A pointer prefetch of page `page` of region `region`, which a fetched page pointed to
-    /// at byte `offset`; `depth` hops from the last page a thread was seen to need.
-    Chase {
-        /// Region id.
-        region: u32,
-        /// Page index in the region.
-        page: usize,
-        /// Byte offset in the page that was pointed to.
-        offset: u16,
-        /// Hops since a thread last needed a page of this chain.
-        depth: u8,
-        /// Its host was asked for the chain past it (so its arrival adds nothing).
-        host_follows: bool,
-    },
-    /// A `ChasePointers` asked of host `host_asked` for region `region`, started `depth` hops
-    /// ahead of the last page a thread was seen to need.
-    ChaseList {
-        /// Region id.
-        region: u32,
-        /// The host asked (the chain goes on elsewhere if it ended at a span held elsewhere).
-        host_asked: usize,
-        /// The address the host follows the chain from.
-        start: u64,
-        /// Hops of the chain's start.
-        depth: u8,
-        /// Hops asked for.
-        hops: u8,
-    },
+    /// A pointer prefetch of one page.
+    Chase(ChaseRead),
+    /// A `ChasePointers` request.
+    ChaseList(ChainRequest),
     /// Shard `shard` of gather `gather` (a read that needs K of a span's shards: an
     /// erasure-coded fault, or a rebuild's read of surviving copies).
     Part {
@@ -93,6 +69,30 @@ pub(crate) enum Pending {
     Barrier(u64),
     /// A reply nobody waits for (slab frees, abandoned pointer prefetches).
     Ignore,
+}
+
+/// A pointer prefetch of page `page` of region `region`, which a fetched page pointed to at
+/// byte `offset`, `depth` hops from the last page a thread was seen to need.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ChaseRead {
+    pub(crate) region: u32,
+    pub(crate) page: usize,
+    pub(crate) offset: u16,
+    pub(crate) depth: u8,
+    /// Its host was asked for the chain past it (so its arrival adds nothing).
+    pub(crate) host_follows: bool,
+}
+
+/// A `ChasePointers` asked of host `host_asked` for region `region`: `hops` pointers from
+/// address `start`, which lies `depth` hops ahead of the last page a thread was seen to need.
+/// (The chain goes on elsewhere if it ended at a span another host holds.)
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ChainRequest {
+    pub(crate) region: u32,
+    pub(crate) host_asked: usize,
+    pub(crate) start: u64,
+    pub(crate) depth: u8,
+    pub(crate) hops: u8,
 }
 
 /// Send buffer a link keeps between flushes: the periodic flusher queues at most 512 pages

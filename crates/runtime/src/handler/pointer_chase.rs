@@ -18,7 +18,8 @@ use std::time::Instant;
 use clustermem_proto::{Message, PAGE_SIZE};
 
 use super::{Core, PageState, RegionState, ShardState};
-use crate::transport::Pending;
+use crate::stats::RuntimeStats;
+use crate::transport::{ChainRequest, ChaseRead, Pending};
 
 /// Pointer prefetch: hops a chain may run ahead of the last page a thread was seen to need.
 /// A linked list is walked serially, so only a chain that runs ahead saves faults; the bound
@@ -49,7 +50,6 @@ impl Core {
     /// Pages with no values in the region (random data, indices) issue nothing.
     pub(super) fn follow_pointers(&mut self, id: u32, page: usize, offset: Option<u16>, depth: u8) {
         let Some(region) = self.regions.get_mut(&id) else { return };
-        let len = region.pages.len() * PAGE_SIZE;
         let mut work = std::mem::take(&mut self.chase_work);
         let mut starts = std::mem::take(&mut self.chase_starts);
         work.push((page, offset, depth));
@@ -67,11 +67,7 @@ impl Core {
                 // region's life, and `at` is an aligned word inside it. A racing store may
                 // give an old value, which only misdirects a prefetch.
                 let value = unsafe { std::ptr::read_volatile((region.addr(page) + at) as *const u64) };
-                let Some(rel) =
-                    usize::try_from(value).ok().and_then(|v| v.checked_sub(region.base)).filter(|&r| r < len)
-                else {
-                    continue;
-                };
+                let Some(rel) = region_offset(region, value) else { continue };
                 pointers += 1;
                 if pointers > POINTERS_PER_PAGE {
                     break;
@@ -84,16 +80,11 @@ impl Core {
                     }
                     continue;
                 }
-                let fetchable = state & PageState::ON_HOST != 0
-                    && state & (PageState::FETCHING | PageState::LOST) == 0
-                    && self.chases < CHASES_IN_FLIGHT;
+                let fetchable = PageState::only_on_host(state) && self.chases < CHASES_IN_FLIGHT;
                 let Some((slab, slab_page)) = region.read_copy(target).filter(|_| fetchable) else {
                     continue;
                 };
-                region.pages[target] |= PageState::FETCHING | PageState::PREFETCHED;
-                self.chases += 1;
-                self.stats.prefetch_issued.fetch_add(1, Relaxed);
-                self.stats.pointer_prefetch_issued.fetch_add(1, Relaxed);
+                claim(region, target, &mut self.chases, &self.stats);
                 starts.push(ChaseStart {
                     value,
                     page: target,
@@ -113,16 +104,15 @@ impl Core {
         for start in starts.drain(..) {
             let host_follows = start.line_known && self.ask_host_to_chase(id, start.value, start.depth);
             let (host, slab_id, first_page) = start.read;
-            self.links[host].send(
-                &Message::ReadPages { slab_id, first_page, count: 1 },
-                Pending::Chase {
-                    region: id,
-                    page: start.page,
-                    offset: start.offset,
-                    depth: start.depth,
-                    host_follows,
-                },
-            );
+            let chase = ChaseRead {
+                region: id,
+                page: start.page,
+                offset: start.offset,
+                depth: start.depth,
+                host_follows,
+            };
+            self.links[host]
+                .send(&Message::ReadPages { slab_id, first_page, count: 1 }, Pending::Chase(chase));
         }
         self.chase_starts = starts;
     }
@@ -149,7 +139,7 @@ impl Core {
                 if now.duration_since(*sent) <= self.config.prefetch_deadline {
                     break;
                 }
-                let Pending::Chase { region, page, .. } = *pending else { continue };
+                let Pending::Chase(ChaseRead { region, page, .. }) = *pending else { continue };
                 let Some(r) = self.regions.get_mut(&region) else { continue };
                 if r.pages[page] & PageState::WANTED != 0 {
                     continue;
@@ -179,7 +169,8 @@ impl Core {
         let Some(region) = self.regions.get(&id).filter(|r| r.slabs.len() <= MAX_CHASE_SPANS) else {
             return false;
         };
-        let Some((slab, _)) = region_page(region, start).and_then(|page| region.read_copy(page)) else {
+        let Some((slab, _)) = region_offset(region, start).and_then(|rel| region.read_copy(rel / PAGE_SIZE))
+        else {
             return false;
         };
         if !self.links[slab.host].chases_pointers {
@@ -200,8 +191,8 @@ impl Core {
             span_bytes: (region.slab_pages * PAGE_SIZE) as u64,
             slabs: &self.chase_spans,
         };
-        let pending = Pending::ChaseList { region: id, host_asked: slab.host, start, depth, hops };
-        self.links[slab.host].send(&msg, pending);
+        let request = ChainRequest { region: id, host_asked: slab.host, start, depth, hops };
+        self.links[slab.host].send(&msg, Pending::ChaseList(request));
         self.host_chases += 1;
         self.stats.pointer_chains_offloaded.fetch_add(1, Relaxed);
         true
@@ -210,8 +201,8 @@ impl Core {
     /// A pointer prefetch of `page` (pointed to at byte `offset`, `depth` hops ahead of a
     /// thread; its successors asked of its host when `host_follows`) arrived, `sent` when
     /// requested.
-    pub(super) fn chase_arrived(&mut self, chase: ChaseArrival, data: &[u8], sent: Instant) {
-        let ChaseArrival { region: id, page, offset, depth, host_follows } = chase;
+    pub(super) fn chase_arrived(&mut self, chase: ChaseRead, data: &[u8], sent: Instant) {
+        let ChaseRead { region: id, page, offset, depth, host_follows } = chase;
         self.chases -= 1;
         self.stats.pages_fetched.fetch_add(1, Relaxed);
         self.stats.bytes_fetched.fetch_add(data.len() as u64, Relaxed);
@@ -259,12 +250,12 @@ impl Core {
     }
 
     /// A host answered a `ChasePointers`: requests the pages of the chain's addresses (each
-    /// the successor of the one before, the first of `list.start`), and asks for the chain's
+    /// the successor of the one before, the first of `request.start`), and asks for the chain's
     /// next stretch at once, so its pages are requested before the walker gets there. Where
     /// a bound stops it (the lead, the chases in flight), the chain is marked stalled, to go
     /// on when a thread catches up with it.
-    pub(super) fn chain_arrived(&mut self, list: ChainList, addresses: &[u8]) {
-        let ChainList { region: id, host_asked, start, depth, hops } = list;
+    pub(super) fn chain_arrived(&mut self, request: ChainRequest, addresses: &[u8]) {
+        let ChainRequest { region: id, host_asked, start, depth, hops } = request;
         self.host_chases -= 1;
         let Some(region) = self.regions.get_mut(&id) else { return };
         // The last address whose successors are requested or asked for, and its depth.
@@ -274,28 +265,22 @@ impl Core {
         for address in addresses.chunks_exact(8) {
             let value = u64::from_le_bytes(address.try_into().expect("8 bytes"));
             // A value outside the region: a host answering nonsense. Nothing to follow.
-            let Some(page) = region_page(region, value) else { return };
+            let Some(rel) = region_offset(region, value) else { return };
+            let (page, offset) = (rel / PAGE_SIZE, (rel % PAGE_SIZE) as u16);
             let hop_depth = last_depth.saturating_add(1);
-            let state = region.pages[page];
-            let fetchable = state & (PageState::RESIDENT | PageState::FETCHING | PageState::LOST) == 0
-                && state & PageState::ON_HOST != 0;
+            let fetchable = PageState::only_on_host(region.pages[page]);
             if let Some((slab, slab_page)) = region.read_copy(page).filter(|_| fetchable) {
                 if self.chases >= CHASES_IN_FLIGHT {
                     // Its page is not requested: the chain resumes from the address before.
                     region.stalled_chain = Some((last, last_depth));
                     return;
                 }
-                let offset = ((value as usize - region.base) % PAGE_SIZE) as u16;
-                let pending =
-                    Pending::Chase { region: id, page, offset, depth: hop_depth, host_follows: true };
+                let chase = ChaseRead { region: id, page, offset, depth: hop_depth, host_follows: true };
                 self.links[slab.host].send(
                     &Message::ReadPages { slab_id: slab.slab_id, first_page: slab_page, count: 1 },
-                    pending,
+                    Pending::Chase(chase),
                 );
-                region.pages[page] |= PageState::FETCHING | PageState::PREFETCHED;
-                self.chases += 1;
-                self.stats.prefetch_issued.fetch_add(1, Relaxed);
-                self.stats.pointer_prefetch_issued.fetch_add(1, Relaxed);
+                claim(region, page, &mut self.chases, &self.stats);
             }
             (last, last_depth, last_page) = (value, hop_depth, Some(page));
             listed += 1;
@@ -312,24 +297,6 @@ impl Core {
     }
 }
 
-/// A pointer prefetch's reply, as `chase_arrived` takes it (see `Pending::Chase`).
-pub(super) struct ChaseArrival {
-    pub region: u32,
-    pub page: usize,
-    pub offset: u16,
-    pub depth: u8,
-    pub host_follows: bool,
-}
-
-/// A `ChasePointers` reply, as `chain_arrived` takes it (see `Pending::ChaseList`).
-pub(super) struct ChainList {
-    pub region: u32,
-    pub host_asked: usize,
-    pub start: u64,
-    pub depth: u8,
-    pub hops: u8,
-}
-
 /// A page a chain goes on to, found by `follow_pointers`: requested once every scan is done.
 pub(super) struct ChaseStart {
     /// The address pointing into the page.
@@ -343,8 +310,16 @@ pub(super) struct ChaseStart {
     line_known: bool,
 }
 
-/// The page of `region` holding address `value`, if it lies in the region.
-fn region_page(region: &RegionState, value: u64) -> Option<usize> {
+/// Where address `value` lies in `region` (bytes from its start), if it does.
+fn region_offset(region: &RegionState, value: u64) -> Option<usize> {
     let rel = usize::try_from(value).ok()?.checked_sub(region.base)?;
-    (rel < region.pages.len() * PAGE_SIZE).then_some(rel / PAGE_SIZE)
+    (rel < region.pages.len() * PAGE_SIZE).then_some(rel)
+}
+
+/// Marks `page` of `region` as fetched by a pointer prefetch, and counts it.
+fn claim(region: &mut RegionState, page: usize, chases: &mut usize, stats: &RuntimeStats) {
+    region.pages[page] |= PageState::FETCHING | PageState::PREFETCHED;
+    *chases += 1;
+    stats.prefetch_issued.fetch_add(1, Relaxed);
+    stats.pointer_prefetch_issued.fetch_add(1, Relaxed);
 }

@@ -509,10 +509,7 @@ impl Core {
                 }
                 let end = ((span + 1) * r.slab_pages).min(r.pages.len());
                 for page in span * r.slab_pages..end {
-                    let s = r.pages[page];
-                    if s & PageState::ON_HOST != 0
-                        && s & (PageState::RESIDENT | PageState::FETCHING | PageState::LOST) == 0
-                    {
+                    if PageState::only_on_host(r.pages[page]) {
                         r.record_loss(page, why);
                     }
                 }
