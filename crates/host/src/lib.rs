@@ -30,6 +30,10 @@
 //! - `Resume` with token 0, or naming another session than the one the connection is bound
 //!   to, is `Error BadRequest`; a second `Resume` of the same session on one connection is a
 //!   retry.
+//! - Request ids grow across a session's connections (a client replays unanswered requests
+//!   with their old ids). `XorLines`, the one request that is not idempotent, is applied at
+//!   most once per session: after `Resume`, one whose id an earlier connection of the session
+//!   already handled is acknowledged without being applied again.
 
 mod sessions;
 mod store;
@@ -230,6 +234,11 @@ struct Session<'a> {
     /// Whose slabs these are, for counting regions: the session token once bound.
     owner: u64,
     cache: HashMap<u64, Arc<Slab>>,
+    /// The highest request id handled since `Resume` (ids grow across a session's connections).
+    handled_through: u64,
+    /// What the session's earlier connections handled: a replayed `XorLines` up to it was
+    /// applied already and is only acknowledged.
+    replayed_through: u64,
     low_latency: bool,
     greeted: bool,
     /// The host answers `ChasePointers` (see [`MemoryHost::without_pointer_chasing`]).
@@ -320,13 +329,23 @@ impl Session<'_> {
                 .slab(slab_id)
                 .and_then(|s| s.write_lines(page, line_mask, lines))
                 .map(|()| out.push(id, &Message::Ok)),
+            Message::XorLines { .. } if self.binding.is_some() && id <= self.replayed_through => {
+                out.push(id, &Message::Ok);
+                Ok(())
+            }
+            Message::XorLines { slab_id, page, line_mask, lines } => self
+                .slab(slab_id)
+                .and_then(|s| s.xor_lines(page, line_mask, lines))
+                .map(|()| out.push(id, &Message::Ok)),
             Message::DiscardPages { slab_id, first_page, count } => self
                 .slab(slab_id)
                 .and_then(|s| s.discard_pages(first_page, u64::from(count)))
                 .map(|()| out.push(id, &Message::Ok)),
             Message::Resume { session } => {
-                self.sessions.resume(session, &mut self.binding, self.store).map(|adopted| {
+                self.sessions.resume(session, &mut self.binding, self.store).map(|(adopted, handled)| {
                     self.owner = session;
+                    self.replayed_through = handled;
+                    self.handled_through = handled;
                     let slabs = adopted.len() as u64;
                     self.owned.extend(adopted);
                     out.push(id, &Message::Resumed { slabs });
@@ -349,6 +368,9 @@ impl Session<'_> {
         };
         if let Err((code, text)) = result {
             out.push(id, &Message::Error { code, message: &text });
+        }
+        if self.binding.is_some() {
+            self.handled_through = self.handled_through.max(id);
         }
         true
     }
@@ -428,6 +450,8 @@ fn serve_client(stream: TcpStream, store: &Store, sessions: &Sessions, shutdown:
         owned: HashSet::new(),
         owner: store.connection_owner(),
         cache: HashMap::new(),
+        handled_through: 0,
+        replayed_through: 0,
         low_latency: false,
         greeted: false,
         chasing,
@@ -481,7 +505,7 @@ fn serve_client(stream: TcpStream, store: &Store, sessions: &Sessions, shutdown:
         }
     }
     match session.binding {
-        Some(binding) => sessions.end(binding, session.owned, store),
+        Some(binding) => sessions.end(binding, session.owned, store, session.handled_through),
         None => {
             for slab_id in session.owned {
                 store.free(slab_id);

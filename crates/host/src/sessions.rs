@@ -50,6 +50,9 @@ struct Entry {
     live: usize,
     /// Orphaned slabs and when they were orphaned.
     orphans: Vec<(u64, Instant)>,
+    /// The highest request id the session's ended connections handled: a resumed connection
+    /// acknowledges a replayed non-idempotent request up to it without applying it again.
+    handled_through: u64,
 }
 
 /// Every session of one host.
@@ -70,13 +73,14 @@ impl Sessions {
     }
 
     /// Binds the connection holding `bound` to session `token` (taking it over from any other
-    /// live connection) and returns the orphaned slabs it now owns.
+    /// live connection) and returns the orphaned slabs it now owns, and the highest request id
+    /// the session's earlier connections handled (0 for a new session).
     pub(crate) fn resume(
         &self,
         token: u64,
         bound: &mut Option<Binding>,
         store: &Store,
-    ) -> Result<Vec<u64>, Refusal> {
+    ) -> Result<(Vec<u64>, u64), Refusal> {
         if token == 0 {
             return Err((ErrorCode::BadRequest, "session token 0 is reserved".to_string()));
         }
@@ -91,6 +95,7 @@ impl Sessions {
             generation: Arc::new(AtomicU64::new(0)),
             live: 0,
             orphans: Vec::new(),
+            handled_through: 0,
         });
         if bound.is_none() {
             entry.live += 1;
@@ -108,7 +113,7 @@ impl Sessions {
             if entry.live == 1 {
                 let adopted: Vec<u64> = entry.orphans.drain(..).map(|(id, _)| id).collect();
                 store.orphaned.fetch_sub(adopted.len() as u64, Ordering::Relaxed);
-                return Ok(adopted);
+                return Ok((adopted, entry.handled_through));
             }
             let now = Instant::now();
             if now >= deadline {
@@ -124,12 +129,14 @@ impl Sessions {
         }
     }
 
-    /// A bound connection ended: its slabs become orphans of the session, or are freed at once
-    /// when the grace period is zero and no newer connection of the session waits for them.
-    pub(crate) fn end(&self, binding: Binding, owned: HashSet<u64>, store: &Store) {
+    /// A bound connection ended, having handled requests up to id `handled_through`: its slabs
+    /// become orphans of the session, or are freed at once when the grace period is zero and no
+    /// newer connection of the session waits for them.
+    pub(crate) fn end(&self, binding: Binding, owned: HashSet<u64>, store: &Store, handled_through: u64) {
         let mut table = self.lock();
         let entry = table.get_mut(&binding.token).expect("a session with a live connection stays");
         entry.live -= 1;
+        entry.handled_through = entry.handled_through.max(handled_through);
         if self.grace.is_zero() && entry.live == 0 {
             for id in owned {
                 store.free(id);

@@ -149,6 +149,26 @@ impl Slab {
 
     /// Overwrites the lines of `page` named by `line_mask` with `lines`, in ascending order.
     pub(crate) fn write_lines(&self, page: u64, line_mask: u64, lines: &[u8]) -> Result<(), Refusal> {
+        self.update_lines(page, line_mask, lines, |dst, src| dst.copy_from_slice(src))
+    }
+
+    /// XORs `lines` into the lines of `page` named by `line_mask`, in ascending order.
+    pub(crate) fn xor_lines(&self, page: u64, line_mask: u64, lines: &[u8]) -> Result<(), Refusal> {
+        self.update_lines(page, line_mask, lines, |dst, src| {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d ^= s;
+            }
+        })
+    }
+
+    /// Applies `apply(line, data)` to each line of `page` named by `line_mask`.
+    fn update_lines(
+        &self,
+        page: u64,
+        line_mask: u64,
+        lines: &[u8],
+        apply: impl Fn(&mut [u8], &[u8]),
+    ) -> Result<(), Refusal> {
         let page = self.check_range(page, 1)?;
         debug_assert_eq!(lines.len(), line_mask.count_ones() as usize * LINE_SIZE, "checked by the decoder");
         let _guard = self.stripe(page).write().unwrap_or_else(|e| e.into_inner());
@@ -156,15 +176,13 @@ impl Slab {
         for src in lines.chunks_exact(LINE_SIZE) {
             let line = mask.trailing_zeros() as usize;
             mask &= mask - 1;
-            // SAFETY: `line < 64`, so the 64 bytes lie inside the checked page; the stripe
-            // lock excludes every other reader and writer of it.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    src.as_ptr(),
-                    self.page_ptr(page).add(line * LINE_SIZE),
-                    LINE_SIZE,
-                );
-            }
+            // SAFETY: `line < 64`, so the 64 bytes lie inside the checked page of this slab's
+            // mapping; the stripe lock excludes every other reader and writer of it, so no
+            // other reference to these bytes exists while this one does.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(self.page_ptr(page).add(line * LINE_SIZE), LINE_SIZE)
+            };
+            apply(dst, src);
         }
         Ok(())
     }

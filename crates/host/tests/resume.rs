@@ -188,3 +188,40 @@ fn another_clients_slabs_are_out_of_reach() {
         Reply::Data(3, page)
     );
 }
+
+/// `XorLines` is not idempotent: a client replaying it on a resumed session (its reply was lost
+/// with the old connection) must not have it applied twice, while a new one is applied.
+#[test]
+fn a_replayed_xor_is_applied_once_per_session() {
+    let host = host(Duration::from_secs(30));
+    let session = 0xD1CE;
+    let mut first = Client::connect(&host);
+    assert_eq!(first.call(&Message::Resume { session }), Reply::Resumed(0));
+    let slab = first.alloc(16 * PAGE_SIZE as u64);
+    first.set_next_id(100);
+    let xor = |byte: u8| vec![byte; 64];
+    let (a, b) = (xor(0x0F), xor(0xF0));
+    let request = |lines| Message::XorLines { slab_id: slab, page: 2, line_mask: 1 << 5, lines };
+    assert_eq!(first.call(&request(&a)), Reply::Ok);
+    drop(first);
+    wait_for_stats(&host, Duration::from_secs(5), |s| s.orphaned_slabs == 1);
+
+    let mut again = Client::connect(&host);
+    assert_eq!(again.call(&Message::Resume { session }), Reply::Resumed(1));
+    again.set_next_id(100);
+    assert_eq!(again.call(&request(&a)), Reply::Ok, "the replay is acknowledged");
+    assert_eq!(again.call(&request(&b)), Reply::Ok, "id 101 is new");
+    let offset = 2 * PAGE_SIZE as u64 + 5 * 64;
+    assert_eq!(
+        again.call(&Message::ReadBytes { slab_id: slab, offset, len: 64 }),
+        Reply::Data(offset, vec![0xFF; 64]),
+        "0x0F once, then 0xF0"
+    );
+    // A repeated id on the same connection is a new request (only a resumed session replays).
+    again.set_next_id(101);
+    assert_eq!(again.call(&request(&b)), Reply::Ok);
+    assert_eq!(
+        again.call(&Message::ReadBytes { slab_id: slab, offset, len: 64 }),
+        Reply::Data(offset, vec![0x0F; 64])
+    );
+}

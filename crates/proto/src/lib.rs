@@ -230,6 +230,7 @@ mod tests {
         roundtrip(Message::Pages { first_page: 2, data: &page });
         roundtrip(Message::WritePages { slab_id: 1, first_page: 5, data: &page });
         roundtrip(Message::WriteLines { slab_id: 1, page: 9, line_mask: 0b1011, lines: &lines });
+        roundtrip(Message::XorLines { slab_id: 1, page: 9, line_mask: 0b1011, lines: &lines });
         roundtrip(Message::Ok);
         roundtrip(Message::GetStats);
         roundtrip(Message::Stats(HostStats {

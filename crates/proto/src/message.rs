@@ -162,6 +162,20 @@ pub enum Message<'a> {
         /// `popcount(line_mask) * LINE_SIZE` bytes.
         lines: &'a [u8],
     },
+    /// XOR some 64-byte lines into one page (`page[line] ^= data`), atomically with respect to
+    /// readers: how an erasure-coded region updates a parity page by the change of one of its
+    /// data pages. Not idempotent, so a host applies each request id of a resumed session at
+    /// most once (a replayed one already applied is only acknowledged).
+    XorLines {
+        /// The slab.
+        slab_id: u64,
+        /// Page index within the slab.
+        page: u64,
+        /// Bit `i` set: line `i` follows, in ascending order.
+        line_mask: u64,
+        /// `popcount(line_mask) * LINE_SIZE` bytes.
+        lines: &'a [u8],
+    },
     /// Success with nothing to return.
     Ok,
     /// Ask for the host's accounting.
@@ -242,7 +256,7 @@ pub enum Message<'a> {
     },
 }
 
-const KINDS: [&str; 19] = [
+const KINDS: [&str; 20] = [
     "Hello",
     "HelloOk",
     "AllocSlab",
@@ -262,6 +276,7 @@ const KINDS: [&str; 19] = [
     "Resumed",
     "ChasePointers",
     "Chain",
+    "XorLines",
 ];
 
 /// Name of a kind byte, or `None` when it names no message.
@@ -339,13 +354,14 @@ impl<'a> Message<'a> {
             Self::Resumed { .. } => 17,
             Self::ChasePointers { .. } => 18,
             Self::Chain { .. } => 19,
+            Self::XorLines { .. } => 20,
         }
     }
 
     pub(crate) fn payload_len_hint(&self) -> usize {
         match self {
             Self::Pages { data, .. } | Self::WritePages { data, .. } => 16 + data.len(),
-            Self::WriteLines { lines, .. } => 24 + lines.len(),
+            Self::WriteLines { lines, .. } | Self::XorLines { lines, .. } => 24 + lines.len(),
             Self::Error { message, .. } => 2 + message.len(),
             Self::ChasePointers { slabs, .. } => 25 + slabs.len(),
             Self::Chain { addresses } => addresses.len(),
@@ -403,7 +419,8 @@ impl<'a> Message<'a> {
                 out.extend_from_slice(&first_page.to_le_bytes());
                 out.extend_from_slice(data);
             }
-            Self::WriteLines { slab_id, page, line_mask, lines } => {
+            Self::WriteLines { slab_id, page, line_mask, lines }
+            | Self::XorLines { slab_id, page, line_mask, lines } => {
                 encode_write_lines_prefix(out, slab_id, page, line_mask);
                 out.extend_from_slice(lines);
             }
@@ -477,7 +494,7 @@ impl<'a> Message<'a> {
                 whole_pages(name, data)?;
                 Self::WritePages { slab_id, first_page, data }
             }
-            9 => {
+            9 | 20 => {
                 let slab_id = r.u64()?;
                 let page = r.u64()?;
                 let line_mask = r.u64()?;
@@ -488,7 +505,11 @@ impl<'a> Message<'a> {
                         why: "line data does not match the line mask",
                     });
                 }
-                Self::WriteLines { slab_id, page, line_mask, lines }
+                if kind == 9 {
+                    Self::WriteLines { slab_id, page, line_mask, lines }
+                } else {
+                    Self::XorLines { slab_id, page, line_mask, lines }
+                }
             }
             10 => Self::Ok,
             11 => Self::GetStats,
@@ -515,7 +536,7 @@ impl<'a> Message<'a> {
     }
 }
 
-/// Appends the fixed part of a `WriteLines` payload; the caller appends the lines (or sends
+/// Appends the fixed part of a `WriteLines` or `XorLines` payload; the caller appends the lines (or sends
 /// them from memory with `writev`).
 pub fn encode_write_lines_prefix(out: &mut Vec<u8>, slab_id: u64, page: u64, line_mask: u64) {
     out.extend_from_slice(&slab_id.to_le_bytes());
