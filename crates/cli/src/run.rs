@@ -127,9 +127,12 @@ fn preload_library() -> Result<PathBuf> {
 pub fn run(args: &RunArgs) -> Result<u8> {
     clustermem_runtime::check_userfaultfd()?;
     let line = args.writeback.as_deref() == Some("line");
+    let erasure = args.redundancy.starts_with("erasure:");
     let tracking = match args.dirty_tracking.as_str() {
-        // Line write-back needs sync tracking's twins.
-        "auto" if !line && clustermem_runtime::async_dirty_tracking_available() => DirtyTracking::Async,
+        // Line write-back and erasure coding's parity updates need sync tracking's twins.
+        "auto" if !line && !erasure && clustermem_runtime::async_dirty_tracking_available() => {
+            DirtyTracking::Async
+        }
         "auto" => DirtyTracking::Sync,
         other => other.parse().map_err(anyhow::Error::msg)?,
     };

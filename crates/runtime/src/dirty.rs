@@ -128,12 +128,17 @@ impl TwinPool {
         self.slots.len() - self.free.len() - self.hollow.len()
     }
 
+    /// The clean contents a twin holds.
+    pub(crate) fn clean(&self, twin: Twin) -> &[u8] {
+        match twin {
+            Twin::Zeros => &ZEROS,
+            Twin::Slot(slot) => &self.slots[slot as usize],
+        }
+    }
+
     /// Bitmask of the lines of `page` that differ from its twin.
     pub(crate) fn diff(&self, page: &[u8], twin: Twin) -> u64 {
-        match twin {
-            Twin::Zeros => diff_lines(page, &ZEROS),
-            Twin::Slot(slot) => diff_lines(page, &self.slots[slot as usize]),
-        }
+        diff_lines(page, self.clean(twin))
     }
 }
 

@@ -28,7 +28,7 @@ mod redundant;
 
 use async_tracking::AsyncTracker;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
@@ -42,7 +42,7 @@ use clustermem_uffd::{CopyOutcome, Event, RegisterMode, Uffd};
 use crate::dirty::{Twin, TwinPool, WritebackMode};
 use crate::policy::{EvictionPolicy, PageKey, PageMap};
 use crate::prefetch::{PrefetchMode, StreamKey, Streams};
-use crate::redundancy::{Coder, Redundancy};
+use crate::redundancy::{Coder, Redundancy, CHUNK_PAGES};
 use crate::stats::RuntimeStats;
 use crate::transport::{self, Link, Pending};
 use crate::wakeup::Wakeup;
@@ -167,11 +167,10 @@ enum ShardState {
     Live,
     /// Its host died; to be rebuilt elsewhere.
     Lost,
-    /// Being copied onto a new host: `done[p]` once page p of the span is current there
-    /// (copied, or written back whole since), so later sparse write-backs may patch it.
-    /// `job` names the rebuild (see `RebuildJob::job`).
+    /// Being copied onto a new host, stripe by stripe (`progress`, one entry per page of
+    /// the shard's slab). `job` names the rebuild (see `RebuildJob::job`).
     Rebuilding {
-        done: Vec<bool>,
+        progress: Vec<redundant::Progress>,
         job: u64,
     },
 }
@@ -208,8 +207,12 @@ struct RegionState {
     error: Arc<Mutex<Option<String>>>,
     /// Lost pages not yet named in `error`.
     lost: usize,
-    /// Clean twins of dirty pages (line write-back only).
+    /// Clean twins of dirty pages (line write-back only, and every dirty page of an
+    /// erasure-coded region: its parity follows the change from the twin).
     twins: PageMap<usize, Twin>,
+    /// Discarded pages of an erasure-coded region being zeroed on their hosts (in flight:
+    /// a fault on one waits).
+    zeroing: HashSet<usize>,
     prefetch: PrefetchMode,
     /// The miss streams of the threads faulting on it, for prefetching.
     streams: Streams,
@@ -231,15 +234,16 @@ impl RegionState {
         self.slabs[page / self.slab_pages].is_some()
     }
 
-    /// A live whole-page copy of `page` to read from (None: uncommitted, erasure-coded, or
-    /// every copy lost), and the page's index in it.
+    /// A live whole copy of `page` to read from (None: uncommitted, every copy lost, or its
+    /// data shard lost: it must be decoded from its stripe), and the page's index there.
     fn read_copy(&self, page: usize) -> Option<(SlabRef, u64)> {
-        if self.coder.is_some() {
-            return None;
-        }
         let placement = self.slabs[page / self.slab_pages].as_ref()?;
-        let shard = placement.shards.iter().find(|s| matches!(s.state, ShardState::Live))?;
-        Some((shard.slab, (page % self.slab_pages) as u64))
+        let (shard, slab_page) = self.redundancy.locate(page % self.slab_pages);
+        let shard = match self.coder {
+            Some(_) => Some(&placement.shards[shard]).filter(|s| matches!(s.state, ShardState::Live)),
+            None => placement.shards.iter().find(|s| matches!(s.state, ShardState::Live)),
+        }?;
+        Some((shard.slab, slab_page as u64))
     }
 
     /// Whether `page`'s host copies can still be read (enough live shards).
@@ -303,6 +307,8 @@ struct Core {
     scratch: Vec<u8>,
     /// Reused buffer for the parity lines of an erasure-coded write-back.
     parity: Vec<u8>,
+    /// An erasure-coded write-back's changed lines XOR their clean contents.
+    delta: Vec<u8>,
     twin_gate: TwinGate,
     write_predictor: WritePredictor,
     /// When a page was last installed (see the eviction deferral in the run loop).
@@ -415,9 +421,10 @@ impl TwinGate {
     }
 }
 
-/// Queues a prefetch of `count` adjacent pages from `first` (all in one slab) and marks them
-/// in flight: a read of a live copy, or for an erasure-coded region an entry in `coded` (its
-/// shards are gathered by the caller). Returns the pages queued (0 if no copy is alive).
+/// Queues a prefetch of `count` adjacent pages from `first` (all in one slab, and in one chunk
+/// of an erasure-coded one) and marks them in flight: a read of a live copy, or an entry in
+/// `coded` for pages to decode from their stripes (gathered by the caller). Returns the pages
+/// queued (0 if none can be read).
 fn send_prefetch(
     region: &mut RegionState,
     links: &mut [Link],
@@ -426,22 +433,36 @@ fn send_prefetch(
     first: usize,
     count: u32,
 ) -> u64 {
-    if region.coder.is_some() {
-        if !region.readable(first) {
-            return 0;
-        }
-        coded.push((first, count as usize));
-    } else {
-        let Some((slab, slab_page)) = region.read_copy(first) else { return 0 };
-        links[slab.host].send(
+    match region.read_copy(first) {
+        Some((slab, slab_page)) => links[slab.host].send(
             &Message::ReadPages { slab_id: slab.slab_id, first_page: slab_page, count },
             Pending::Prefetch { region: id, first, count },
-        );
+        ),
+        None if region.coder.is_some() && region.readable(first) => coded.push((first, count as usize)),
+        None => return 0,
     }
     for p in first..first + count as usize {
         region.pages[p] |= PageState::FETCHING | PageState::PREFETCHED;
     }
     u64::from(count)
+}
+
+/// Whether a discard of region pages `range` discards `page` on its hosts as it is: always
+/// for copies; for an erasure-coded page, when the range covers its whole stripe row (K
+/// chunks), whose parity then reads as zeros too.
+fn discarded_on_hosts(
+    redundancy: Redundancy,
+    slab_pages: usize,
+    pages: usize,
+    page: usize,
+    range: std::ops::Range<usize>,
+) -> bool {
+    let Redundancy::Erasure { data, .. } = redundancy else { return true };
+    let row = usize::from(data) * CHUNK_PAGES;
+    let span_start = page / slab_pages * slab_pages;
+    let row_start = span_start + (page - span_start) / row * row;
+    let row_end = (row_start + row).min(span_start + slab_pages).min(pages);
+    range.start <= row_start && row_end <= range.end
 }
 
 fn key(region: u32, page: usize) -> PageKey {
@@ -501,6 +522,7 @@ impl Handler {
                 dirty: Vec::new(),
                 scratch: Vec::with_capacity(PAGE_SIZE),
                 parity: Vec::new(),
+                delta: Vec::new(),
                 twin_gate: TwinGate { dense_fraction: 0.0, dirtied: 0 },
                 write_predictor: WritePredictor::default(),
                 last_install: Instant::now(),
@@ -860,6 +882,13 @@ impl Handler {
         redundancy: Redundancy,
         error: Arc<Mutex<Option<String>>>,
     ) -> Result<u32, RuntimeError> {
+        if matches!(redundancy, Redundancy::Erasure { .. }) && self.core.tracker.is_some() {
+            return Err(RuntimeError::Config(format!(
+                "--redundancy {redundancy} updates parity by the change of each written page, which \
+                 needs the clean copy sync dirty tracking takes at its first store: use \
+                 --dirty-tracking sync with it"
+            )));
+        }
         let pages = len / PAGE_SIZE;
         let slab_pages = (self.core.config.slab_bytes / PAGE_SIZE).min(pages).max(1);
         let id = self.core.next_region;
@@ -876,6 +905,7 @@ impl Handler {
                 error,
                 lost: 0,
                 twins: PageMap::default(),
+                zeroing: HashSet::new(),
                 prefetch,
                 streams: Streams::default(),
                 stalled_chain: None,
@@ -912,6 +942,7 @@ impl Handler {
                 continue;
             }
             let span_pages = (region.pages.len() - span * region.slab_pages).min(region.slab_pages);
+            let stripes = region.redundancy.shard_pages(span_pages);
             let bytes = p.shards[shard].slab.bytes;
             let used: Vec<usize> = p
                 .shards
@@ -933,7 +964,10 @@ impl Handler {
                     let job = self.core.next_rebuild;
                     p.shards[shard] = Shard {
                         slab: SlabRef { host, slab_id, bytes },
-                        state: ShardState::Rebuilding { done: vec![false; span_pages], job },
+                        state: ShardState::Rebuilding {
+                            progress: vec![redundant::Progress::Todo; stripes],
+                            job,
+                        },
                     };
                     self.core.rebuilds.push(redundant::RebuildJob::new(id, span, shard, job));
                     self.core.stats.rebuild_waiting_for_host.store(0, Relaxed);
@@ -1016,8 +1050,7 @@ impl Handler {
                 continue;
             }
             let span_pages = (pages - span * slab_pages).min(slab_pages);
-            // A shard holds shard_len bytes of each page, in whole host pages.
-            let bytes = ((span_pages * redundancy.shard_len()).div_ceil(PAGE_SIZE) * PAGE_SIZE) as u64;
+            let bytes = (redundancy.shard_pages(span_pages) * PAGE_SIZE) as u64;
             let mut shards: Vec<Shard> = Vec::with_capacity(redundancy.shards());
             let result = (|| {
                 while shards.len() < redundancy.shards() {
@@ -1101,7 +1134,7 @@ impl Core {
                 if state & PageState::UNTRACKED == 0 {
                     self.write_predictor.observe(true);
                 }
-                if self.twin_gate.admit(&self.config) {
+                if region.coder.is_some() || self.twin_gate.admit(&self.config) {
                     // SAFETY: the page is resident and still write-protected (its writer
                     // waits for us), so it is readable and stable while copied.
                     let clean = unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) };
@@ -1131,10 +1164,10 @@ impl Core {
             }
         } else if state & PageState::ON_HOST != 0 {
             region.pages[page] |= PageState::FETCHING;
-            if region.coder.is_some() {
-                // K shards, decoded.
+            if region.read_copy(page).is_none() && region.coder.is_some() && region.readable(page) {
+                // Its data shard is lost: decoded from the rest of its stripe.
                 let prefetch = region.prefetch != PrefetchMode::Off;
-                self.gather_start(id, page, 1, redundant::GatherFor::Fault { write, started });
+                self.gather_pages(id, page, 1, redundant::GatherFor::Fault { write, started });
                 if prefetch {
                     self.prefetch_after(id, page, tid);
                 }
@@ -1198,7 +1231,7 @@ impl Core {
             region.pages[page] |= PageState::RESIDENT;
             if sync_tracking {
                 region.pages[page] |= PageState::DIRTY;
-                if self.config.writeback == WritebackMode::Line {
+                if self.config.writeback == WritebackMode::Line || region.coder.is_some() {
                     region.twins.insert(page, Twin::Zeros);
                 }
                 self.dirty.push(key(id, page));
@@ -1298,10 +1331,14 @@ impl Core {
             first_window_page.get_or_insert(p);
             window_pages += 1;
             let fetchable = PageState::only_on_host(region.pages[p]);
-            let same_slab = |a: usize, b: usize| a / region.slab_pages == b / region.slab_pages;
+            // One read: the same slab, and the same chunk of an erasure-coded one.
+            let same_run = |a: usize, b: usize| {
+                a / region.slab_pages == b / region.slab_pages
+                    && region.redundancy.same_chunk(a % region.slab_pages, b % region.slab_pages)
+            };
             // Extend the run while pages are adjacent (delta 1) and in the same slab.
             match run {
-                Some((first, n)) if fetchable && delta == 1 && same_slab(first, p) && n < 64 => {
+                Some((first, n)) if fetchable && delta == 1 && same_run(first, p) && n < 64 => {
                     run = Some((first, n + 1));
                 }
                 _ => {
@@ -1327,7 +1364,7 @@ impl Core {
             };
         }
         for (first, n) in coded {
-            self.gather_start(id, first, n, redundant::GatherFor::Prefetch);
+            self.gather_pages(id, first, n, redundant::GatherFor::Prefetch);
         }
         self.stats.prefetch_issued.fetch_add(issued, Relaxed);
     }
@@ -1422,7 +1459,7 @@ impl Core {
             region.pages[page] |= PageState::RESIDENT;
             if dirty {
                 region.pages[page] |= PageState::DIRTY | PageState::UNTRACKED;
-                if self.twin_gate.admit(&self.config) {
+                if region.coder.is_some() || self.twin_gate.admit(&self.config) {
                     region.twins.insert(page, self.twins.take(chunk));
                 }
                 self.dirty.push(key(id, page));
@@ -1455,7 +1492,7 @@ impl Core {
             }
         }
         if dirty {
-            if self.twin_gate.admit(&self.config) {
+            if region.coder.is_some() || self.twin_gate.admit(&self.config) {
                 region.twins.insert(page, self.twins.take(data));
             }
             self.dirty.push(key(id, page));
@@ -1580,20 +1617,39 @@ impl Core {
             region.record_loss(page, "written outside every committed range of a reserved region");
             return;
         }
-        let mask = match twin {
-            Some(t) => {
-                let mask = self.twins.diff(data, t);
-                self.twins.release(t);
-                mask
+        let mask = twin.map_or(u64::MAX, |t| self.twins.diff(data, t));
+        // An erasure-coded page's parity follows its change: the changed lines XOR their
+        // clean contents. Every dirty page of such a region has a twin, so a page without
+        // one was never written back (its hosts hold zeros).
+        let mut delta = std::mem::take(&mut self.delta);
+        delta.clear();
+        if region.coder.is_some() {
+            if twin.is_none() && region.pages[page] & PageState::ON_HOST != 0 {
+                region.record_loss(page, "internal error: an erasure-coded page was written without a twin");
+                self.delta = delta;
+                return;
             }
-            None => u64::MAX,
-        };
+            let clean = twin.map_or(&[0u8; PAGE_SIZE][..], |t| self.twins.clean(t));
+            let mut rest = mask;
+            while rest != 0 {
+                let at = rest.trailing_zeros() as usize * LINE_SIZE;
+                rest &= rest - 1;
+                delta.extend(
+                    data[at..at + LINE_SIZE].iter().zip(&clean[at..at + LINE_SIZE]).map(|(a, b)| a ^ b),
+                );
+            }
+        }
+        if let Some(t) = twin {
+            self.twins.release(t);
+        }
         if !region.readable(page) {
             region.record_loss(page, "every copy of it is on a lost host");
+            self.delta = delta;
             return;
         }
         if mask == 0 {
             self.stats.clean_write_backs_skipped.fetch_add(1, Relaxed);
+            self.delta = delta;
             return;
         }
         let lines = mask.count_ones();
@@ -1602,7 +1658,8 @@ impl Core {
         if matches!(twin, Some(Twin::Slot(_))) {
             self.twin_gate.observe(lines > self.config.line_threshold);
         }
-        let bytes = self.send_write_back(id, page, data, mask);
+        let bytes = self.send_write_back(id, page, data, mask, &delta);
+        self.delta = delta;
         self.stats.pages_written_back.fetch_add(1, Relaxed);
         self.stats.dirty_lines_written.fetch_add(u64::from(lines), Relaxed);
         self.stats.bytes_written_back.fetch_add(bytes, Relaxed);
@@ -1731,6 +1788,11 @@ impl Core {
                     self.drop_prefetch(region, page);
                 }
             }
+            (Pending::Zero { region, page }, Message::Pages { data, .. }) if data.len() == PAGE_SIZE => {
+                self.stats.bytes_fetched.fetch_add(data.len() as u64, Relaxed);
+                self.zero_on_hosts(region, page, data);
+            }
+            (Pending::Zero { region, page }, _) => self.zero_retry(region, page),
             (Pending::WriteBack { .. }, Message::Ok) | (Pending::Ignore, _) => {}
             (Pending::Part { gather, shard }, msg) => self.on_part(gather, shard, msg),
             (Pending::Barrier(token), _) => self.barrier_passed(token),
@@ -1787,6 +1849,7 @@ impl Core {
                     }
                 }
                 Pending::Part { gather, shard } => self.part_lost(gather, shard),
+                Pending::Zero { region, page } => self.zero_retry(region, page),
                 Pending::Prefetch { region, first, count } => {
                     for page in first..first + count as usize {
                         self.drop_prefetch(region, page);
@@ -1895,15 +1958,28 @@ impl Core {
         }
         self.forget_reads(id, first, count);
         let region = self.regions.get_mut(&id).expect("checked above");
+        let (redundancy, slab_pages, pages) = (region.redundancy, region.slab_pages, region.pages.len());
         // Threads waiting for a page in flight are served zeros below: the reply to a
-        // prefetch of a discarded page is dropped, and would leave them asleep.
+        // prefetch of a discarded page is dropped, and would leave them asleep. An
+        // erasure-coded page outside the whole stripe rows the hosts discard is zeroed on its
+        // hosts through its parity first, and a thread touching it meanwhile waits.
         let mut waiting = Vec::new();
+        let mut to_zero = Vec::new();
         for page in first..first + count {
+            let whole = discarded_on_hosts(redundancy, slab_pages, pages, page, first..first + count);
+            if !whole && region.zeroing.contains(&page) {
+                continue; // Its zeroing in flight finishes it.
+            }
+            region.zeroing.remove(&page);
             let state = std::mem::take(&mut region.pages[page]);
             if state & PageState::RESIDENT != 0 {
                 self.policy.remove(key(id, page));
                 self.resident -= 1;
-            } else if state & PageState::WANTED != 0 {
+            }
+            if !whole && state & PageState::ON_HOST != 0 {
+                region.pages[page] = PageState::ON_HOST | PageState::FETCHING | (state & PageState::WANTED);
+                to_zero.push(page);
+            } else if state & PageState::WANTED != 0 && state & PageState::RESIDENT == 0 {
                 waiting.push(page);
             }
             if let Some(t) = region.twins.remove(&page) {
@@ -1922,63 +1998,43 @@ impl Core {
         }
         let region = self.regions.get_mut(&id).expect("checked above");
         // The hosts give the memory back; sent after any write-back of these pages on the same
-        // connections, so it cannot be overtaken by one. A shard holds shard_len bytes per
-        // page: whole host pages are given back, the lines of a host page shared with pages
-        // outside the range are zeroed (a later sparse write-back relies on zeros there).
-        let sl = region.redundancy.shard_len();
+        // connections, so it cannot be overtaken by one.
         let mut page = first;
         while page < first + count {
-            let span_end = ((page / region.slab_pages + 1) * region.slab_pages).min(first + count);
-            let (start, end) = ((page % region.slab_pages) * sl, (span_end - page) * sl);
-            let end = start + end;
-            let Some(placement) = region.slabs[page / region.slab_pages].as_mut() else {
-                page = span_end;
+            let span = page / slab_pages;
+            let span_end = ((span + 1) * slab_pages).min(first + count);
+            let span_pages = (pages - span * slab_pages).min(slab_pages);
+            let (a, b) = (page - span * slab_pages, span_end - span * slab_pages);
+            let slab_range = match redundancy {
+                Redundancy::Erasure { data, .. } => {
+                    let row = usize::from(data) * CHUNK_PAGES;
+                    let last = if b == span_pages { span_pages.div_ceil(row) } else { b / row };
+                    (a.div_ceil(row) * CHUNK_PAGES)..(last * CHUNK_PAGES)
+                }
+                Redundancy::None | Redundancy::Replicate(_) => a..b,
+            };
+            page = span_end;
+            let Some(placement) = region.slabs[span].as_mut().filter(|_| !slab_range.is_empty()) else {
                 continue;
             };
             for shard in &mut placement.shards {
-                if let ShardState::Rebuilding { done, .. } = &mut shard.state {
-                    // Nothing to copy: a batch read before the discard must not land after it.
-                    let base = (page % region.slab_pages)
-                        ..(span_end - (page / region.slab_pages) * region.slab_pages);
-                    done[base].fill(true);
-                } else if matches!(shard.state, ShardState::Lost) {
+                if matches!(shard.state, ShardState::Lost) {
                     continue;
                 }
-                let link = &mut self.links[shard.slab.host];
-                let slab_id = shard.slab.slab_id;
-                let (whole_first, whole_end) = (start.div_ceil(PAGE_SIZE), end / PAGE_SIZE);
-                if whole_end > whole_first {
-                    let count = u32::try_from(whole_end - whole_first).expect("a slab span fits in u32");
-                    link.send(
-                        &Message::DiscardPages { slab_id, first_page: whole_first as u64, count },
-                        Pending::Ignore,
-                    );
-                }
-                // The partial host pages at either end, as zeroed lines.
-                let mut edges = Vec::new();
-                if start % PAGE_SIZE != 0 {
-                    edges.push((start, end.min(start.next_multiple_of(PAGE_SIZE))));
-                }
-                if end % PAGE_SIZE != 0 && end / PAGE_SIZE >= whole_first.max(start / PAGE_SIZE + 1) {
-                    edges.push(((end / PAGE_SIZE) * PAGE_SIZE, end));
-                }
-                for (a, b) in edges {
-                    let lines = (b - a) / LINE_SIZE;
-                    let mask = (if lines == 64 { u64::MAX } else { (1u64 << lines) - 1 })
-                        << ((a % PAGE_SIZE) / LINE_SIZE);
-                    let zeros = vec![0u8; b - a];
-                    link.send(
-                        &Message::WriteLines {
-                            slab_id,
-                            page: (a / PAGE_SIZE) as u64,
-                            line_mask: mask,
-                            lines: &zeros,
-                        },
-                        Pending::Ignore,
-                    );
-                }
+                redundant::written_during_rebuild(&mut shard.state, slab_range.clone());
+                let count = u32::try_from(slab_range.len()).expect("a slab span fits in u32");
+                self.links[shard.slab.host].send(
+                    &Message::DiscardPages {
+                        slab_id: shard.slab.slab_id,
+                        first_page: slab_range.start as u64,
+                        count,
+                    },
+                    Pending::Ignore,
+                );
             }
-            page = span_end;
+        }
+        for page in to_zero {
+            self.zero_start(id, page);
         }
         Ok(())
     }

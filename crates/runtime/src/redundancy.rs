@@ -1,19 +1,19 @@
-//! How a region survives the loss of memory hosts: none, N copies of every slab, or each page
-//! erasure-coded into K data and M parity shards on K+M distinct hosts.
+//! How a region survives the loss of memory hosts: none, N copies of every slab, or pages
+//! erasure-coded K+M across K+M distinct hosts.
 //!
-//! The erasure stripe is one page: shard `i < K` of a page is its bytes
-//! `i * shard_len .. (i + 1) * shard_len` (shard_len = 4096 / K), so a read of the K data
-//! shards needs no decoding, and shard slabs hold `shard_len` bytes per page, which makes the
-//! hosts' memory overhead exactly (K + M) / K. The page is resident whenever it is written
-//! back, so parity for the changed 64-byte lines is computed from the page itself: a sparse
-//! write-back sends the changed data lines and M parity lines per changed line position,
-//! all plain overwrites (idempotent, so a retried request does no harm), and never reads the
-//! stripe back.
+//! An erasure-coded span keeps every data page whole on one host, so a fault is one read from
+//! one host, as without redundancy. The span is cut into chunks of [`CHUNK_PAGES`] pages,
+//! dealt round-robin to the K data shards; page q of parity shard j codes page q of the K
+//! data shards (a *stripe*). A shard's slab is thus a K-th of the span, and the hosts' memory
+//! overhead is (K + M) / K. Writing back a page sends its changed lines to its data shard and
+//! their change (new XOR clean twin), times the code's coefficient, to each parity shard as an
+//! XOR (`XorLines`): no read of the stripe, and changes to the pages of one stripe commute.
+//! Runs of adjacent pages in a chunk are adjacent on their host, so prefetches stay whole
+//! reads, and a discard of whole chunk rows frees every shard's pages.
 
 use std::fmt;
 use std::str::FromStr;
 
-use clustermem_proto::{LINE_SIZE, PAGE_SIZE};
 use reed_solomon_erasure::galois_8::ReedSolomon;
 
 /// A region's redundancy setting (`--redundancy none|replicate:N|erasure:K+M`).
@@ -24,10 +24,10 @@ pub enum Redundancy {
     None,
     /// Every slab on `N` distinct hosts; any copy serves a read.
     Replicate(u8),
-    /// Every page split into `data` shards plus `parity` shards on distinct hosts; any `data`
-    /// of them rebuild it.
+    /// Pages coded `data` + `parity` across distinct hosts; any `data` of a stripe's shards
+    /// rebuild it.
     Erasure {
-        /// K: shards a read needs (a power of two from 2 to 64, so a shard is whole lines).
+        /// K: data shards of a stripe (a power of two from 2 to 64, so spans cut evenly).
         data: u8,
         /// M: hosts that may be lost.
         parity: u8,
@@ -44,7 +44,7 @@ impl Redundancy {
         }
     }
 
-    /// Shards a read needs.
+    /// Shards a read needs when a page's own copy is lost.
     pub fn needed(self) -> usize {
         match self {
             Self::None | Self::Replicate(_) => 1,
@@ -57,11 +57,50 @@ impl Redundancy {
         self.shards() - self.needed()
     }
 
-    /// Bytes of one page held by each shard.
-    pub fn shard_len(self) -> usize {
-        PAGE_SIZE / self.needed()
+    /// Pages each shard's slab holds for a span of `span_pages` pages.
+    pub(crate) fn shard_pages(self, span_pages: usize) -> usize {
+        match self {
+            Self::Erasure { data, .. } => span_pages.div_ceil(usize::from(data) * CHUNK_PAGES) * CHUNK_PAGES,
+            Self::None | Self::Replicate(_) => span_pages,
+        }
+    }
+
+    /// Where page `sp` of a span lives: the shard holding it (0 for copies: each holds every
+    /// page) and its page index there, which is also the page of its stripe on every shard.
+    pub(crate) fn locate(self, sp: usize) -> (usize, usize) {
+        match self {
+            Self::Erasure { data, .. } => {
+                let (chunk, k) = (sp / CHUNK_PAGES, usize::from(data));
+                (chunk % k, (chunk / k) * CHUNK_PAGES + sp % CHUNK_PAGES)
+            }
+            Self::None | Self::Replicate(_) => (0, sp),
+        }
+    }
+
+    /// The span pages stripe `q` holds data of: page q of each data shard (of each copy: q).
+    /// Some may lie past the end of a short last span.
+    pub(crate) fn stripe_pages(self, q: usize) -> impl Iterator<Item = usize> {
+        let (k, row) = match self {
+            Self::Erasure { data, .. } => (usize::from(data), q / CHUNK_PAGES),
+            Self::None | Self::Replicate(_) => (1, 0),
+        };
+        (0..k).map(move |i| match self {
+            Self::Erasure { .. } => (row * k + i) * CHUNK_PAGES + q % CHUNK_PAGES,
+            Self::None | Self::Replicate(_) => q,
+        })
+    }
+
+    /// Whether span pages `a` and `b` lie in one chunk, so a run from one to the other is one
+    /// run on one host.
+    pub(crate) fn same_chunk(self, a: usize, b: usize) -> bool {
+        matches!(self, Self::None | Self::Replicate(_)) || a / CHUNK_PAGES == b / CHUNK_PAGES
     }
 }
+
+/// Adjacent pages of an erasure-coded span kept on one host: long enough for prefetch runs
+/// and discards of whole rows (K chunks), short enough to spread a span's pages over its data
+/// hosts finely.
+pub(crate) const CHUNK_PAGES: usize = 16;
 
 impl fmt::Display for Redundancy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -118,18 +157,15 @@ impl FromStr for Redundancy {
     }
 }
 
-/// The Reed-Solomon code of an `erasure:K+M` region, with the page-shaped helpers the
-/// handler needs.
+/// The Reed-Solomon code of an `erasure:K+M` region.
 pub(crate) struct Coder {
     rs: ReedSolomon,
-    data: usize,
     parity: usize,
-    shard_len: usize,
 }
 
 impl fmt::Debug for Coder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Coder({}+{})", self.data, self.parity)
+        write!(f, "Coder({}+{})", self.rs.data_shard_count(), self.parity)
     }
 }
 
@@ -139,31 +175,21 @@ impl Coder {
         let Redundancy::Erasure { data, parity } = redundancy else { return None };
         let (data, parity) = (usize::from(data), usize::from(parity));
         let rs = ReedSolomon::new(data, parity).expect("K and M were validated when parsed");
-        Some(Self { rs, data, parity, shard_len: PAGE_SIZE / data })
+        Some(Self { rs, parity })
     }
 
-    /// Lines of a page each shard holds.
-    pub(crate) fn lines_per_shard(&self) -> usize {
-        self.shard_len / LINE_SIZE
-    }
-
-    /// Computes the parity of `page` at the line positions (within a shard) set in
-    /// `positions`, for every parity shard: line l of parity shard j goes to
-    /// `out[(j * lines_per_shard + l) * 64..][..64]` (out holds M shards). Lines are coded
-    /// independently, so a sparse write-back codes only the lines it changed.
-    pub(crate) fn parity_lines(&self, page: &[u8], positions: u64, out: &mut [u8]) {
-        let lps = self.lines_per_shard();
-        let mut data: Vec<&[u8]> = Vec::with_capacity(self.data);
-        let mut rest = positions;
-        while rest != 0 {
-            let l = rest.trailing_zeros() as usize;
-            rest &= rest - 1;
-            data.clear();
-            data.extend((0..self.data).map(|i| &page[i * self.shard_len + l * LINE_SIZE..][..LINE_SIZE]));
-            let mut parity: Vec<&mut [u8]> =
-                out.chunks_exact_mut(LINE_SIZE).skip(l).step_by(lps).take(self.parity).collect();
-            self.rs.encode_sep(&data, &mut parity).expect("shard counts and lengths match the code");
-        }
+    /// The change to every parity shard when data shard `shard` changes by `delta` (new XOR
+    /// old, any length): parity j changes by `out[j * len..][..len]` (out holds M of them).
+    /// The code is linear, so this is all a parity shard needs to follow a sparse write.
+    pub(crate) fn parity_delta(&self, shard: usize, delta: &[u8], out: &mut [u8]) {
+        let len = delta.len();
+        debug_assert_eq!(out.len(), self.parity * len);
+        // From zeros, coding one data shard leaves exactly its term in each parity shard.
+        out.fill(0);
+        let mut parity: Vec<&mut [u8]> = out.chunks_exact_mut(len.max(1)).collect();
+        self.rs
+            .encode_single_sep(shard, delta, &mut parity)
+            .expect("shard counts and lengths match the code");
     }
 
     /// Fills in the missing data shards (and, with `parity`, the missing parity shards) of
@@ -187,6 +213,7 @@ impl Coder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clustermem_proto::{LINE_SIZE, PAGE_SIZE};
 
     #[test]
     fn parses_and_prints_every_kind() {
@@ -199,43 +226,75 @@ mod tests {
             assert!(e.contains("expected none"), "{bad}: {e}");
         }
         let r: Redundancy = "erasure:4+2".parse().unwrap();
-        assert_eq!((r.shards(), r.needed(), r.tolerates(), r.shard_len()), (6, 4, 2, 1024));
+        assert_eq!((r.shards(), r.needed(), r.tolerates()), (6, 4, 2));
     }
 
-    /// Any K of the K+M shards rebuild the page and the lost shards, and line-wise parity
-    /// equals the parity of the whole shard (the sparse write-back relies on it).
+    /// Every page of a span has exactly one place, the stripes partition the data pages, runs
+    /// in a chunk are runs on their host, and slabs hold a K-th of the span.
     #[test]
-    fn any_k_shards_rebuild_the_page_and_line_parity_matches() {
-        let coder = Coder::new("erasure:4+2".parse().unwrap()).unwrap();
-        let page: Vec<u8> = (0..PAGE_SIZE).map(|i| (i * 7 + i / 300) as u8).collect();
-        let mut shards = page.clone();
-        shards.resize(6 * 1024, 0);
-        coder.parity_lines(&page, u64::from(u16::MAX), &mut shards[PAGE_SIZE..]);
-        // The parity of whole shards, independently.
-        let data: Vec<&[u8]> = page.chunks(1024).collect();
-        let mut parity = vec![vec![0u8; 1024]; 2];
-        coder.rs.encode_sep(&data, &mut parity).unwrap();
-        assert_eq!(shards[PAGE_SIZE..], parity.concat());
-        // Some positions only: the others are left alone.
-        let mut some = vec![0u8; 2 * 1024];
-        coder.parity_lines(&page, 0b101, &mut some);
-        for (l, line) in some.chunks(64).enumerate() {
-            let coded = [0, 2, 16, 18].contains(&l);
-            assert_eq!(line == &shards[PAGE_SIZE + l * 64..][..64], coded, "line {l}");
-        }
-        for lost_a in 0..6 {
-            for lost_b in lost_a + 1..6 {
-                let mut damaged = shards.clone();
-                damaged[lost_a * 1024..(lost_a + 1) * 1024].fill(0xEE);
-                damaged[lost_b * 1024..(lost_b + 1) * 1024].fill(0xEE);
-                let present = 0b11_1111 & !(1 << lost_a) & !(1 << lost_b);
-                let mut data_only = damaged.clone();
-                coder.reconstruct(&mut data_only, 1024, present, false).unwrap();
-                assert_eq!(data_only[..PAGE_SIZE], page, "lost shards {lost_a} and {lost_b}");
-                coder.reconstruct(&mut damaged, 1024, present, true).unwrap();
-                assert_eq!(damaged, shards, "every shard back, lost {lost_a} and {lost_b}");
+    fn erasure_layout_places_every_page_once() {
+        let r: Redundancy = "erasure:4+2".parse().unwrap();
+        let span = 1000; // not a multiple of K * CHUNK_PAGES: a short last span
+        let shard_pages = r.shard_pages(span);
+        assert_eq!(shard_pages, 256);
+        let mut seen = std::collections::HashSet::new();
+        for sp in 0..span {
+            let (shard, q) = r.locate(sp);
+            assert!(shard < 4 && q < shard_pages, "page {sp} at {shard}/{q}");
+            assert!(seen.insert((shard, q)), "page {sp} shares {shard}/{q}");
+            assert_eq!(r.stripe_pages(q).nth(shard), Some(sp), "stripe {q} names page {sp}");
+            if sp > 0 && r.same_chunk(sp - 1, sp) {
+                assert_eq!(r.locate(sp - 1), (shard, q - 1), "a chunk is a run on one host");
             }
         }
-        assert!(coder.reconstruct(&mut shards.clone(), 1024, 0b111, false).is_err(), "3 of 4 needed shards");
+        assert_eq!(r.locate(16), (1, 0), "chunks are dealt round-robin");
+        assert_eq!(r.locate(64), (0, 16));
+        let none = Redundancy::None;
+        assert_eq!((none.shard_pages(span), none.locate(77)), (span, (0, 77)));
+        assert!(none.same_chunk(15, 16) && !r.same_chunk(15, 16));
+    }
+
+    /// A parity page kept up to date by XORing in the coded change of each data page (as the
+    /// hosts do with `XorLines`) equals the parity of the stripe coded afresh, and any K of
+    /// the K+M pages rebuild the others.
+    #[test]
+    fn parity_follows_sparse_changes_and_any_k_rebuild() {
+        let coder = Coder::new("erasure:4+2".parse().unwrap()).unwrap();
+        let page = |seed: usize| -> Vec<u8> {
+            (0..PAGE_SIZE).map(|i| (i * 7 + i / 300 + seed * 31) as u8).collect()
+        };
+        let mut data: Vec<Vec<u8>> = (0..4).map(page).collect();
+        let encode = |data: &[Vec<u8>]| {
+            let mut parity = vec![vec![0u8; PAGE_SIZE]; 2];
+            coder.rs.encode_sep(data, &mut parity).unwrap();
+            parity
+        };
+        let mut parity = encode(&data);
+        // Sparse changes to two data pages, several times, applied as deltas.
+        for (round, (shard, line)) in [(1, 3), (3, 63), (1, 3), (0, 10)].into_iter().enumerate() {
+            let new: Vec<u8> = (0..LINE_SIZE).map(|b| (b * 13 + round * 101) as u8).collect();
+            let at = line * LINE_SIZE;
+            let delta: Vec<u8> =
+                new.iter().zip(&data[shard][at..at + LINE_SIZE]).map(|(a, b)| a ^ b).collect();
+            let mut out = vec![0u8; 2 * LINE_SIZE];
+            coder.parity_delta(shard, &delta, &mut out);
+            for (j, change) in out.chunks(LINE_SIZE).enumerate() {
+                parity[j][at..at + LINE_SIZE].iter_mut().zip(change).for_each(|(p, c)| *p ^= c);
+            }
+            data[shard][at..at + LINE_SIZE].copy_from_slice(&new);
+        }
+        assert_eq!(parity, encode(&data), "the deltas kept parity exact");
+        let stripe: Vec<u8> = data.iter().chain(&parity).flatten().copied().collect();
+        for lost_a in 0..6 {
+            for lost_b in lost_a + 1..6 {
+                let mut damaged = stripe.clone();
+                damaged[lost_a * PAGE_SIZE..(lost_a + 1) * PAGE_SIZE].fill(0xEE);
+                damaged[lost_b * PAGE_SIZE..(lost_b + 1) * PAGE_SIZE].fill(0xEE);
+                let present = 0b11_1111 & !(1 << lost_a) & !(1 << lost_b);
+                coder.reconstruct(&mut damaged, PAGE_SIZE, present, true).unwrap();
+                assert_eq!(damaged, stripe, "lost {lost_a} and {lost_b}");
+            }
+        }
+        assert!(coder.reconstruct(&mut stripe.clone(), PAGE_SIZE, 0b111, false).is_err(), "3 of 4 needed");
     }
 }

@@ -53,6 +53,14 @@ pub(crate) enum Pending {
         /// Pages requested.
         count: u32,
     },
+    /// The old contents of a discarded page of an erasure-coded region, read to zero it on
+    /// its hosts (see `Core::zero_start`).
+    Zero {
+        /// Region id.
+        region: u32,
+        /// Page index in the region.
+        page: usize,
+    },
     /// A pointer prefetch of one page.
     Chase(ChaseRead),
     /// A `ChasePointers` request.
@@ -118,8 +126,9 @@ pub(crate) struct Link {
     pub(crate) session: u64,
     /// The frames of `pending`, byte for byte from `journal_head`, each ending at the
     /// matching `journal_ends` entry: replayed in order on a new connection after the old one
-    /// dropped. Every data request is a read or an overwrite, so a replayed one the host had
-    /// already applied changes nothing.
+    /// dropped, with their ids. Every data request but `XorLines` is a read or an overwrite,
+    /// so a replayed one the host had already applied changes nothing; the host applies an
+    /// `XorLines` once per id in a session.
     journal: Vec<u8>,
     journal_head: usize,
     journal_ends: VecDeque<usize>,

@@ -166,7 +166,11 @@ impl Core {
         if depth >= bound || self.host_chases >= HOST_CHASES_IN_FLIGHT {
             return false;
         }
-        let Some(region) = self.regions.get(&id).filter(|r| r.slabs.len() <= MAX_CHASE_SPANS) else {
+        // A host follows a chain through whole spans it holds: an erasure-coded span is
+        // dealt out in chunks.
+        let Some(region) =
+            self.regions.get(&id).filter(|r| r.slabs.len() <= MAX_CHASE_SPANS && r.coder.is_none())
+        else {
             return false;
         };
         let Some((slab, _)) = region_offset(region, start).and_then(|rel| region.read_copy(rel / PAGE_SIZE))

@@ -1,20 +1,24 @@
-//! Redundancy on the fault path: reads that gather K of a span's shards, write-backs to every
-//! copy or shard, the consequences of a host's death, and rebuilding what it held.
+//! Redundancy on the fault path: reads that decode a page from K shards of its stripe when its
+//! own host is lost, write-backs to every copy or to a data shard and its parity, zeroing an
+//! erasure-coded page on its hosts, the consequences of a host's death, and rebuilding what it
+//! held.
 //!
-//! A rebuild copies a span's lost copy or shard onto a new host in batches of pages read
-//! from the survivors. Write-backs keep flowing meanwhile: they go to the new slab too, whole
-//! for a page the rebuild has not reached (so it is then current and the rebuild skips it),
-//! sparse after. A batch read before such a write-back is therefore never written over it.
+//! A rebuild copies a span's lost copy or shard onto a new host in batches of stripes read
+//! from the survivors. Write-backs keep flowing meanwhile and go to the new slab too: on a
+//! stripe the rebuild has not read yet they are overwritten by what it reads later (which
+//! includes them); on a stripe whose reads are in flight they make the batch stale, and the
+//! stripe is read again; on a stripe already written they apply as on any live shard.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
-use clustermem_proto::{Message, LINE_SIZE, PAGE_SIZE};
+use clustermem_proto::{Message, PAGE_SIZE};
 
-use super::{Core, PageState, Placement, ShardState, SlabRef};
-use crate::dirty::gather_lines;
+use super::{Core, PageState, ShardState, SlabRef};
+use crate::dirty::{diff_lines, gather_lines};
 use crate::transport::Pending;
 
-/// Pages read per rebuild request.
+/// Stripes read per rebuild request.
 const REBUILD_BATCH: usize = 64;
 /// Rebuild batches in flight per span: enough to keep the links busy, few enough that
 /// faults are not queued behind much rebuild traffic.
@@ -22,27 +26,48 @@ const REBUILD_DEPTH: usize = 4;
 /// Spans rebuilt at once.
 pub(super) const REBUILDS_AT_ONCE: usize = 2;
 
+/// How far a rebuild has got with one stripe (page index in every shard's slab) of its span.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Progress {
+    /// Not read yet: a write meanwhile lands before the read, which then includes it.
+    Todo,
+    /// Its reads are in flight.
+    Reading,
+    /// Written to while its reads were in flight: what they bring is old; read again.
+    Stale,
+    /// Current on the new slab.
+    Done,
+}
+
 /// What a gather's pages are for.
 #[derive(Debug)]
 pub(super) enum GatherFor {
     /// A thread faulted on the (single) page.
     Fault { write: bool, started: Instant },
-    /// Rebuilding shard `shard` of the span, for rebuild job `job`.
-    Rebuild { shard: usize, job: u64 },
+    /// Rebuilding the target shard, for rebuild job `job`.
+    Rebuild { job: u64 },
     /// Prefetching the pages.
     Prefetch,
+    /// Zeroing the (single) page on its hosts: its old contents give the parity change.
+    Zero,
 }
 
-/// A read that needs K shards of pages `first..first + count` (one span).
+/// A read of stripes `stripe..stripe + count` of one span from enough of its shards to
+/// decode the target shard's pages.
 #[derive(Debug)]
 pub(super) struct Gather {
     purpose: GatherFor,
     region: u32,
-    first: usize,
+    span: usize,
+    stripe: usize,
     count: usize,
-    /// Shard s of page k at `(s * count + k) * shard_len`.
+    /// The shard whose pages are wanted: the pages' data shard, or the shard rebuilt.
+    target: usize,
+    /// The region page of the target's first page (faults, prefetches and zeroing).
+    first_page: usize,
+    /// Shard s's pages at `s * count * PAGE_SIZE`.
     buf: Vec<u8>,
-    /// Shards requested (arrived ones included); a failed request clears its bit.
+    /// Shards asked (arrived ones included).
     asked: u64,
     /// Shards arrived.
     have: u64,
@@ -59,7 +84,7 @@ pub(super) struct RebuildJob {
     /// Unique among the runtime's rebuilds (slab ids are only unique per host, and a shard
     /// may be rebuilt again after its first target died: an old batch must not land there).
     job: u64,
-    /// Next page (in the span) to request.
+    /// Next stripe to consider.
     next: usize,
     inflight: usize,
 }
@@ -70,12 +95,12 @@ impl Gather {
         self.have != 0
     }
 
-    /// The pages a fault's or prefetch's gather reads (`None` for a rebuild's, which copies
-    /// host data and installs nothing): region, first page, count.
+    /// The pages a fault's or prefetch's gather reads (`None` for a rebuild's or a zeroing's,
+    /// which install nothing): region, first page, count.
     pub(super) fn installs(&self) -> Option<(u32, usize, usize)> {
         match self.purpose {
-            GatherFor::Fault { .. } | GatherFor::Prefetch => Some((self.region, self.first, self.count)),
-            GatherFor::Rebuild { .. } => None,
+            GatherFor::Fault { .. } | GatherFor::Prefetch => Some((self.region, self.first_page, self.count)),
+            GatherFor::Rebuild { .. } | GatherFor::Zero => None,
         }
     }
 }
@@ -86,30 +111,50 @@ impl RebuildJob {
     }
 }
 
-/// Line mask of `n` lines from line 0.
-fn low_lines(n: usize) -> u64 {
-    if n >= 64 {
-        u64::MAX
-    } else {
-        (1u64 << n) - 1
+/// Marks the stripes among `stripes` whose rebuild reads are in flight stale: a write to
+/// them is being sent.
+pub(super) fn written_during_rebuild(state: &mut ShardState, stripes: std::ops::Range<usize>) {
+    if let ShardState::Rebuilding { progress, .. } = state {
+        for p in &mut progress[stripes] {
+            if *p == Progress::Reading {
+                *p = Progress::Stale;
+            }
+        }
     }
 }
 
 impl Core {
-    /// Reads pages `first..first + count` of region `id` (all in one span) from enough of
-    /// their shards, for `purpose`.
-    pub(super) fn gather_start(&mut self, id: u32, first: usize, count: usize, purpose: GatherFor) {
+    /// Decodes pages `first..first + count` of region `id` (one run in a chunk) from the
+    /// other shards of their stripes, for `purpose`: their own host is lost.
+    pub(super) fn gather_pages(&mut self, id: u32, first: usize, count: usize, purpose: GatherFor) {
         let Some(region) = self.regions.get(&id) else { return };
-        let r = region.redundancy;
+        let span = first / region.slab_pages;
+        let (target, stripe) = region.redundancy.locate(first % region.slab_pages);
+        self.gather_insert(Gather {
+            purpose,
+            region: id,
+            span,
+            stripe,
+            count,
+            target,
+            first_page: first,
+            buf: Vec::new(),
+            asked: 0,
+            have: 0,
+            refused: 0,
+        });
+    }
+
+    fn gather_insert(&mut self, mut g: Gather) {
+        let Some(region) = self.regions.get(&g.region) else { return };
+        g.buf = vec![0u8; region.redundancy.shards() * g.count * PAGE_SIZE];
         let gid = self.next_gather;
         self.next_gather += 1;
-        let buf = vec![0u8; r.shards() * count * r.shard_len()];
-        self.gathers
-            .insert(gid, Gather { purpose, region: id, first, count, buf, asked: 0, have: 0, refused: 0 });
+        self.gathers.insert(gid, g);
         self.gather_dispatch(gid);
     }
 
-    /// Asks live shards (data shards first: they need no decoding) until K are asked.
+    /// Asks live shards other than the target until enough are asked.
     fn gather_dispatch(&mut self, gid: u64) {
         let Core { gathers, regions, links, .. } = self;
         let Some(g) = gathers.get_mut(&gid) else { return };
@@ -117,26 +162,21 @@ impl Core {
             gathers.remove(&gid);
             return;
         };
-        let (needed, sl) = (region.redundancy.needed(), region.redundancy.shard_len());
-        let skip = match g.purpose {
-            GatherFor::Rebuild { shard, .. } => Some(shard),
-            GatherFor::Fault { .. } | GatherFor::Prefetch => None,
-        };
-        let offset = ((g.first % region.slab_pages) * sl) as u64;
-        let len = u32::try_from(g.count * sl).expect("a gather is at most a batch of pages");
-        if let Some(placement) = region.slabs[g.first / region.slab_pages].as_ref() {
+        let needed = region.redundancy.needed();
+        let count = u32::try_from(g.count).expect("a gather is at most a batch of pages");
+        if let Some(placement) = region.slabs[g.span].as_ref() {
             for (i, shard) in placement.shards.iter().enumerate() {
                 if g.asked.count_ones() as usize >= needed {
                     break;
                 }
                 if (g.asked | g.refused) & (1 << i) != 0
-                    || skip == Some(i)
+                    || i == g.target
                     || !matches!(shard.state, ShardState::Live)
                 {
                     continue;
                 }
                 links[shard.slab.host].send(
-                    &Message::ReadBytes { slab_id: shard.slab.slab_id, offset, len },
+                    &Message::ReadPages { slab_id: shard.slab.slab_id, first_page: g.stripe as u64, count },
                     Pending::Part { gather: gid, shard: i as u8 },
                 );
                 g.asked |= 1 << i;
@@ -147,18 +187,28 @@ impl Core {
         }
     }
 
+    /// Asks afresh, under a new id, after a shard failed to arrive: shards read at different
+    /// times may straddle a write-back to the stripe, and would not decode to one state. The
+    /// replies still due to the old id are dropped.
+    fn gather_restart(&mut self, gid: u64) {
+        let Some(mut g) = self.gathers.remove(&gid) else { return };
+        g.asked = 0;
+        g.have = 0;
+        self.gather_insert(g);
+    }
+
     /// A reply to shard `shard` of gather `gid`.
     pub(super) fn on_part(&mut self, gid: u64, shard: u8, msg: &Message<'_>) {
         let Some(g) = self.gathers.get_mut(&gid) else { return };
         let bit = 1u64 << shard;
-        let shard_bytes = g.buf.len() / self.regions.get(&g.region).map_or(1, |r| r.redundancy.shards());
+        let shard_bytes = g.count * PAGE_SIZE;
         match msg {
             Message::Pages { data, .. } if data.len() == shard_bytes => {
                 let at = usize::from(shard) * shard_bytes;
                 g.buf[at..at + shard_bytes].copy_from_slice(data);
                 g.have |= bit;
                 self.last_part = Instant::now();
-                self.stats.bytes_fetched.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                self.stats.bytes_fetched.fetch_add(data.len() as u64, Relaxed);
                 let needed = self.regions.get(&g.region).map_or(1, |r| r.redundancy.needed());
                 if g.have.count_ones() as usize >= needed {
                     self.gather_complete(gid);
@@ -166,67 +216,51 @@ impl Core {
             }
             other => {
                 eprintln!("clustermem: a shard read was refused ({other:?}); trying another shard");
-                g.asked &= !bit;
                 g.refused |= bit;
-                self.gather_dispatch(gid);
+                self.gather_restart(gid);
             }
         }
     }
 
-    /// Shard `shard` of gather `gid` will not arrive (its host died): ask another.
-    pub(super) fn part_lost(&mut self, gid: u64, shard: u8) {
-        if let Some(g) = self.gathers.get_mut(&gid) {
-            g.asked &= !(1u64 << shard);
-            self.gather_dispatch(gid);
-        }
+    /// Shard `shard` of gather `gid` will not arrive (its host died): ask again.
+    pub(super) fn part_lost(&mut self, gid: u64, _shard: u8) {
+        self.gather_restart(gid);
     }
 
     fn gather_complete(&mut self, gid: u64) {
-        use std::sync::atomic::Ordering::Relaxed;
         let Some(mut g) = self.gathers.remove(&gid) else { return };
         let Some(region) = self.regions.get(&g.region) else { return };
-        let needed = region.redundancy.needed();
-        // Shard s of every page of the gather is `buf[s * per_shard..][..per_shard]`. The
-        // code works byte by byte, so one decode serves the whole batch.
-        let per_shard = g.count * region.redundancy.shard_len();
-        if let Some(coder) = &region.coder {
-            let data_mask = low_lines(needed);
-            let all_data = g.have & data_mask == data_mask;
-            let parity_wanted = matches!(g.purpose, GatherFor::Rebuild { shard, .. } if shard >= needed);
-            if !all_data || parity_wanted {
-                if let Err(why) = coder.reconstruct(&mut g.buf, per_shard, g.have, parity_wanted) {
-                    self.gathers.insert(gid, g);
-                    return self.gather_fail(gid, &why);
-                }
-            }
-            if !all_data {
-                self.stats.degraded_reads.fetch_add(g.count as u64, Relaxed);
-            }
-        }
-        let sl = region.redundancy.shard_len();
-        let erasure = region.coder.is_some();
-        let buf = std::mem::take(&mut g.buf);
-        match g.purpose {
-            GatherFor::Rebuild { shard, job } => {
-                // The shard being rebuilt (decoded above), or any copy that arrived.
-                let from = if erasure { shard } else { g.have.trailing_zeros() as usize } * per_shard;
-                self.rebuild_write(g.region, g.first, g.count, shard, job, &buf[from..from + per_shard]);
-                self.rebuild_batch_done(g.region, g.first, shard, job, false);
-            }
-            // Only erasure-coded pages are gathered for faults and prefetches: page k is the
-            // k-th piece of each data shard, in order (for one page, the data shards as they
-            // lie in the buffer).
-            GatherFor::Fault { write, started } => {
-                self.install_fetched(g.region, g.first, &buf[..PAGE_SIZE], write, started);
-            }
-            GatherFor::Prefetch => {
-                let mut pages = vec![0u8; g.count * PAGE_SIZE];
-                for (k, page) in pages.chunks_exact_mut(PAGE_SIZE).enumerate() {
-                    for (i, piece) in page.chunks_exact_mut(sl).enumerate() {
-                        piece.copy_from_slice(&buf[i * per_shard + k * sl..][..sl]);
+        let per_shard = g.count * PAGE_SIZE;
+        let from = match &region.coder {
+            Some(coder) => {
+                if g.have & (1 << g.target) == 0 {
+                    let parity = g.target >= region.redundancy.needed();
+                    if let Err(why) = coder.reconstruct(&mut g.buf, per_shard, g.have, parity) {
+                        self.gathers.insert(gid, g);
+                        return self.gather_fail(gid, &why);
                     }
                 }
-                self.install_prefetched(g.region, g.first, &pages);
+                g.target
+            }
+            // A copy: whichever arrived.
+            None => g.have.trailing_zeros() as usize,
+        } * per_shard;
+        let content = &g.buf[from..from + per_shard];
+        match g.purpose {
+            GatherFor::Rebuild { job } => {
+                self.rebuild_write(g.region, g.span, g.stripe, g.count, g.target, job, content);
+            }
+            GatherFor::Fault { write, started } => {
+                self.stats.degraded_reads.fetch_add(1, Relaxed);
+                self.install_fetched(g.region, g.first_page, content, write, started);
+            }
+            GatherFor::Prefetch => {
+                self.stats.degraded_reads.fetch_add(g.count as u64, Relaxed);
+                self.install_prefetched(g.region, g.first_page, content);
+            }
+            GatherFor::Zero => {
+                self.stats.degraded_reads.fetch_add(1, Relaxed);
+                self.zero_on_hosts(g.region, g.first_page, content);
             }
         }
     }
@@ -236,87 +270,99 @@ impl Core {
         match g.purpose {
             GatherFor::Fault { .. } => {
                 let Some(r) = self.regions.get_mut(&g.region) else { return };
-                let state = r.pages[g.first];
-                r.pages[g.first] &= !(PageState::FETCHING | PageState::WANTED);
+                let state = r.pages[g.first_page];
+                r.pages[g.first_page] &= !(PageState::FETCHING | PageState::WANTED);
                 if state & PageState::RESIDENT == 0 {
-                    r.record_loss(g.first, why);
-                    let addr = r.addr(g.first);
+                    r.record_loss(g.first_page, why);
+                    let addr = r.addr(g.first_page);
                     self.poison(addr);
                 }
             }
-            GatherFor::Rebuild { shard, job } => {
+            GatherFor::Rebuild { job } => {
                 eprintln!("clustermem: rebuild of a span abandoned: {why}");
-                self.rebuild_batch_done(g.region, g.first, shard, job, true);
+                self.rebuild_abandon(g.region, g.span, g.target, job);
             }
             // A thread waiting for one of the pages gets a fetch of its own (or the loss).
             GatherFor::Prefetch => {
-                for page in g.first..g.first + g.count {
+                for page in g.first_page..g.first_page + g.count {
                     self.drop_prefetch(g.region, page);
                 }
+            }
+            // The stripe is lost beyond its redundancy: the page reads as zeros here all the
+            // same; its hosts keep what they had.
+            GatherFor::Zero => {
+                eprintln!(
+                    "clustermem: a discarded page's old contents cannot be read ({why}); left on its hosts"
+                );
+                self.zero_finish(g.region, g.first_page);
             }
         }
     }
 
-    /// Writes the rebuilt shard of pages `first..first + count` (`content`: shard_len bytes a
-    /// page) into the new slab, skipping pages already made current by a write-back.
-    fn rebuild_write(&mut self, id: u32, first: usize, count: usize, shard: usize, job: u64, content: &[u8]) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let Core { regions, links, stats, scratch, .. } = self;
-        let Some(region) = regions.get_mut(&id) else { return };
-        let sl = region.redundancy.shard_len();
-        let base = first % region.slab_pages;
-        let Some(placement) = region.slabs[first / region.slab_pages].as_mut() else { return };
-        let target = &mut placement.shards[shard];
+    /// Writes the rebuilt target shard of stripes `stripe..stripe + count` (`content`, a page
+    /// each) into the new slab, except stripes written to while they were read (read again).
+    #[allow(clippy::too_many_arguments)] // One batch's coordinates, passed through once.
+    fn rebuild_write(
+        &mut self,
+        id: u32,
+        span: usize,
+        stripe: usize,
+        count: usize,
+        shard: usize,
+        job: u64,
+        content: &[u8],
+    ) {
+        let Core { regions, links, stats, rebuilds, .. } = self;
+        let Some(j) = rebuilds.iter_mut().find(|j| j.job == job) else { return };
+        j.inflight -= 1;
+        let Some(target) =
+            regions.get_mut(&id).and_then(|r| r.slabs[span].as_mut()).map(|p| &mut p.shards[shard])
+        else {
+            return;
+        };
         let slab_id = target.slab.slab_id;
-        let ShardState::Rebuilding { done, job: current } = &mut target.state else { return };
+        let ShardState::Rebuilding { progress, job: current } = &mut target.state else { return };
         if *current != job {
             return;
         }
         let link = &mut links[target.slab.host];
-        // (host page, line mask) being gathered into `scratch` after its prefix.
-        let mut open: Option<(u64, u64)> = None;
-        let mut lines: Vec<u8> = Vec::with_capacity(PAGE_SIZE);
-        let mut send = |hp: u64, mask: u64, lines: &mut Vec<u8>, scratch: &mut Vec<u8>| {
-            scratch.clear();
-            clustermem_proto::encode_write_lines_prefix(scratch, slab_id, hp, mask);
-            let kind = Message::WriteLines { slab_id: 0, page: 0, line_mask: 1, lines: &[] }.kind();
-            let bytes = link.send_parts(kind, scratch, lines, Pending::Ignore);
-            stats.bytes_rebuilt.fetch_add(bytes, Relaxed);
-            lines.clear();
+        let mut run: Option<usize> = None;
+        let mut send = |from: usize, to: usize| {
+            let data = &content[(from - stripe) * PAGE_SIZE..(to - stripe) * PAGE_SIZE];
+            let prefix = [slab_id.to_le_bytes(), (from as u64).to_le_bytes()].concat();
+            let kind = Message::WritePages { slab_id: 0, first_page: 0, data: &[] }.kind();
+            stats.bytes_rebuilt.fetch_add(link.send_parts(kind, &prefix, data, Pending::Ignore), Relaxed);
+            stats.pages_rebuilt.fetch_add((to - from) as u64, Relaxed);
         };
-        for k in 0..count {
-            let p = base + k;
-            if std::mem::replace(&mut done[p], true) {
-                continue;
-            }
-            let off = p * sl;
-            let hp = (off / PAGE_SIZE) as u64;
-            let mask = low_lines(sl / LINE_SIZE) << ((off % PAGE_SIZE) / LINE_SIZE);
-            match open {
-                Some((open_hp, m)) if open_hp == hp => open = Some((hp, m | mask)),
-                Some((open_hp, m)) => {
-                    send(open_hp, m, &mut lines, scratch);
-                    open = Some((hp, mask));
+        for (q, p) in progress.iter_mut().enumerate().skip(stripe).take(count) {
+            let write = *p == Progress::Reading;
+            match *p {
+                Progress::Reading => *p = Progress::Done,
+                Progress::Stale => {
+                    *p = Progress::Todo;
+                    j.next = j.next.min(q);
                 }
-                None => open = Some((hp, mask)),
+                Progress::Todo | Progress::Done => {}
             }
-            lines.extend_from_slice(&content[k * sl..(k + 1) * sl]);
-            stats.pages_rebuilt.fetch_add(1, Relaxed);
+            match (run, write) {
+                (None, true) => run = Some(q),
+                (Some(from), false) => {
+                    send(from, q);
+                    run = None;
+                }
+                _ => {}
+            }
         }
-        if let Some((hp, m)) = open {
-            send(hp, m, &mut lines, scratch);
+        if let Some(from) = run {
+            send(from, stripe + count);
         }
     }
 
-    /// A rebuild batch of job `job` finished (or `failed`: the span can no longer be read:
-    /// the new slab is given back and the shard stays lost).
-    fn rebuild_batch_done(&mut self, id: u32, first: usize, shard: usize, job: u64, failed: bool) {
-        let Some(region) = self.regions.get(&id) else { return };
-        let span = first / region.slab_pages;
-        let Some(j) = self.rebuilds.iter_mut().find(|j| j.job == job) else { return };
-        j.inflight -= 1;
-        if !failed {
-            return;
+    /// The span can no longer be read for rebuild job `job`: the new slab is given back and
+    /// the shard stays lost.
+    fn rebuild_abandon(&mut self, id: u32, span: usize, shard: usize, job: u64) {
+        if let Some(j) = self.rebuilds.iter_mut().find(|j| j.job == job) {
+            j.inflight -= 1;
         }
         let Some(s) =
             self.regions.get_mut(&id).and_then(|r| r.slabs[span].as_mut()).map(|p| &mut p.shards[shard])
@@ -330,7 +376,7 @@ impl Core {
         }
     }
 
-    /// Keeps every active rebuild's batches in flight; a span whose batches are all written
+    /// Keeps every active rebuild's batches in flight; a span whose stripes are all written
     /// gets its shard back as live.
     pub(super) fn pump_rebuilds(&mut self) {
         let mut i = 0;
@@ -343,14 +389,15 @@ impl Core {
                 self.rebuilds.swap_remove(i);
                 continue;
             };
-            let slab_pages = region.slab_pages;
-            let span_pages = (region.pages.len() - span * slab_pages).min(slab_pages);
-            let base = span * slab_pages;
+            let redundancy = region.redundancy;
+            let span_pages = (region.pages.len() - span * region.slab_pages).min(region.slab_pages);
+            let stripes = redundancy.shard_pages(span_pages);
+            let base = span * region.slab_pages;
             let Some(target) = region.slabs[span].as_mut().map(|p| &mut p.shards[shard]) else {
                 self.rebuilds.swap_remove(i);
                 continue;
             };
-            let ShardState::Rebuilding { done, job: current } = &mut target.state else {
+            let ShardState::Rebuilding { progress, job: current } = &mut target.state else {
                 // Its new host died too, or the batch reads failed: queued again or lost.
                 self.rebuilds.swap_remove(i);
                 continue;
@@ -359,129 +406,202 @@ impl Core {
                 self.rebuilds.swap_remove(i);
                 continue;
             }
+            // Stripes holding no data page ever written back read as zeros on every host,
+            // the new slab too.
+            let holds_data = |q: usize| {
+                redundancy
+                    .stripe_pages(q)
+                    .any(|sp| sp < span_pages && region.pages[base + sp] & PageState::ON_HOST != 0)
+            };
             let j = &mut self.rebuilds[i];
             let mut batches = Vec::new();
-            while j.inflight + batches.len() < REBUILD_DEPTH && j.next < span_pages {
-                // Pages never written back read as zeros on every host, the new slab too.
-                while j.next < span_pages
-                    && (done[j.next] || region.pages[base + j.next] & PageState::ON_HOST == 0)
-                {
-                    done[j.next] = true;
+            while j.inflight + batches.len() < REBUILD_DEPTH && j.next < stripes {
+                while j.next < stripes && (progress[j.next] != Progress::Todo || !holds_data(j.next)) {
+                    if progress[j.next] == Progress::Todo {
+                        progress[j.next] = Progress::Done;
+                    }
                     j.next += 1;
                 }
-                if j.next == span_pages {
-                    break;
+                let from = j.next;
+                while j.next < stripes
+                    && j.next - from < REBUILD_BATCH
+                    && progress[j.next] == Progress::Todo
+                    && holds_data(j.next)
+                {
+                    progress[j.next] = Progress::Reading;
+                    j.next += 1;
                 }
-                let n = REBUILD_BATCH.min(span_pages - j.next);
-                batches.push((base + j.next, n));
-                j.next += n;
+                if j.next > from {
+                    batches.push((from, j.next - from));
+                }
             }
-            if j.next == span_pages && j.inflight == 0 && batches.is_empty() {
+            // Every stripe passed is done or being read; a stale one moved `next` back.
+            if j.next == stripes && j.inflight == 0 && batches.is_empty() {
                 target.state = ShardState::Live;
                 self.rebuilds.swap_remove(i);
                 continue;
             }
             j.inflight += batches.len();
-            for (first, n) in batches {
-                self.gather_start(id, first, n, GatherFor::Rebuild { shard, job });
+            for (stripe, count) in batches {
+                self.gather_insert(Gather {
+                    purpose: GatherFor::Rebuild { job },
+                    region: id,
+                    span,
+                    stripe,
+                    count,
+                    target: shard,
+                    first_page: 0,
+                    buf: Vec::new(),
+                    asked: 0,
+                    have: 0,
+                    refused: 0,
+                });
             }
             i += 1;
         }
     }
 
     /// Sends the write-back of resident, write-protected `page` of region `id` (`data`),
-    /// whose lines `mask` changed, to every copy or shard holding data: changed lines (or
-    /// the whole page past the threshold) to each copy; changed data lines to their data
-    /// shards and the parity lines at the changed positions, computed from the page, to
-    /// each parity shard. Returns the bytes sent.
-    pub(super) fn send_write_back(&mut self, id: u32, page: usize, data: &[u8], mask: u64) -> u64 {
+    /// whose lines `mask` changed, to every copy (changed lines, or the whole page past the
+    /// threshold), or, erasure-coded, to its data shard and, as XORs of their coded change
+    /// (`delta`: the changed lines XOR their clean contents, in mask order), to each parity
+    /// shard. Returns the bytes sent.
+    pub(super) fn send_write_back(
+        &mut self,
+        id: u32,
+        page: usize,
+        data: &[u8],
+        mask: u64,
+        delta: &[u8],
+    ) -> u64 {
         let Core { regions, links, scratch, config, parity, .. } = self;
         let region = regions.get_mut(&id).expect("caller checked");
-        let sp = page % region.slab_pages;
+        let (data_shard, stripe) = region.redundancy.locate(page % region.slab_pages);
         let needed = region.redundancy.needed();
-        let placement: &mut Placement =
+        let placement =
             region.slabs[page / region.slab_pages].as_mut().expect("caller checked the page is committed");
-        let mut bytes = 0;
-        // Parity at every line position written below, for all parity shards at once.
         if let Some(coder) = &region.coder {
-            let lps = coder.lines_per_shard();
-            let rebuilding =
-                placement.shards.iter().any(|s| matches!(s.state, ShardState::Rebuilding { .. }));
-            let positions = if rebuilding {
-                low_lines(lps)
-            } else {
-                (0..needed).fold(0, |acc, d| acc | ((mask >> (d * lps)) & low_lines(lps)))
-            };
-            parity.resize((region.redundancy.shards() - needed) * lps * LINE_SIZE, 0);
-            coder.parity_lines(data, positions, parity);
+            parity.resize((region.redundancy.shards() - needed) * delta.len(), 0);
+            coder.parity_delta(data_shard, delta, parity);
         }
+        let whole = mask.count_ones() > config.line_threshold;
+        let mut bytes = 0;
         for (i, shard) in placement.shards.iter_mut().enumerate() {
-            let whole = match &mut shard.state {
-                ShardState::Lost => continue,
-                ShardState::Live => false,
-                // Not reached by the rebuild yet: the whole page makes it current.
-                ShardState::Rebuilding { done, .. } => !std::mem::replace(&mut done[sp], true),
-            };
+            if matches!(shard.state, ShardState::Lost) {
+                continue;
+            }
+            written_during_rebuild(&mut shard.state, stripe..stripe + 1);
             let SlabRef { host, slab_id, .. } = shard.slab;
             let link = &mut links[host];
             let pending = Pending::WriteBack { region: id, page };
-            let Some(coder) = &region.coder else {
-                bytes += if whole || mask.count_ones() > config.line_threshold {
-                    let mut prefix = [0u8; 16];
-                    prefix[..8].copy_from_slice(&slab_id.to_le_bytes());
-                    prefix[8..].copy_from_slice(&(sp as u64).to_le_bytes());
+            let (kind, lines) = if region.coder.is_none() || i == data_shard {
+                if whole {
+                    let prefix = [slab_id.to_le_bytes(), (stripe as u64).to_le_bytes()].concat();
                     let kind = Message::WritePages { slab_id: 0, first_page: 0, data: &[] }.kind();
-                    link.send_parts(kind, &prefix, data, pending)
-                } else {
-                    scratch.clear();
-                    clustermem_proto::encode_write_lines_prefix(scratch, slab_id, sp as u64, mask);
-                    let prefix_len = scratch.len();
-                    gather_lines(data, mask, scratch);
-                    let kind = Message::WriteLines { slab_id: 0, page: 0, line_mask: 1, lines: &[] }.kind();
-                    let (prefix, lines) = scratch.split_at(prefix_len);
-                    link.send_parts(kind, prefix, lines, pending)
-                };
-                continue;
-            };
-            let lps = coder.lines_per_shard();
-            let all = low_lines(lps);
-            // Line positions (within a shard) this shard must rewrite.
-            let positions = if whole {
-                all
-            } else if i < needed {
-                (mask >> (i * lps)) & all
-            } else {
-                (0..needed).fold(0, |acc, d| acc | ((mask >> (d * lps)) & all))
-            };
-            if positions == 0 {
-                continue;
-            }
-            let off = sp * lps * LINE_SIZE;
-            let host_mask = positions << ((off % PAGE_SIZE) / LINE_SIZE);
-            scratch.clear();
-            clustermem_proto::encode_write_lines_prefix(
-                scratch,
-                slab_id,
-                (off / PAGE_SIZE) as u64,
-                host_mask,
-            );
-            let prefix_len = scratch.len();
-            let mut rest = positions;
-            while rest != 0 {
-                let l = rest.trailing_zeros() as usize;
-                rest &= rest - 1;
-                let at = (i * lps + l) * LINE_SIZE;
-                if i < needed {
-                    scratch.extend_from_slice(&data[at..at + LINE_SIZE]);
-                } else {
-                    scratch.extend_from_slice(&parity[at - needed * lps * LINE_SIZE..][..LINE_SIZE]);
+                    bytes += link.send_parts(kind, &prefix, data, pending);
+                    continue;
                 }
+                (Message::WriteLines { slab_id: 0, page: 0, line_mask: 1, lines: &[] }.kind(), None)
+            } else if i < needed {
+                continue;
+            } else {
+                let at = (i - needed) * delta.len();
+                (Message::XorLines { slab_id: 0, page: 0, line_mask: 1, lines: &[] }.kind(), Some(at))
+            };
+            scratch.clear();
+            clustermem_proto::encode_write_lines_prefix(scratch, slab_id, stripe as u64, mask);
+            let prefix_len = scratch.len();
+            match lines {
+                None => gather_lines(data, mask, scratch),
+                Some(at) => scratch.extend_from_slice(&parity[at..at + delta.len()]),
             }
-            let kind = Message::WriteLines { slab_id: 0, page: 0, line_mask: 1, lines: &[] }.kind();
             let (prefix, lines) = scratch.split_at(prefix_len);
             bytes += link.send_parts(kind, prefix, lines, pending);
         }
         bytes
+    }
+
+    /// Starts zeroing page `page` of erasure-coded region `id` on its hosts (the program
+    /// discarded it; the caller marked it in flight): its parity must lose the page's
+    /// contents, so they are read first. A fault on it meanwhile waits.
+    pub(super) fn zero_start(&mut self, id: u32, page: usize) {
+        let Some(region) = self.regions.get_mut(&id) else { return };
+        region.zeroing.insert(page);
+        match region.read_copy(page) {
+            Some((slab, slab_page)) => self.links[slab.host].send(
+                &Message::ReadPages { slab_id: slab.slab_id, first_page: slab_page, count: 1 },
+                Pending::Zero { region: id, page },
+            ),
+            None if region.readable(page) => self.gather_pages(id, page, 1, GatherFor::Zero),
+            None => self.zero_finish(id, page),
+        }
+    }
+
+    /// The read of page `page`'s old contents for zeroing failed (its host refused or died):
+    /// they are decoded from its stripe, unless a discard overtook the zeroing.
+    pub(super) fn zero_retry(&mut self, id: u32, page: usize) {
+        let Some(region) = self.regions.get(&id).filter(|r| r.zeroing.contains(&page)) else { return };
+        if region.readable(page) {
+            self.gather_pages(id, page, 1, GatherFor::Zero);
+        } else {
+            self.zero_finish(id, page);
+        }
+    }
+
+    /// The old contents of page `page` being zeroed arrived: zero it on its data shard and XOR
+    /// its coded contents out of each parity shard.
+    pub(super) fn zero_on_hosts(&mut self, id: u32, page: usize, old: &[u8]) {
+        let Core { regions, links, scratch, parity, .. } = self;
+        let Some(region) = regions.get_mut(&id).filter(|r| r.zeroing.contains(&page)) else {
+            // A discard of the whole stripe row overtook it.
+            return;
+        };
+        let (data_shard, stripe) = region.redundancy.locate(page % region.slab_pages);
+        let needed = region.redundancy.needed();
+        let mask = diff_lines(old, &[0u8; PAGE_SIZE]);
+        let mut delta = Vec::with_capacity(mask.count_ones() as usize * 64);
+        gather_lines(old, mask, &mut delta);
+        if let (Some(coder), Some(placement)) =
+            (&region.coder, region.slabs[page / region.slab_pages].as_mut())
+        {
+            if mask != 0 {
+                parity.resize((region.redundancy.shards() - needed) * delta.len(), 0);
+                coder.parity_delta(data_shard, &delta, parity);
+            }
+            for (i, shard) in placement.shards.iter_mut().enumerate() {
+                if matches!(shard.state, ShardState::Lost) || (i != data_shard && (i < needed || mask == 0)) {
+                    continue;
+                }
+                written_during_rebuild(&mut shard.state, stripe..stripe + 1);
+                let link = &mut links[shard.slab.host];
+                let slab_id = shard.slab.slab_id;
+                if i == data_shard {
+                    let msg = Message::DiscardPages { slab_id, first_page: stripe as u64, count: 1 };
+                    link.send(&msg, Pending::Ignore);
+                    continue;
+                }
+                scratch.clear();
+                clustermem_proto::encode_write_lines_prefix(scratch, slab_id, stripe as u64, mask);
+                let at = (i - needed) * delta.len();
+                let kind = Message::XorLines { slab_id: 0, page: 0, line_mask: 1, lines: &[] }.kind();
+                link.send_parts(kind, scratch, &parity[at..at + delta.len()], Pending::Ignore);
+            }
+        }
+        self.zero_finish(id, page);
+    }
+
+    /// Zeroing `page` is over: it is a fresh page, and a thread waiting on it gets zeros.
+    pub(super) fn zero_finish(&mut self, id: u32, page: usize) {
+        let Some(region) = self.regions.get_mut(&id) else { return };
+        if !region.zeroing.remove(&page) {
+            return;
+        }
+        let state = std::mem::take(&mut region.pages[page]);
+        if state & PageState::WANTED != 0 {
+            let zeros = std::mem::take(&mut self.zero_page);
+            self.install(id, page, &zeros, false);
+            self.zero_page = zeros;
+        }
     }
 
     /// Marks every shard on dead host `h` lost: spans that keep enough shards are queued for
@@ -517,14 +637,11 @@ impl Core {
         }
     }
 
-    /// Re-sends the fetch of `page` for a thread to a surviving copy, or fails it.
+    /// Re-sends the fetch of `page` for a thread to a surviving copy, decodes it from its
+    /// stripe, or fails it.
     pub(super) fn refetch(&mut self, id: u32, page: usize, write: bool, started: Instant, why: &str) {
         let Some(r) = self.regions.get_mut(&id) else { return };
         if r.pages[page] & PageState::RESIDENT != 0 {
-            return;
-        }
-        if r.coder.is_some() {
-            self.gather_start(id, page, 1, GatherFor::Fault { write, started });
             return;
         }
         match r.read_copy(page) {
@@ -533,6 +650,9 @@ impl Core {
                     &Message::ReadPages { slab_id: slab.slab_id, first_page: slab_page, count: 1 },
                     Pending::Fetch { region: id, page, write, started, offset: None },
                 );
+            }
+            None if r.coder.is_some() && r.readable(page) => {
+                self.gather_pages(id, page, 1, GatherFor::Fault { write, started });
             }
             None => {
                 r.pages[page] &= !(PageState::FETCHING | PageState::WANTED);
