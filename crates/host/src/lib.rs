@@ -31,9 +31,11 @@
 //!   to, is `Error BadRequest`; a second `Resume` of the same session on one connection is a
 //!   retry.
 //! - Request ids grow across a session's connections (a client replays unanswered requests
-//!   with their old ids). `XorLines`, the one request that is not idempotent, is applied at
-//!   most once per session: after `Resume`, one whose id an earlier connection of the session
-//!   already handled is acknowledged without being applied again.
+//!   with their old ids). Writes are applied at most once per session: after `Resume`, a
+//!   write (`WritePages`, `WriteLines`, `XorLines`, `DiscardPages`) whose id an earlier
+//!   connection of the session already handled is acknowledged without being applied again
+//!   (`XorLines` is not idempotent, and an overwrite replayed after a later XOR would undo
+//!   it); a read is answered again.
 
 mod sessions;
 mod store;
@@ -236,8 +238,8 @@ struct Session<'a> {
     cache: HashMap<u64, Arc<Slab>>,
     /// The highest request id handled since `Resume` (ids grow across a session's connections).
     handled_through: u64,
-    /// What the session's earlier connections handled: a replayed `XorLines` up to it was
-    /// applied already and is only acknowledged.
+    /// What the session's earlier connections handled: a replayed write up to it was applied
+    /// already and is only acknowledged.
     replayed_through: u64,
     low_latency: bool,
     greeted: bool,
@@ -265,6 +267,18 @@ impl Session<'_> {
             return self.hello(id, msg, out);
         }
         let result = match *msg {
+            // A replayed write this session already applied: applying it again could undo a
+            // later one the host also applied (an overwrite after an XOR), and an XOR is not
+            // idempotent. Reads are answered again: their replies were lost.
+            Message::WritePages { .. }
+            | Message::WriteLines { .. }
+            | Message::XorLines { .. }
+            | Message::DiscardPages { .. }
+                if self.binding.is_some() && id <= self.replayed_through =>
+            {
+                out.push(id, &Message::Ok);
+                Ok(())
+            }
             Message::AllocSlab { bytes, region } => {
                 self.store.alloc(bytes, (self.owner, region)).map(|(slab_id, slab)| {
                     self.owned.insert(slab_id);
@@ -329,10 +343,6 @@ impl Session<'_> {
                 .slab(slab_id)
                 .and_then(|s| s.write_lines(page, line_mask, lines))
                 .map(|()| out.push(id, &Message::Ok)),
-            Message::XorLines { .. } if self.binding.is_some() && id <= self.replayed_through => {
-                out.push(id, &Message::Ok);
-                Ok(())
-            }
             Message::XorLines { slab_id, page, line_mask, lines } => self
                 .slab(slab_id)
                 .and_then(|s| s.xor_lines(page, line_mask, lines))

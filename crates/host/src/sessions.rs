@@ -51,7 +51,7 @@ struct Entry {
     /// Orphaned slabs and when they were orphaned.
     orphans: Vec<(u64, Instant)>,
     /// The highest request id the session's ended connections handled: a resumed connection
-    /// acknowledges a replayed non-idempotent request up to it without applying it again.
+    /// acknowledges a replayed write up to it without applying it again.
     handled_through: u64,
 }
 

@@ -217,11 +217,50 @@ fn a_replayed_xor_is_applied_once_per_session() {
         Reply::Data(offset, vec![0xFF; 64]),
         "0x0F once, then 0xF0"
     );
-    // A repeated id on the same connection is a new request (only a resumed session replays).
-    again.set_next_id(101);
-    assert_eq!(again.call(&request(&b)), Reply::Ok);
+}
+
+/// A replayed overwrite the host had applied must not be applied again either: it would undo
+/// an XOR that came after it (a discarded parity page, then a change XORed into it).
+#[test]
+fn a_replayed_overwrite_does_not_undo_a_later_xor() {
+    let host = host(Duration::from_secs(30));
+    let session = 0xFEED;
+    let mut first = Client::connect(&host);
+    assert_eq!(first.call(&Message::Resume { session }), Reply::Resumed(0));
+    let slab = first.alloc(16 * PAGE_SIZE as u64);
+    first.set_next_id(200);
+    let lines = vec![0x3C; 64];
+    let page = |p| Message::ReadBytes { slab_id: slab, offset: p * PAGE_SIZE as u64, len: 64 };
     assert_eq!(
-        again.call(&Message::ReadBytes { slab_id: slab, offset, len: 64 }),
-        Reply::Data(offset, vec![0x0F; 64])
+        first.call(&Message::WritePages { slab_id: slab, first_page: 1, data: &page_of(7) }),
+        Reply::Ok
     );
+    assert_eq!(first.call(&Message::DiscardPages { slab_id: slab, first_page: 4, count: 1 }), Reply::Ok);
+    let xor = |p| Message::XorLines { slab_id: slab, page: p, line_mask: 1, lines: &lines };
+    assert_eq!(first.call(&xor(1)), Reply::Ok);
+    assert_eq!(first.call(&xor(4)), Reply::Ok);
+    drop(first);
+    wait_for_stats(&host, Duration::from_secs(5), |s| s.orphaned_slabs == 1);
+
+    let mut again = Client::connect(&host);
+    assert_eq!(again.call(&Message::Resume { session }), Reply::Resumed(1));
+    // The whole unanswered tail again, in order, with its ids.
+    again.set_next_id(200);
+    assert_eq!(
+        again.call(&Message::WritePages { slab_id: slab, first_page: 1, data: &page_of(7) }),
+        Reply::Ok
+    );
+    assert_eq!(again.call(&Message::DiscardPages { slab_id: slab, first_page: 4, count: 1 }), Reply::Ok);
+    assert_eq!(again.call(&xor(1)), Reply::Ok);
+    assert_eq!(again.call(&xor(4)), Reply::Ok);
+    let expected: Vec<u8> = page_of(7)[..64].iter().map(|b| b ^ 0x3C).collect();
+    assert_eq!(again.call(&page(1)), Reply::Data(PAGE_SIZE as u64, expected), "written once, XORed once");
+    assert_eq!(
+        again.call(&page(4)),
+        Reply::Data(4 * PAGE_SIZE as u64, lines.clone()),
+        "zeroed once, XORed once"
+    );
+    // Past the replayed ids, writes apply again.
+    assert_eq!(again.call(&xor(4)), Reply::Ok);
+    assert_eq!(again.call(&page(4)), Reply::Data(4 * PAGE_SIZE as u64, vec![0; 64]));
 }

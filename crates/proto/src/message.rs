@@ -164,8 +164,8 @@ pub enum Message<'a> {
     },
     /// XOR some 64-byte lines into one page (`page[line] ^= data`), atomically with respect to
     /// readers: how an erasure-coded region updates a parity page by the change of one of its
-    /// data pages. Not idempotent, so a host applies each request id of a resumed session at
-    /// most once (a replayed one already applied is only acknowledged).
+    /// data pages. Not idempotent: a host applies each write's request id at most once per
+    /// session (a replayed one already applied is only acknowledged).
     XorLines {
         /// The slab.
         slab_id: u64,
