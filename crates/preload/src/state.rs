@@ -31,6 +31,17 @@ pub(crate) fn set_bypass(on: bool) {
     BYPASS.with(|b| b.set(on));
 }
 
+/// Runs `f` (a call into the runtime) with this thread's allocations kept ordinary: the
+/// reply channel and the thread's parking state that std allocates for a blocking call are
+/// touched by the fault handler, which must never fault on region memory itself (it would
+/// wait for itself).
+fn bypassed<T>(f: impl FnOnce() -> T) -> T {
+    let before = BYPASS.with(|b| b.replace(true));
+    let result = f();
+    BYPASS.with(|b| b.set(before));
+    result
+}
+
 /// The state, when this thread's memory is to be routed into cluster memory.
 pub(crate) fn active() -> Option<&'static State> {
     if FORKED.load(Relaxed) || BYPASS.with(Cell::get) {
@@ -128,7 +139,7 @@ impl State {
         }
         let start = spans.start() * self.span_bytes;
         let end = ((spans.end() + 1) * self.span_bytes).min(self.len);
-        self.region.commit(start, end - start)?;
+        bypassed(|| self.region.commit(start, end - start))?;
         book.committed[spans].fill(true);
         Ok(())
     }
@@ -160,7 +171,7 @@ impl State {
     /// MAP_FIXED mapping over the arena. Its contents are discarded (it reads as zeros).
     pub(crate) fn allocate_at(&self, addr: usize, len: usize) -> Result<(), RuntimeError> {
         let off = addr - self.base;
-        self.region.discard(off, len)?;
+        bypassed(|| self.region.discard(off, len))?;
         let mut book = self.book();
         book.arena.release(off, len);
         let taken = book.arena.take(off, len);
@@ -199,7 +210,7 @@ impl State {
 
     /// Drops the contents of `addr..addr + len` (inside the arena); it stays handed out.
     pub(crate) fn discard(&self, addr: usize, len: usize) -> Result<(), RuntimeError> {
-        self.region.discard(addr - self.base, len)
+        bypassed(|| self.region.discard(addr - self.base, len))
     }
 
     /// Records a malloc block.
