@@ -203,10 +203,10 @@ struct BenchArgs {
     #[arg(long, default_value_t = 5000)]
     prefetch_deadline_us: u64,
     /// Survive the loss of memory hosts: none; replicate:N (every slab on N distinct hosts,
-    /// written to all, read from any live copy); or erasure:K+M (every page split into K data
-    /// and M parity shards on K+M distinct hosts, any K of which rebuild it; K a power of two
-    /// from 2 to 64; host memory (K+M)/K times the region; pointer prefetch does not follow
-    /// pointers in erasure-coded regions). A lost host's share is rebuilt onto the others in
+    /// written to all, read from any live copy); or erasure:K+M (pages whole on K data hosts,
+    /// Reed-Solomon parity of each stripe of K pages on M more, any K of which rebuild it; K a
+    /// power of two from 2 to 64; host memory (K+M)/K times the region; needs sync dirty
+    /// tracking). A lost host's share is rebuilt onto the others in
     /// the background; with more hosts lost than the setting covers, the pages they held read
     /// as an error.
     #[arg(long, default_value = "none", value_parser = |s: &str| s.parse::<Redundancy>())]

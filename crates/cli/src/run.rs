@@ -136,6 +136,13 @@ pub fn run(args: &RunArgs) -> Result<u8> {
         "auto" => DirtyTracking::Sync,
         other => other.parse().map_err(anyhow::Error::msg)?,
     };
+    if tracking == DirtyTracking::Async && erasure {
+        bail!(
+            "--redundancy {} updates parity by the change of each written page, from the clean \
+             copy sync dirty tracking takes at its first store: use --dirty-tracking sync (or auto)",
+            args.redundancy
+        );
+    }
     if tracking == DirtyTracking::Async && line {
         bail!(
             "--writeback line diffs each page against a twin taken at its first store, which \

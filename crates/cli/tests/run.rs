@@ -137,10 +137,9 @@ fn line_write_back_with_async_tracking_is_refused_and_auto_picks_sync() {
     assert_eq!(read_stats(&stats)["dirty_tracking"], "sync");
 }
 
-/// An unmodified program survives a memory host killed under it: replicate:2 over three
+/// An unmodified program survives a memory host killed under it: `redundancy` over three
 /// host processes, one SIGKILLed mid-run; the output matches an ordinary run.
-#[test]
-fn python_survives_a_killed_host_with_replicate_2() {
+fn python_survives_a_killed_host(redundancy: &str) {
     require_userfaultfd();
     require_preload_library();
     let script = program("structures.py");
@@ -149,7 +148,7 @@ fn python_survives_a_killed_host_with_replicate_2() {
     let mut hosts: Vec<common::HostProcess> = (0..3).map(|_| common::HostProcess::start("1G")).collect();
     let list = hosts.iter().map(|h| h.addr.clone()).collect::<Vec<_>>().join(",");
     let mut cmd = Command::new(bin());
-    cmd.args(["run", "--local-mem", "16M", "--hosts", &list, "--redundancy", "replicate:2", "--"]);
+    cmd.args(["run", "--local-mem", "16M", "--hosts", &list, "--redundancy", redundancy, "--"]);
     cmd.args([python(), &script, "800000"]);
     let run = std::thread::spawn(move || output_with_timeout(cmd, Duration::from_secs(240)));
     std::thread::sleep(Duration::from_millis(1500));
@@ -161,6 +160,18 @@ fn python_survives_a_killed_host_with_replicate_2() {
     let lost = err.lines().any(|l| l.contains(&hosts[1].addr) && l.contains("failed"));
     assert!(lost, "the host was lost mid-run: {err}");
     assert_eq!(run.stdout, plain.stdout, "same checksum with and without a lost host");
+}
+
+#[test]
+fn python_survives_a_killed_host_with_replicate_2() {
+    python_survives_a_killed_host("replicate:2");
+}
+
+/// Python frees and reuses memory all the time: discards of parts of stripe rows, zeroed
+/// through parity, under a real program, with a host lost.
+#[test]
+fn python_survives_a_killed_host_with_erasure_2_1() {
+    python_survives_a_killed_host("erasure:2+1");
 }
 
 /// read(2) into routed memory and write(2) from evicted routed memory are served; mmap,

@@ -211,8 +211,8 @@ struct RegionState {
     /// erasure-coded region: its parity follows the change from the twin).
     twins: PageMap<usize, Twin>,
     /// Discarded pages of an erasure-coded region being zeroed on their hosts (in flight:
-    /// a fault on one waits).
-    zeroing: HashSet<usize>,
+    /// a fault on one waits), each with the token of its zeroing.
+    zeroing: HashMap<usize, u64>,
     prefetch: PrefetchMode,
     /// The miss streams of the threads faulting on it, for prefetching.
     streams: Streams,
@@ -240,7 +240,8 @@ impl RegionState {
         let placement = self.slabs[page / self.slab_pages].as_ref()?;
         let (shard, slab_page) = self.redundancy.locate(page % self.slab_pages);
         let shard = match self.coder {
-            Some(_) => Some(&placement.shards[shard]).filter(|s| matches!(s.state, ShardState::Live)),
+            Some(_) => Some(&placement.shards[self.redundancy.slot(shard, slab_page)])
+                .filter(|s| matches!(s.state, ShardState::Live)),
             None => placement.shards.iter().find(|s| matches!(s.state, ShardState::Live)),
         }?;
         Some((shard.slab, slab_page as u64))
@@ -309,6 +310,8 @@ struct Core {
     parity: Vec<u8>,
     /// An erasure-coded write-back's changed lines XOR their clean contents.
     delta: Vec<u8>,
+    /// Tokens of zeroings (see `RegionState::zeroing`).
+    next_zeroing: u64,
     twin_gate: TwinGate,
     write_predictor: WritePredictor,
     /// When a page was last installed (see the eviction deferral in the run loop).
@@ -523,6 +526,7 @@ impl Handler {
                 scratch: Vec::with_capacity(PAGE_SIZE),
                 parity: Vec::new(),
                 delta: Vec::new(),
+                next_zeroing: 0,
                 twin_gate: TwinGate { dense_fraction: 0.0, dirtied: 0 },
                 write_predictor: WritePredictor::default(),
                 last_install: Instant::now(),
@@ -650,20 +654,29 @@ impl Handler {
     }
 
     /// Sleeps until a fault, a command or a reply arrives.
-    fn sleep(&self) {
+    fn sleep(&mut self) {
         let mut fds = vec![
             libc::pollfd { fd: self.core.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: self.wakeup.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         ];
-        for (link, reader) in self.core.links.iter().zip(&self.readers) {
-            if !link.pending.is_empty() && link.dead.is_none() {
-                fds.push(libc::pollfd { fd: reader.stream().as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        // Idle links are watched too: a host that exits closes them, and is found dead now
+        // rather than at the next request (when a copy or shard it held may be needed).
+        let (mut busy, mut idle) = (false, Vec::new());
+        for (h, (link, reader)) in self.core.links.iter().zip(&self.readers).enumerate() {
+            if link.dead.is_some() {
+                continue;
             }
+            if link.pending.is_empty() {
+                idle.push((fds.len(), h));
+            } else {
+                busy = true;
+            }
+            fds.push(libc::pollfd { fd: reader.stream().as_raw_fd(), events: libc::POLLIN, revents: 0 });
         }
         let timeout_ms = match self.core.config.flush_interval {
             // An eviction was deferred: come back for it soon.
             _ if self.core.over_limit() > 0 => 1,
-            _ if fds.len() > 2 => 100,
+            _ if busy => 100,
             Some(interval) if !self.core.dirty.is_empty() || self.core.tracker.is_some() => {
                 i32::try_from(interval.as_millis()).unwrap_or(1000).clamp(1, 1000)
             }
@@ -671,6 +684,20 @@ impl Handler {
         };
         // SAFETY: `fds` is a valid array of pollfds for the duration of the call.
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+        for (i, h) in idle {
+            if fds[i].revents != 0 && self.core.links[h].pending.is_empty() {
+                // Nothing is due on it: an end of stream, a reset, or a frame nobody asked for.
+                let past = Some(Instant::now() - Duration::from_nanos(1));
+                match self.readers[h].recv(None, past) {
+                    Ok((id, msg)) => self.core.on_reply(h, id, &msg),
+                    Err(RecvError::TimedOut(_)) => {}
+                    Err(e) => {
+                        let why = format!("host {} failed: {e}", self.core.links[h].addr);
+                        self.link_failed(h, &why);
+                    }
+                }
+            }
+        }
     }
 
     /// The connection to host `h` failed (reset, closed, a send error). The host may well be
@@ -695,6 +722,19 @@ impl Handler {
             Ok((fresh, reader, adopted)) if adopted >= expected => {
                 let replayed = self.core.links[h].resume_on(fresh.writer);
                 self.readers[h] = reader;
+                // A replayed read the host had answered sees the writes after it on this link:
+                // a gather's parts would no longer be of one moment. Read them afresh.
+                let gathers: HashSet<u64> = self.core.links[h]
+                    .pending
+                    .iter()
+                    .filter_map(|(_, p, _)| match p {
+                        Pending::Part { gather, .. } => Some(*gather),
+                        _ => None,
+                    })
+                    .collect();
+                for gid in gathers {
+                    self.core.gather_restart(gid);
+                }
                 self.core.stats.reconnects.fetch_add(1, Relaxed);
                 eprintln!("clustermem: {why}; reconnected, {replayed} unanswered request(s) sent again");
             }
@@ -905,7 +945,7 @@ impl Handler {
                 error,
                 lost: 0,
                 twins: PageMap::default(),
-                zeroing: HashSet::new(),
+                zeroing: HashMap::new(),
                 prefetch,
                 streams: Streams::default(),
                 stalled_chain: None,
@@ -1055,7 +1095,13 @@ impl Handler {
             let result = (|| {
                 while shards.len() < redundancy.shards() {
                     let used: Vec<usize> = shards.iter().map(|s| s.slab.host).collect();
-                    let host = self.core.place(bytes, &used).ok_or_else(|| {
+                    let placed = self.core.place(bytes, &used);
+                    if placed.is_none() && shards.len() >= redundancy.needed() {
+                        // Hosts were lost: the span starts as one that lost the rest would
+                        // (readable, written on), and they are rebuilt when hosts allow.
+                        break;
+                    }
+                    let host = placed.ok_or_else(|| {
                         let live = self.core.links.iter().filter(|l| l.dead.is_none()).count();
                         if redundancy.shards() > 1 {
                             RuntimeError::Config(format!(
@@ -1076,6 +1122,14 @@ impl Handler {
                     self.core.free_slab(shard.slab);
                 }
                 return Err(e);
+            }
+            // Never placed: no host (`usize::MAX`), nothing to free.
+            for slot in shards.len()..redundancy.shards() {
+                shards.push(Shard {
+                    slab: SlabRef { host: usize::MAX, slab_id: 0, bytes },
+                    state: ShardState::Lost,
+                });
+                self.core.rebuild_queue.push_back((id, span, slot));
             }
             let region = self.core.regions.get_mut(&id).expect("checked above");
             region.slabs[span] = Some(Placement { shards });
@@ -1788,11 +1842,13 @@ impl Core {
                     self.drop_prefetch(region, page);
                 }
             }
-            (Pending::Zero { region, page }, Message::Pages { data, .. }) if data.len() == PAGE_SIZE => {
+            (Pending::Zero { region, page, token }, Message::Pages { data, .. })
+                if data.len() == PAGE_SIZE =>
+            {
                 self.stats.bytes_fetched.fetch_add(data.len() as u64, Relaxed);
-                self.zero_on_hosts(region, page, data);
+                self.zero_on_hosts(region, page, token, data);
             }
-            (Pending::Zero { region, page }, _) => self.zero_retry(region, page),
+            (Pending::Zero { region, page, token }, _) => self.zero_retry(region, page, token),
             (Pending::WriteBack { .. }, Message::Ok) | (Pending::Ignore, _) => {}
             (Pending::Part { gather, shard }, msg) => self.on_part(gather, shard, msg),
             (Pending::Barrier(token), _) => self.barrier_passed(token),
@@ -1849,7 +1905,7 @@ impl Core {
                     }
                 }
                 Pending::Part { gather, shard } => self.part_lost(gather, shard),
-                Pending::Zero { region, page } => self.zero_retry(region, page),
+                Pending::Zero { region, page, token } => self.zero_retry(region, page, token),
                 Pending::Prefetch { region, first, count } => {
                     for page in first..first + count as usize {
                         self.drop_prefetch(region, page);
@@ -1967,7 +2023,7 @@ impl Core {
         let mut to_zero = Vec::new();
         for page in first..first + count {
             let whole = discarded_on_hosts(redundancy, slab_pages, pages, page, first..first + count);
-            if !whole && region.zeroing.contains(&page) {
+            if !whole && region.zeroing.contains_key(&page) {
                 continue; // Its zeroing in flight finishes it.
             }
             region.zeroing.remove(&page);

@@ -90,8 +90,30 @@ impl Redundancy {
         })
     }
 
-    /// Whether span pages `a` and `b` lie in one chunk, so a run from one to the other is one
-    /// run on one host.
+    /// The slot of a span's placement (one host each) holding code shard `code` (data shards
+    /// 0..K, then parity) of `stripe`. Erasure-coded roles rotate by one slot each chunk row,
+    /// so every host holds data and parity alike: reads and parity updates spread over all
+    /// K+M hosts, and any lost host held data. Copies: the slot is the copy.
+    pub(crate) fn slot(self, code: usize, stripe: usize) -> usize {
+        match self {
+            Self::Erasure { .. } => (code + stripe / CHUNK_PAGES) % self.shards(),
+            Self::None | Self::Replicate(_) => code,
+        }
+    }
+
+    /// The code shard slot `slot` holds for `stripe` (the inverse of [`Redundancy::slot`]).
+    pub(crate) fn code(self, slot: usize, stripe: usize) -> usize {
+        match self {
+            Self::Erasure { .. } => {
+                let n = self.shards();
+                (slot + n - (stripe / CHUNK_PAGES) % n) % n
+            }
+            Self::None | Self::Replicate(_) => slot,
+        }
+    }
+
+    /// Whether span pages (or stripes) `a` and `b` lie in one chunk (chunk row), so a run
+    /// from one to the other is one run on one host, with one assignment of roles.
     pub(crate) fn same_chunk(self, a: usize, b: usize) -> bool {
         matches!(self, Self::None | Self::Replicate(_)) || a / CHUNK_PAGES == b / CHUNK_PAGES
     }
@@ -249,6 +271,12 @@ mod tests {
         }
         assert_eq!(r.locate(16), (1, 0), "chunks are dealt round-robin");
         assert_eq!(r.locate(64), (0, 16));
+        for stripe in [0, 15, 16, 100, 255] {
+            let slots: std::collections::HashSet<usize> = (0..6).map(|c| r.slot(c, stripe)).collect();
+            assert_eq!(slots.len(), 6, "one slot per code shard in stripe {stripe}");
+            assert!((0..6).all(|c| r.code(r.slot(c, stripe), stripe) == c));
+        }
+        assert_eq!((r.slot(0, 0), r.slot(0, 16), r.slot(5, 16)), (0, 1, 0), "roles rotate by row");
         let none = Redundancy::None;
         assert_eq!((none.shard_pages(span), none.locate(77)), (span, (0, 77)));
         assert!(none.same_chunk(15, 16) && !r.same_chunk(15, 16));

@@ -60,6 +60,8 @@ pub(crate) enum Pending {
         region: u32,
         /// Page index in the region.
         page: usize,
+        /// Names this zeroing of the page (a later one may follow while this reply is due).
+        token: u64,
     },
     /// A pointer prefetch of one page.
     Chase(ChaseRead),
@@ -127,8 +129,9 @@ pub(crate) struct Link {
     /// The frames of `pending`, byte for byte from `journal_head`, each ending at the
     /// matching `journal_ends` entry: replayed in order on a new connection after the old one
     /// dropped, with their ids. Every data request but `XorLines` is a read or an overwrite,
-    /// so a replayed one the host had already applied changes nothing; the host applies an
-    /// `XorLines` once per id in a session.
+    /// so a replayed one the host had already applied would change nothing, but the host
+    /// applies each write once per id in a session all the same (an `XorLines` is not
+    /// idempotent, and an overwrite replayed after it would undo it).
     journal: Vec<u8>,
     journal_head: usize,
     journal_ends: VecDeque<usize>,

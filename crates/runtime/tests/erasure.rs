@@ -6,7 +6,7 @@
 use clustermem_host::{MemoryHost, RunningHost};
 use clustermem_runtime::{PrefetchMode, Redundancy, Runtime, RuntimeConfig, PAGE_SIZE};
 
-/// Pages of the region: one span (the default slab is larger), 32 rows of 4 x 16 pages.
+/// Pages of the region: 32 rows of 4 chunks of 16 pages.
 const PAGES: usize = 2048;
 
 fn fill(page: usize, round: u8) -> impl Iterator<Item = u8> {
@@ -23,6 +23,8 @@ fn parity_survives_sparse_writes_and_discards_with_two_hosts_stopped() {
     let runtime = Runtime::start(RuntimeConfig {
         hosts: addrs,
         local_mem_bytes: (64 * PAGE_SIZE) as u64,
+        // Eight spans of 256 pages, each placed on its own.
+        slab_bytes: 256 * PAGE_SIZE,
         redundancy,
         ..RuntimeConfig::default()
     })
@@ -69,8 +71,8 @@ fn parity_survives_sparse_writes_and_discards_with_two_hosts_stopped() {
     // Two hosts gone: every page on them must be decoded from its stripe.
     hosts[1] = None;
     hosts[4] = None;
-    // Their connections end within the hosts' shutdown poll (100 ms); the runtime finds
-    // them dead at its next request to each.
+    // Their connections end within the hosts' shutdown poll (100 ms), and the runtime sees
+    // them close.
     std::thread::sleep(std::time::Duration::from_millis(500));
     let bytes = region.as_slice();
     for page in 0..PAGES {

@@ -48,8 +48,9 @@ pub(super) enum GatherFor {
     Rebuild { job: u64 },
     /// Prefetching the pages.
     Prefetch,
-    /// Zeroing the (single) page on its hosts: its old contents give the parity change.
-    Zero,
+    /// Zeroing the (single) page on its hosts (zeroing `token`): its old contents give the
+    /// parity change.
+    Zero { token: u64 },
 }
 
 /// A read of stripes `stripe..stripe + count` of one span from enough of its shards to
@@ -61,17 +62,17 @@ pub(super) struct Gather {
     span: usize,
     stripe: usize,
     count: usize,
-    /// The shard whose pages are wanted: the pages' data shard, or the shard rebuilt.
+    /// The placement slot whose pages are wanted: the pages' data shard, or the one rebuilt.
     target: usize,
     /// The region page of the target's first page (faults, prefetches and zeroing).
     first_page: usize,
-    /// Shard s's pages at `s * count * PAGE_SIZE`.
+    /// Code shard c's pages (data shards, then parity) at `c * count * PAGE_SIZE`.
     buf: Vec<u8>,
-    /// Shards asked (arrived ones included).
+    /// Slots asked (arrived ones included).
     asked: u64,
-    /// Shards arrived.
+    /// Code shards arrived.
     have: u64,
-    /// Shards whose host refused the read: not asked again.
+    /// Slots whose host refused the read: not asked again.
     refused: u64,
 }
 
@@ -100,7 +101,7 @@ impl Gather {
     pub(super) fn installs(&self) -> Option<(u32, usize, usize)> {
         match self.purpose {
             GatherFor::Fault { .. } | GatherFor::Prefetch => Some((self.region, self.first_page, self.count)),
-            GatherFor::Rebuild { .. } | GatherFor::Zero => None,
+            GatherFor::Rebuild { .. } | GatherFor::Zero { .. } => None,
         }
     }
 }
@@ -108,6 +109,23 @@ impl Gather {
 impl RebuildJob {
     pub(super) fn new(region: u32, span: usize, shard: usize, job: u64) -> Self {
         Self { region, span, shard, job, next: 0, inflight: 0 }
+    }
+}
+
+/// Whether a write to `stripe` goes to a shard in `state`, and marks the stripe stale if the
+/// shard is being rebuilt and the stripe's reads are in flight. A rebuilt stripe takes
+/// writes as a live shard does; one not read yet takes none (its read, later on the same
+/// links, includes the write; or it holds no data and stays zeros).
+fn reaches(state: &mut ShardState, stripe: usize) -> bool {
+    match state {
+        ShardState::Lost => false,
+        ShardState::Live => true,
+        ShardState::Rebuilding { progress, .. } => {
+            if progress[stripe] == Progress::Reading {
+                progress[stripe] = Progress::Stale;
+            }
+            progress[stripe] == Progress::Done
+        }
     }
 }
 
@@ -129,14 +147,14 @@ impl Core {
     pub(super) fn gather_pages(&mut self, id: u32, first: usize, count: usize, purpose: GatherFor) {
         let Some(region) = self.regions.get(&id) else { return };
         let span = first / region.slab_pages;
-        let (target, stripe) = region.redundancy.locate(first % region.slab_pages);
+        let (data_shard, stripe) = region.redundancy.locate(first % region.slab_pages);
         self.gather_insert(Gather {
             purpose,
             region: id,
             span,
             stripe,
             count,
-            target,
+            target: region.redundancy.slot(data_shard, stripe),
             first_page: first,
             buf: Vec::new(),
             asked: 0,
@@ -187,10 +205,11 @@ impl Core {
         }
     }
 
-    /// Asks afresh, under a new id, after a shard failed to arrive: shards read at different
-    /// times may straddle a write-back to the stripe, and would not decode to one state. The
-    /// replies still due to the old id are dropped.
-    fn gather_restart(&mut self, gid: u64) {
+    /// Asks afresh, under a new id, after a shard failed to arrive (or was read again on a
+    /// resumed connection): shards read at different times may straddle a write-back to the
+    /// stripe, and would not decode to one state. The replies still due to the old id are
+    /// dropped.
+    pub(super) fn gather_restart(&mut self, gid: u64) {
         let Some(mut g) = self.gathers.remove(&gid) else { return };
         g.asked = 0;
         g.have = 0;
@@ -200,23 +219,22 @@ impl Core {
     /// A reply to shard `shard` of gather `gid`.
     pub(super) fn on_part(&mut self, gid: u64, shard: u8, msg: &Message<'_>) {
         let Some(g) = self.gathers.get_mut(&gid) else { return };
-        let bit = 1u64 << shard;
+        let Some(redundancy) = self.regions.get(&g.region).map(|r| r.redundancy) else { return };
         let shard_bytes = g.count * PAGE_SIZE;
         match msg {
             Message::Pages { data, .. } if data.len() == shard_bytes => {
-                let at = usize::from(shard) * shard_bytes;
-                g.buf[at..at + shard_bytes].copy_from_slice(data);
-                g.have |= bit;
+                let code = redundancy.code(usize::from(shard), g.stripe);
+                g.buf[code * shard_bytes..(code + 1) * shard_bytes].copy_from_slice(data);
+                g.have |= 1 << code;
                 self.last_part = Instant::now();
                 self.stats.bytes_fetched.fetch_add(data.len() as u64, Relaxed);
-                let needed = self.regions.get(&g.region).map_or(1, |r| r.redundancy.needed());
-                if g.have.count_ones() as usize >= needed {
+                if g.have.count_ones() as usize >= redundancy.needed() {
                     self.gather_complete(gid);
                 }
             }
             other => {
                 eprintln!("clustermem: a shard read was refused ({other:?}); trying another shard");
-                g.refused |= bit;
+                g.refused |= 1 << shard;
                 self.gather_restart(gid);
             }
         }
@@ -233,14 +251,15 @@ impl Core {
         let per_shard = g.count * PAGE_SIZE;
         let from = match &region.coder {
             Some(coder) => {
-                if g.have & (1 << g.target) == 0 {
-                    let parity = g.target >= region.redundancy.needed();
+                let target = region.redundancy.code(g.target, g.stripe);
+                if g.have & (1 << target) == 0 {
+                    let parity = target >= region.redundancy.needed();
                     if let Err(why) = coder.reconstruct(&mut g.buf, per_shard, g.have, parity) {
                         self.gathers.insert(gid, g);
                         return self.gather_fail(gid, &why);
                     }
                 }
-                g.target
+                target
             }
             // A copy: whichever arrived.
             None => g.have.trailing_zeros() as usize,
@@ -258,9 +277,9 @@ impl Core {
                 self.stats.degraded_reads.fetch_add(g.count as u64, Relaxed);
                 self.install_prefetched(g.region, g.first_page, content);
             }
-            GatherFor::Zero => {
+            GatherFor::Zero { token } => {
                 self.stats.degraded_reads.fetch_add(1, Relaxed);
-                self.zero_on_hosts(g.region, g.first_page, content);
+                self.zero_on_hosts(g.region, g.first_page, token, content);
             }
         }
     }
@@ -290,11 +309,11 @@ impl Core {
             }
             // The stripe is lost beyond its redundancy: the page reads as zeros here all the
             // same; its hosts keep what they had.
-            GatherFor::Zero => {
+            GatherFor::Zero { token } => {
                 eprintln!(
                     "clustermem: a discarded page's old contents cannot be read ({why}); left on its hosts"
                 );
-                self.zero_finish(g.region, g.first_page);
+                self.zero_finish(g.region, g.first_page, token);
             }
         }
     }
@@ -423,8 +442,10 @@ impl Core {
                     j.next += 1;
                 }
                 let from = j.next;
+                // One batch, one row: the same roles on every stripe it decodes.
                 while j.next < stripes
                     && j.next - from < REBUILD_BATCH
+                    && redundancy.same_chunk(from, j.next)
                     && progress[j.next] == Progress::Todo
                     && holds_data(j.next)
                 {
@@ -478,6 +499,7 @@ impl Core {
         let region = regions.get_mut(&id).expect("caller checked");
         let (data_shard, stripe) = region.redundancy.locate(page % region.slab_pages);
         let needed = region.redundancy.needed();
+        let redundancy = region.redundancy;
         let placement =
             region.slabs[page / region.slab_pages].as_mut().expect("caller checked the page is committed");
         if let Some(coder) = &region.coder {
@@ -486,11 +508,11 @@ impl Core {
         }
         let whole = mask.count_ones() > config.line_threshold;
         let mut bytes = 0;
-        for (i, shard) in placement.shards.iter_mut().enumerate() {
-            if matches!(shard.state, ShardState::Lost) {
+        for (slot, shard) in placement.shards.iter_mut().enumerate() {
+            let i = redundancy.code(slot, stripe);
+            if !reaches(&mut shard.state, stripe) {
                 continue;
             }
-            written_during_rebuild(&mut shard.state, stripe..stripe + 1);
             let SlabRef { host, slab_id, .. } = shard.slab;
             let link = &mut links[host];
             let pending = Pending::WriteBack { region: id, page };
@@ -526,33 +548,37 @@ impl Core {
     /// contents, so they are read first. A fault on it meanwhile waits.
     pub(super) fn zero_start(&mut self, id: u32, page: usize) {
         let Some(region) = self.regions.get_mut(&id) else { return };
-        region.zeroing.insert(page);
+        self.next_zeroing += 1;
+        let token = self.next_zeroing;
+        region.zeroing.insert(page, token);
         match region.read_copy(page) {
             Some((slab, slab_page)) => self.links[slab.host].send(
                 &Message::ReadPages { slab_id: slab.slab_id, first_page: slab_page, count: 1 },
-                Pending::Zero { region: id, page },
+                Pending::Zero { region: id, page, token },
             ),
-            None if region.readable(page) => self.gather_pages(id, page, 1, GatherFor::Zero),
-            None => self.zero_finish(id, page),
+            None if region.readable(page) => self.gather_pages(id, page, 1, GatherFor::Zero { token }),
+            None => self.zero_finish(id, page, token),
         }
     }
 
-    /// The read of page `page`'s old contents for zeroing failed (its host refused or died):
-    /// they are decoded from its stripe, unless a discard overtook the zeroing.
-    pub(super) fn zero_retry(&mut self, id: u32, page: usize) {
-        let Some(region) = self.regions.get(&id).filter(|r| r.zeroing.contains(&page)) else { return };
+    /// The read of page `page`'s old contents for zeroing `token` failed (its host refused
+    /// or died): they are decoded from its stripe, unless the zeroing is over.
+    pub(super) fn zero_retry(&mut self, id: u32, page: usize, token: u64) {
+        let Some(region) = self.regions.get(&id).filter(|r| r.zeroing.get(&page) == Some(&token)) else {
+            return;
+        };
         if region.readable(page) {
-            self.gather_pages(id, page, 1, GatherFor::Zero);
+            self.gather_pages(id, page, 1, GatherFor::Zero { token });
         } else {
-            self.zero_finish(id, page);
+            self.zero_finish(id, page, token);
         }
     }
 
-    /// The old contents of page `page` being zeroed arrived: zero it on its data shard and XOR
-    /// its coded contents out of each parity shard.
-    pub(super) fn zero_on_hosts(&mut self, id: u32, page: usize, old: &[u8]) {
+    /// The old contents of page `page` being zeroed (zeroing `token`) arrived: zero it on its
+    /// data shard and XOR its coded contents out of each parity shard.
+    pub(super) fn zero_on_hosts(&mut self, id: u32, page: usize, token: u64, old: &[u8]) {
         let Core { regions, links, scratch, parity, .. } = self;
-        let Some(region) = regions.get_mut(&id).filter(|r| r.zeroing.contains(&page)) else {
+        let Some(region) = regions.get_mut(&id).filter(|r| r.zeroing.get(&page) == Some(&token)) else {
             // A discard of the whole stripe row overtook it.
             return;
         };
@@ -568,11 +594,11 @@ impl Core {
                 parity.resize((region.redundancy.shards() - needed) * delta.len(), 0);
                 coder.parity_delta(data_shard, &delta, parity);
             }
-            for (i, shard) in placement.shards.iter_mut().enumerate() {
-                if matches!(shard.state, ShardState::Lost) || (i != data_shard && (i < needed || mask == 0)) {
+            for (slot, shard) in placement.shards.iter_mut().enumerate() {
+                let i = region.redundancy.code(slot, stripe);
+                if (i != data_shard && (i < needed || mask == 0)) || !reaches(&mut shard.state, stripe) {
                     continue;
                 }
-                written_during_rebuild(&mut shard.state, stripe..stripe + 1);
                 let link = &mut links[shard.slab.host];
                 let slab_id = shard.slab.slab_id;
                 if i == data_shard {
@@ -587,15 +613,17 @@ impl Core {
                 link.send_parts(kind, scratch, &parity[at..at + delta.len()], Pending::Ignore);
             }
         }
-        self.zero_finish(id, page);
+        self.zero_finish(id, page, token);
     }
 
-    /// Zeroing `page` is over: it is a fresh page, and a thread waiting on it gets zeros.
-    pub(super) fn zero_finish(&mut self, id: u32, page: usize) {
+    /// Zeroing `token` of `page` is over: it is a fresh page, and a thread waiting on it gets
+    /// zeros.
+    pub(super) fn zero_finish(&mut self, id: u32, page: usize, token: u64) {
         let Some(region) = self.regions.get_mut(&id) else { return };
-        if !region.zeroing.remove(&page) {
+        if region.zeroing.get(&page) != Some(&token) {
             return;
         }
+        region.zeroing.remove(&page);
         let state = std::mem::take(&mut region.pages[page]);
         if state & PageState::WANTED != 0 {
             let zeros = std::mem::take(&mut self.zero_page);
