@@ -280,6 +280,9 @@ pub(crate) struct HandlerConfig {
     pub low_latency: bool,
     pub slab_bytes: usize,
     pub request_timeout: Duration,
+    /// Run first on every thread the handler starts (see `RuntimeConfig::on_handler_start`):
+    /// what they allocate, the handler uses.
+    pub on_thread_start: Option<fn()>,
 }
 
 /// Everything but the readers, so a reply borrowed from a reader can be applied to it.
@@ -771,7 +774,11 @@ impl Handler {
             self.last_redial[h] = Some(Instant::now());
             let (addr, low_latency) = (self.core.links[h].addr.to_string(), self.core.config.low_latency);
             let (results, wakeup) = (self.redials.0.clone(), Arc::clone(&self.wakeup));
+            let on_start = self.core.config.on_thread_start;
             let spawned = std::thread::Builder::new().name("redial".into()).spawn(move || {
+                if let Some(hook) = on_start {
+                    hook();
+                }
                 // A new session: the dead instance's slabs are not ours to adopt.
                 let result = transport::connect(
                     &addr,

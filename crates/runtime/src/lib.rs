@@ -127,8 +127,9 @@ pub struct RuntimeConfig {
     /// Redundancy of the regions `Runtime::map` makes (`map_with` picks per region): each
     /// slab's copies or shards go on distinct hosts, so it needs that many hosts.
     pub redundancy: Redundancy,
-    /// Run first on the fault-handler thread (e.g. to mark it, for an allocator hook that must
-    /// never route the handler's own allocations into region memory it serves).
+    /// Run first on the fault-handler thread and the threads it starts (e.g. to mark them, for
+    /// an allocator hook that must never route their allocations into region memory the
+    /// handler serves and uses).
     pub on_handler_start: Option<fn()>,
     /// A pointer prefetch not back within this long is abandoned: its page stays not present
     /// and faults normally, unless a thread already waits for it.
@@ -264,6 +265,7 @@ impl Runtime {
                 prefetch_deadline: config.prefetch_deadline,
                 slab_bytes: config.slab_bytes.max(PAGE_SIZE),
                 request_timeout: config.request_timeout,
+                on_thread_start: on_handler_start,
             },
             config
                 .policy
