@@ -298,9 +298,18 @@ mod tests {
         assert!(Message::decode(18, &span0).is_err(), "empty spans");
         assert_eq!(Message::Chain { addresses: &[] }.kind(), 19);
         assert!(Message::decode(19, &[0; 12]).is_err(), "a torn address");
+        let lines = [7u8; 64];
+        let msg = Message::XorLines { slab_id: 5, page: 6, line_mask: 1 << 9, lines: &lines };
+        assert_eq!(msg.kind(), 20);
+        payload.clear();
+        msg.encode_payload(&mut payload);
+        let want =
+            [&5u64.to_le_bytes()[..], &6u64.to_le_bytes(), &(1u64 << 9).to_le_bytes(), &lines].concat();
+        assert_eq!(payload, want, "the layout of WriteLines");
+        assert!(Message::decode(20, &want[..want.len() - 1]).is_err(), "lines short of the mask");
         let mut frame = encode_frame(1, &Message::Ok);
-        frame[3] = 20;
-        assert_eq!(decode_frame(&frame), Err(DecodeError::UnknownKind(20)), "20 is still free");
+        frame[3] = 21;
+        assert_eq!(decode_frame(&frame), Err(DecodeError::UnknownKind(21)), "21 is still free");
     }
 
     /// A host from before feature bits (or not asked for them) sends two fields.
