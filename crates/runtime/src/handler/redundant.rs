@@ -16,14 +16,13 @@ use clustermem_proto::{Message, PAGE_SIZE};
 
 use super::{Core, PageState, ShardState, SlabRef};
 use crate::dirty::{diff_lines, gather_lines};
-use crate::redundancy::CHUNK_PAGES;
 use crate::transport::Pending;
 
-/// Stripes read per rebuild request (at most a chunk row of an erasure-coded span).
+/// Stripes read per rebuild request.
 const REBUILD_BATCH: usize = 64;
-/// Stripes being rebuilt per span at once: enough to keep the links busy, few enough that
+/// Rebuild batches in flight per span: enough to keep the links busy, few enough that
 /// faults are not queued behind much rebuild traffic.
-const REBUILD_IN_FLIGHT: usize = 256;
+const REBUILD_DEPTH: usize = 4;
 /// Spans rebuilt at once.
 pub(super) const REBUILDS_AT_ONCE: usize = 2;
 
@@ -435,8 +434,7 @@ impl Core {
             };
             let j = &mut self.rebuilds[i];
             let mut batches = Vec::new();
-            let depth = REBUILD_IN_FLIGHT / if region.coder.is_some() { CHUNK_PAGES } else { REBUILD_BATCH };
-            while j.inflight + batches.len() < depth && j.next < stripes {
+            while j.inflight + batches.len() < REBUILD_DEPTH && j.next < stripes {
                 while j.next < stripes && (progress[j.next] != Progress::Todo || !holds_data(j.next)) {
                     if progress[j.next] == Progress::Todo {
                         progress[j.next] = Progress::Done;
