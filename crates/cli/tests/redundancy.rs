@@ -395,8 +395,8 @@ fn replicate_3_survives_the_death_of_its_rebuild_target() {
     assert!(r["pages_rebuilt"].as_u64().unwrap() > 0, "{}", describe(&out));
 }
 
-/// Erasure-coded regions are prefetched too (runs of pages gathered from K shards each), and
-/// keep being prefetched, through parity, after a data shard's host dies.
+/// Erasure-coded regions are prefetched too (runs of whole pages from their hosts), and keep
+/// being prefetched, decoded through parity, after a host dies.
 #[test]
 fn erasure_2_1_prefetches_sequential_reads_through_a_lost_host() {
     let out = run_killing(
