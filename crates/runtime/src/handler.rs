@@ -725,6 +725,11 @@ impl Handler {
             Ok((fresh, reader, adopted)) if adopted >= expected => {
                 let replayed = self.core.links[h].resume_on(fresh.writer);
                 self.readers[h] = reader;
+                if replayed == 0 {
+                    // Nothing was due: the host answered all there was (an idle connection
+                    // dropped by the network must not count towards giving it up).
+                    self.reconnects_in_a_row[h] = 0;
+                }
                 // A replayed read the host had answered sees the writes after it on this link:
                 // a gather's parts would no longer be of one moment. Read them afresh.
                 let gathers: HashSet<u64> = self.core.links[h]
@@ -969,7 +974,9 @@ impl Handler {
         if let Err(e) = registered {
             let region = self.core.regions.remove(&id).expect("inserted above");
             for s in region.slabs.into_iter().flatten().flat_map(|p| p.shards) {
-                self.core.free_slab(s.slab);
+                if !matches!(s.state, ShardState::Lost) {
+                    self.core.free_slab(s.slab);
+                }
             }
             return Err(e);
         }
@@ -1064,10 +1071,13 @@ impl Handler {
         let mut allocated = Vec::new();
         let result = self.commit_spans(id, first, count, &mut allocated);
         if let (Err(_), Some(region)) = (&result, self.core.regions.get_mut(&id)) {
+            // (A span placed degraded has shards never placed: nothing to free.)
             let slabs: Vec<SlabRef> = allocated
                 .iter()
                 .filter_map(|&span| region.slabs[span].take())
-                .flat_map(|p| p.shards.into_iter().map(|s| s.slab))
+                .flat_map(|p| {
+                    p.shards.into_iter().filter(|s| !matches!(s.state, ShardState::Lost)).map(|s| s.slab)
+                })
                 .collect();
             for s in slabs {
                 self.core.free_slab(s);
