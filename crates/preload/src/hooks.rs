@@ -87,7 +87,7 @@ fn route_mmap(st: &State, addr: usize, len: usize, prot: c_int, flags: c_int) ->
         Ok(addr) => Some(addr as *mut c_void),
         Err(PlaceError::ArenaFull) => None,
         Err(PlaceError::Refused(e)) => {
-            eprintln!("clustermem: a mapping of {len} bytes was refused: {e}");
+            crate::state::say_refused(format_args!("a mapping of {len} bytes was refused: {e}"));
             Some(fail(libc::ENOMEM))
         }
     }

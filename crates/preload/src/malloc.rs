@@ -136,7 +136,7 @@ fn place(st: &State, size: usize, align: usize) -> Option<*mut c_void> {
         }
         Err(PlaceError::ArenaFull) => None,
         Err(PlaceError::Refused(e)) => {
-            eprintln!("clustermem: an allocation of {size} bytes was refused: {e}");
+            crate::state::say_refused(format_args!("an allocation of {size} bytes was refused: {e}"));
             // SAFETY: this thread's errno slot.
             unsafe { *libc::__errno_location() = libc::ENOMEM };
             Some(std::ptr::null_mut())

@@ -3,7 +3,7 @@
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use clustermem_runtime::{Region, Runtime, RuntimeError, PAGE_SIZE};
@@ -29,6 +29,23 @@ thread_local! {
 /// Marks the calling thread as one whose mappings stay ordinary.
 pub(crate) fn set_bypass(on: bool) {
     BYPASS.with(|b| b.set(on));
+}
+
+/// Says why the hosts refused memory the program asked for (it gets ENOMEM): at most one
+/// line a second, with how many more were refused meanwhile, since a program may retry
+/// every allocation (python retried 229,267 mmaps when a host was lost).
+pub(crate) fn say_refused(what: std::fmt::Arguments<'_>) {
+    static LAST_SECOND: AtomicU64 = AtomicU64::new(0);
+    static SINCE: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    if LAST_SECOND.swap(now, Relaxed) == now {
+        SINCE.fetch_add(1, Relaxed);
+        return;
+    }
+    match SINCE.swap(0, Relaxed) {
+        0 => eprintln!("clustermem: {what}"),
+        more => eprintln!("clustermem: {what} ({more} more refused since the last such line)"),
+    }
 }
 
 /// Runs `f` (a call into the runtime) with this thread's allocations kept ordinary: the
