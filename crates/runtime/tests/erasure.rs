@@ -87,3 +87,76 @@ fn parity_survives_sparse_writes_and_discards_with_two_hosts_stopped() {
     assert_eq!(stats.hosts_lost, 2, "{stats:?}");
     assert!(stats.degraded_reads > 0, "pages were decoded: {stats:?}");
 }
+
+/// Writes `page ^ round`-derived bytes to every page of `region`.
+fn fill_region(region: &mut clustermem_runtime::Region<'_>, round: u8) {
+    let bytes = region.as_mut_slice();
+    for (page, chunk) in bytes.chunks_exact_mut(PAGE_SIZE).enumerate() {
+        for (b, v) in chunk.iter_mut().zip(fill(page, round)) {
+            *b = v;
+        }
+    }
+}
+
+fn assert_region(region: &clustermem_runtime::Region<'_>, round: u8, what: &str) {
+    for (page, chunk) in region.as_slice().chunks_exact(PAGE_SIZE).enumerate() {
+        assert!(chunk.iter().copied().eq(fill(page, round)), "{what}: page {page} differs");
+    }
+}
+
+/// Memory mapped while a host is down is placed on the live ones, its missing shards (and
+/// the lost host's) are rebuilt onto the host when it comes back at its address, and then
+/// another host can be lost: every page of both regions reads back, decoded through the
+/// rebuilt shards.
+#[test]
+fn spans_placed_while_a_host_is_down_are_completed_when_it_returns() {
+    clustermem_runtime::check_userfaultfd().expect("this test needs userfaultfd");
+    let start = |addr: &str| MemoryHost::bind(addr, 64 << 20).expect("bind").spawn();
+    let mut hosts: Vec<Option<RunningHost>> = (0..3).map(|_| Some(start("127.0.0.1:0"))).collect();
+    let addrs: Vec<String> = hosts.iter().flatten().map(|h| h.addr().to_string()).collect();
+    let redundancy: Redundancy = "erasure:2+1".parse().expect("valid");
+    let runtime = Runtime::start(RuntimeConfig {
+        hosts: addrs.clone(),
+        local_mem_bytes: (64 * PAGE_SIZE) as u64,
+        slab_bytes: 256 * PAGE_SIZE,
+        redundancy,
+        ..RuntimeConfig::default()
+    })
+    .expect("starting the runtime");
+    let stats = || runtime.stats().snapshot();
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what} never happened: {:?}", stats());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    let mut before = runtime.map_with(512 * PAGE_SIZE, PrefetchMode::Off, redundancy).expect("map");
+    fill_region(&mut before, 1);
+    before.flush().expect("flush");
+
+    hosts[2] = None;
+    wait_for("the stopped host seen dead", &|| stats().hosts_lost == 1);
+    let mut during =
+        runtime.map_with(512 * PAGE_SIZE, PrefetchMode::Off, redundancy).expect("map with a host down");
+    fill_region(&mut during, 2);
+    during.flush().expect("flush");
+    assert!(stats().spans_rebuilding > 0, "shards wait for a host: {:?}", stats());
+
+    hosts[2] = Some(start(&addrs[2]));
+    wait_for("the rebuild onto the returned host", &|| stats().spans_rebuilding == 0);
+    assert!(stats().pages_rebuilt > 0, "{:?}", stats());
+
+    hosts[0] = None;
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_region(&before, 1, "mapped before the loss");
+    assert_region(&during, 2, "mapped during the loss");
+    assert!(
+        before.error().is_none() && during.error().is_none(),
+        "{:?} {:?}",
+        before.error(),
+        during.error()
+    );
+    assert_eq!(stats().hosts_lost, 2, "{:?}", stats());
+    assert!(stats().degraded_reads > 0, "pages were decoded: {:?}", stats());
+}
