@@ -51,8 +51,8 @@ use std::time::{Duration, Instant};
 
 use clustermem_net::{FrameReader, FrameWriter, RecvError};
 use clustermem_proto::{
-    ErrorCode, Message, FEATURE_CHASE_POINTERS, HELLO_ASKS_FEATURES, HELLO_LOW_LATENCY, LINE_SIZE,
-    MAX_PAYLOAD, MAX_VERSION, MIN_VERSION, PAGE_SIZE,
+    ErrorCode, Message, FEATURE_CHASE_POINTERS, FEATURE_XOR_LINES, HELLO_ASKS_FEATURES, HELLO_LOW_LATENCY,
+    LINE_SIZE, MAX_PAYLOAD, MAX_VERSION, MIN_VERSION, PAGE_SIZE,
 };
 use sessions::{Binding, Sessions};
 use store::{Refusal, Slab, Store};
@@ -436,7 +436,8 @@ impl Session<'_> {
         self.greeted = true;
         self.low_latency = flags & HELLO_LOW_LATENCY != 0;
         let asked = flags & HELLO_ASKS_FEATURES != 0;
-        let features = if asked && self.chasing { FEATURE_CHASE_POINTERS } else { 0 };
+        let chase = if self.chasing { FEATURE_CHASE_POINTERS } else { 0 };
+        let features = if asked { chase | FEATURE_XOR_LINES } else { 0 };
         out.push(id, &Message::HelloOk { version, capacity_bytes: self.store.capacity_bytes(), features });
         true
     }

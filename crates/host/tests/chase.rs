@@ -4,7 +4,9 @@
 mod common;
 
 use clustermem_host::MemoryHost;
-use clustermem_proto::{ErrorCode, Message, FEATURE_CHASE_POINTERS, HELLO_ASKS_FEATURES, PAGE_SIZE};
+use clustermem_proto::{
+    ErrorCode, Message, FEATURE_CHASE_POINTERS, FEATURE_XOR_LINES, HELLO_ASKS_FEATURES, PAGE_SIZE,
+};
 use common::{Client, Reply};
 
 const BASE: u64 = 0x7f00_0000_0000;
@@ -31,7 +33,7 @@ fn the_host_follows_a_chain_through_its_own_spans() {
     let host = MemoryHost::bind("127.0.0.1:0", 1 << 20).expect("bind").spawn();
     assert_eq!(Client::connect_with(&host, 0).1, 0, "features only when asked for");
     let (mut c, features) = Client::connect_with(&host, HELLO_ASKS_FEATURES);
-    assert_eq!(features & FEATURE_CHASE_POINTERS, FEATURE_CHASE_POINTERS);
+    assert_eq!(features, FEATURE_CHASE_POINTERS | FEATURE_XOR_LINES);
     let (a, b) = (c.alloc(SPAN), c.alloc(SPAN));
     let slabs: Vec<u8> = [a, 0, b].iter().flat_map(|id| id.to_le_bytes()).collect();
     // start (span 0) -> n1 (span 2) -> n2 (span 0) -> n3 (span 1, not here).
@@ -72,7 +74,7 @@ fn the_host_follows_a_chain_through_its_own_spans() {
 fn a_host_told_not_to_chase_neither_offers_nor_answers_it() {
     let host = MemoryHost::bind("127.0.0.1:0", 1 << 20).expect("bind").without_pointer_chasing().spawn();
     let (mut c, features) = Client::connect_with(&host, HELLO_ASKS_FEATURES);
-    assert_eq!(features, 0);
+    assert_eq!(features, FEATURE_XOR_LINES, "no pointer chasing offered");
     let a = c.alloc(SPAN);
     let msg = Message::ChasePointers {
         start: BASE,

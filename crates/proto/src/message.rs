@@ -10,6 +10,9 @@ pub const HELLO_LOW_LATENCY: u8 = 1;
 pub const HELLO_ASKS_FEATURES: u8 = 2;
 /// [`Message::HelloOk`] feature bit: the host answers [`Message::ChasePointers`].
 pub const FEATURE_CHASE_POINTERS: u64 = 1;
+/// [`Message::HelloOk`] feature bit: the host applies [`Message::XorLines`], and every
+/// replayed write of a resumed session at most once (what erasure coding needs).
+pub const FEATURE_XOR_LINES: u64 = 2;
 /// Most pointers one [`Message::ChasePointers`] follows.
 pub const MAX_CHASE_HOPS: u8 = 64;
 

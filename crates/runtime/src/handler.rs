@@ -941,6 +941,15 @@ impl Handler {
                  --dirty-tracking sync with it"
             )));
         }
+        if let Some(old) = self.core.links.iter().find(|l| l.dead.is_none() && !l.xors_lines) {
+            if matches!(redundancy, Redundancy::Erasure { .. }) {
+                return Err(RuntimeError::Config(format!(
+                    "--redundancy {redundancy} needs memory hosts that apply parity updates (XorLines); \
+                     the host at {} is older: upgrade it, or use replicate:N",
+                    old.addr
+                )));
+            }
+        }
         let pages = len / PAGE_SIZE;
         let slab_pages = (self.core.config.slab_bytes / PAGE_SIZE).min(pages).max(1);
         let id = self.core.next_region;
@@ -998,12 +1007,15 @@ impl Handler {
             let span_pages = (region.pages.len() - span * region.slab_pages).min(region.slab_pages);
             let stripes = region.redundancy.shard_pages(span_pages);
             let bytes = p.shards[shard].slab.bytes;
-            let used: Vec<usize> = p
+            let mut used: Vec<usize> = p
                 .shards
                 .iter()
                 .filter(|s| !matches!(s.state, ShardState::Lost))
                 .map(|s| s.slab.host)
                 .collect();
+            if region.coder.is_some() {
+                used.extend(self.core.hosts_without_xor_lines());
+            }
             let Some(host) = self.core.place(bytes, &used) else {
                 self.rebuild_waits_for_a_host("no live memory host holds none of its span");
                 self.core.rebuild_queue.push_front((id, span, shard));
@@ -1111,7 +1123,10 @@ impl Handler {
             let mut shards: Vec<Shard> = Vec::with_capacity(redundancy.shards());
             let result = (|| {
                 while shards.len() < redundancy.shards() {
-                    let used: Vec<usize> = shards.iter().map(|s| s.slab.host).collect();
+                    let mut used: Vec<usize> = shards.iter().map(|s| s.slab.host).collect();
+                    if matches!(redundancy, Redundancy::Erasure { .. }) {
+                        used.extend(self.core.hosts_without_xor_lines());
+                    }
                     let placed = self.core.place(bytes, &used);
                     if placed.is_none() && shards.len() >= redundancy.needed() {
                         // Hosts were lost: the span starts as one that lost the rest would
@@ -1961,6 +1976,11 @@ impl Core {
         };
         let (a, b) = (pick(), pick());
         Some(if free(&self.links[a]) >= free(&self.links[b]) { a } else { b })
+    }
+
+    /// Hosts that cannot hold erasure shards (older ones, without `XorLines`).
+    fn hosts_without_xor_lines(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.links.len()).filter(|&h| !self.links[h].xors_lines)
     }
 
     fn free_slab(&mut self, s: SlabRef) {

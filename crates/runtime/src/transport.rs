@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use clustermem_net::{FrameReader, FrameWriter};
 use clustermem_proto::{
-    ErrorCode, Message, FEATURE_CHASE_POINTERS, HELLO_ASKS_FEATURES, HELLO_LOW_LATENCY, MAX_VERSION,
-    MIN_VERSION,
+    ErrorCode, Message, FEATURE_CHASE_POINTERS, FEATURE_XOR_LINES, HELLO_ASKS_FEATURES, HELLO_LOW_LATENCY,
+    MAX_VERSION, MIN_VERSION,
 };
 
 use crate::RuntimeError;
@@ -121,6 +121,9 @@ pub(crate) struct Link {
     pub(crate) allocated_bytes: u64,
     /// The host follows pointer chains (`Message::ChasePointers`).
     pub(crate) chases_pointers: bool,
+    /// The host applies `XorLines` and replayed writes once (`FEATURE_XOR_LINES`): it can hold
+    /// shards of erasure-coded regions.
+    pub(crate) xors_lines: bool,
     /// Set when the host stopped answering; no request is sent after that.
     pub(crate) dead: Option<String>,
     /// The session the connection is bound to: a new connection resuming it gets the slabs
@@ -274,6 +277,7 @@ pub(crate) fn connect(
         capacity_bytes,
         allocated_bytes: 0,
         chases_pointers: features & FEATURE_CHASE_POINTERS != 0,
+        xors_lines: features & FEATURE_XOR_LINES != 0,
         dead: None,
         session,
         journal: Vec::new(),
