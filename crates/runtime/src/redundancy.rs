@@ -113,8 +113,8 @@ impl Redundancy {
         }
     }
 
-    /// Whether span pages `a` and `b` lie in one chunk, so a run from one to the other is one
-    /// run on one host.
+    /// Whether span pages (or stripes) `a` and `b` lie in one chunk (chunk row), so a run
+    /// from one to the other is one run on one host, with one assignment of roles.
     pub(crate) fn same_chunk(self, a: usize, b: usize) -> bool {
         matches!(self, Self::None | Self::Replicate(_)) || a / CHUNK_PAGES == b / CHUNK_PAGES
     }

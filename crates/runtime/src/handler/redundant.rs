@@ -16,7 +16,6 @@ use clustermem_proto::{Message, PAGE_SIZE};
 
 use super::{Core, PageState, ShardState, SlabRef};
 use crate::dirty::{diff_lines, gather_lines};
-use crate::redundancy::{Coder, Redundancy, CHUNK_PAGES};
 use crate::transport::Pending;
 
 /// Stripes read per rebuild request.
@@ -67,11 +66,11 @@ pub(super) struct Gather {
     target: usize,
     /// The region page of the target's first page (faults, prefetches and zeroing).
     first_page: usize,
-    /// Slot s's pages at `s * count * PAGE_SIZE`.
+    /// Code shard c's pages (data shards, then parity) at `c * count * PAGE_SIZE`.
     buf: Vec<u8>,
     /// Slots asked (arrived ones included).
     asked: u64,
-    /// Slots arrived.
+    /// Code shards arrived.
     have: u64,
     /// Slots whose host refused the read: not asked again.
     refused: u64,
@@ -128,36 +127,6 @@ fn reaches(state: &mut ShardState, stripe: usize) -> bool {
             progress[stripe] == Progress::Done
         }
     }
-}
-
-/// The target slot's pages of an erasure gather, decoded chunk row by chunk row (each row has
-/// its own assignment of code shards to slots).
-fn decode(coder: &Coder, redundancy: Redundancy, g: &Gather) -> Result<Vec<u8>, String> {
-    let (shards, per_slot) = (redundancy.shards(), g.count * PAGE_SIZE);
-    let mut out = vec![0u8; per_slot];
-    let mut row = vec![0u8; shards * CHUNK_PAGES * PAGE_SIZE];
-    let mut from = g.stripe;
-    while from < g.stripe + g.count {
-        let to = (from / CHUNK_PAGES + 1) * CHUNK_PAGES;
-        let to = to.min(g.stripe + g.count);
-        let (at, len) = ((from - g.stripe) * PAGE_SIZE, (to - from) * PAGE_SIZE);
-        // Code shard c of these stripes at `c * len`, from the slot holding it.
-        let mut present = 0u64;
-        for code in 0..shards {
-            let slot = redundancy.slot(code, from);
-            if g.have & (1 << slot) != 0 {
-                row[code * len..(code + 1) * len].copy_from_slice(&g.buf[slot * per_slot + at..][..len]);
-                present |= 1 << code;
-            }
-        }
-        let target = redundancy.code(g.target, from);
-        if present & (1 << target) == 0 {
-            coder.reconstruct(&mut row[..shards * len], len, present, target >= redundancy.needed())?;
-        }
-        out[at..at + len].copy_from_slice(&row[target * len..(target + 1) * len]);
-        from = to;
-    }
-    Ok(out)
 }
 
 /// Marks the stripes among `stripes` whose rebuild reads are in flight stale: a write to
@@ -254,9 +223,9 @@ impl Core {
         let shard_bytes = g.count * PAGE_SIZE;
         match msg {
             Message::Pages { data, .. } if data.len() == shard_bytes => {
-                let at = usize::from(shard) * shard_bytes;
-                g.buf[at..at + shard_bytes].copy_from_slice(data);
-                g.have |= 1 << shard;
+                let code = redundancy.code(usize::from(shard), g.stripe);
+                g.buf[code * shard_bytes..(code + 1) * shard_bytes].copy_from_slice(data);
+                g.have |= 1 << code;
                 self.last_part = Instant::now();
                 self.stats.bytes_fetched.fetch_add(data.len() as u64, Relaxed);
                 if g.have.count_ones() as usize >= redundancy.needed() {
@@ -277,27 +246,25 @@ impl Core {
     }
 
     fn gather_complete(&mut self, gid: u64) {
-        let Some(g) = self.gathers.remove(&gid) else { return };
+        let Some(mut g) = self.gathers.remove(&gid) else { return };
         let Some(region) = self.regions.get(&g.region) else { return };
         let per_shard = g.count * PAGE_SIZE;
-        let decoded;
-        let content = match &region.coder {
-            Some(coder) => match decode(coder, region.redundancy, &g) {
-                Ok(pages) => {
-                    decoded = pages;
-                    &decoded[..]
+        let from = match &region.coder {
+            Some(coder) => {
+                let target = region.redundancy.code(g.target, g.stripe);
+                if g.have & (1 << target) == 0 {
+                    let parity = target >= region.redundancy.needed();
+                    if let Err(why) = coder.reconstruct(&mut g.buf, per_shard, g.have, parity) {
+                        self.gathers.insert(gid, g);
+                        return self.gather_fail(gid, &why);
+                    }
                 }
-                Err(why) => {
-                    self.gathers.insert(gid, g);
-                    return self.gather_fail(gid, &why);
-                }
-            },
-            // A copy: whichever arrived.
-            None => {
-                let from = g.have.trailing_zeros() as usize * per_shard;
-                &g.buf[from..from + per_shard]
+                target
             }
-        };
+            // A copy: whichever arrived.
+            None => g.have.trailing_zeros() as usize,
+        } * per_shard;
+        let content = &g.buf[from..from + per_shard];
         match g.purpose {
             GatherFor::Rebuild { job } => {
                 self.rebuild_write(g.region, g.span, g.stripe, g.count, g.target, job, content);
@@ -475,8 +442,10 @@ impl Core {
                     j.next += 1;
                 }
                 let from = j.next;
+                // One batch, one row: the same roles on every stripe it decodes.
                 while j.next < stripes
                     && j.next - from < REBUILD_BATCH
+                    && redundancy.same_chunk(from, j.next)
                     && progress[j.next] == Progress::Todo
                     && holds_data(j.next)
                 {
