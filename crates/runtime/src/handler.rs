@@ -102,6 +102,8 @@ const RECONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection that fails again this many times in a row without a single answer between
 /// is given up: the host is dead.
 const MAX_RECONNECTS_IN_A_ROW: u32 = 3;
+/// A connection that failed after being up this long starts a fresh count of reconnections.
+const STAYED_UP: Duration = Duration::from_secs(10);
 /// How often a dead host is tried again.
 const REDIAL_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -485,6 +487,8 @@ pub(crate) struct Handler {
     readers: Vec<FrameReader>,
     /// Reconnections of each link since its last answer.
     reconnects_in_a_row: Vec<u32>,
+    /// When each link last failed: one that then stayed up a while starts a fresh count.
+    last_link_failure: Vec<Option<Instant>>,
     /// Results of background connection attempts to dead hosts.
     redials: (Sender<RedialResult>, Receiver<RedialResult>),
     redialing: Vec<bool>,
@@ -553,6 +557,7 @@ impl Handler {
             },
             readers,
             reconnects_in_a_row: vec![0; hosts],
+            last_link_failure: vec![None; hosts],
             redials: std::sync::mpsc::channel(),
             redialing: vec![false; hosts],
             last_redial: vec![None; hosts],
@@ -714,6 +719,11 @@ impl Handler {
         if link.dead.is_some() {
             return;
         }
+        // An idle connection dropped by the network now and then (a NAT's idle timeout)
+        // must not add up to giving a healthy host up; one dropped again at once does.
+        if self.last_link_failure[h].replace(Instant::now()).is_some_and(|t| t.elapsed() >= STAYED_UP) {
+            self.reconnects_in_a_row[h] = 0;
+        }
         if self.reconnects_in_a_row[h] >= MAX_RECONNECTS_IN_A_ROW {
             let why = format!("{why} (after {MAX_RECONNECTS_IN_A_ROW} reconnections without an answer)");
             return self.core.host_died(h, &why);
@@ -723,13 +733,12 @@ impl Handler {
         let addr = link.addr.to_string();
         match transport::connect(&addr, self.core.config.low_latency, link.session, RECONNECT_TIMEOUT) {
             Ok((fresh, reader, adopted)) if adopted >= expected => {
-                let replayed = self.core.links[h].resume_on(fresh.writer);
+                let link = &mut self.core.links[h];
+                // What the host offers now (it may have been upgraded or restarted).
+                (link.capacity_bytes, link.chases_pointers, link.xors_lines) =
+                    (fresh.capacity_bytes, fresh.chases_pointers, fresh.xors_lines);
+                let replayed = link.resume_on(fresh.writer);
                 self.readers[h] = reader;
-                if replayed == 0 {
-                    // Nothing was due: the host answered all there was (an idle connection
-                    // dropped by the network must not count towards giving it up).
-                    self.reconnects_in_a_row[h] = 0;
-                }
                 // A replayed read the host had answered sees the writes after it on this link:
                 // a gather's parts would no longer be of one moment. Read them afresh.
                 let gathers: HashSet<u64> = self.core.links[h]
@@ -1013,11 +1022,18 @@ impl Handler {
                 .filter(|s| !matches!(s.state, ShardState::Lost))
                 .map(|s| s.slab.host)
                 .collect();
-            if region.coder.is_some() {
+            let erasure = region.coder.is_some();
+            if erasure {
                 used.extend(self.core.hosts_without_xor_lines());
             }
             let Some(host) = self.core.place(bytes, &used) else {
-                self.rebuild_waits_for_a_host("no live memory host holds none of its span");
+                let older =
+                    erasure && self.core.hosts_without_xor_lines().any(|h| self.core.links[h].dead.is_none());
+                self.rebuild_waits_for_a_host(if older {
+                    "no live memory host able to hold erasure shards (some are older, without XorLines: upgrade them) holds none of its span"
+                } else {
+                    "no live memory host holds none of its span"
+                });
                 self.core.rebuild_queue.push_front((id, span, shard));
                 return;
             };
@@ -1134,7 +1150,8 @@ impl Handler {
                         break;
                     }
                     let host = placed.ok_or_else(|| {
-                        let live = self.core.links.iter().filter(|l| l.dead.is_none()).count();
+                        let erasure = matches!(redundancy, Redundancy::Erasure { .. });
+                        let live = self.core.links.iter().filter(|l| l.dead.is_none() && (l.xors_lines || !erasure)).count();
                         if redundancy.shards() > 1 {
                             RuntimeError::Config(format!(
                                 "--redundancy {redundancy} needs {} live memory hosts for each slab; {live} are up",
