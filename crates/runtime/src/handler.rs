@@ -42,7 +42,7 @@ use clustermem_uffd::{CopyOutcome, Event, RegisterMode, Uffd};
 use crate::dirty::{Twin, TwinPool, WritebackMode};
 use crate::policy::{EvictionPolicy, PageKey, PageMap};
 use crate::prefetch::{PrefetchMode, StreamKey, Streams};
-use crate::redundancy::{Coder, Redundancy, CHUNK_PAGES};
+use crate::redundancy::{Coder, Redundancy};
 use crate::stats::RuntimeStats;
 use crate::transport::{self, Link, Pending};
 use crate::wakeup::Wakeup;
@@ -453,24 +453,6 @@ fn send_prefetch(
         region.pages[p] |= PageState::FETCHING | PageState::PREFETCHED;
     }
     u64::from(count)
-}
-
-/// Whether a discard of region pages `range` discards `page` on its hosts as it is: always
-/// for copies; for an erasure-coded page, when the range covers its whole stripe row (K
-/// chunks), whose parity then reads as zeros too.
-fn discarded_on_hosts(
-    redundancy: Redundancy,
-    slab_pages: usize,
-    pages: usize,
-    page: usize,
-    range: std::ops::Range<usize>,
-) -> bool {
-    let Redundancy::Erasure { data, .. } = redundancy else { return true };
-    let row = usize::from(data) * CHUNK_PAGES;
-    let span_start = page / slab_pages * slab_pages;
-    let row_start = span_start + (page - span_start) / row * row;
-    let row_end = (row_start + row).min(span_start + slab_pages).min(pages);
-    range.start <= row_start && row_end <= range.end
 }
 
 fn key(region: u32, page: usize) -> PageKey {
@@ -2069,6 +2051,14 @@ impl Core {
         self.forget_reads(id, first, count);
         let region = self.regions.get_mut(&id).expect("checked above");
         let (redundancy, slab_pages, pages) = (region.redundancy, region.slab_pages, region.pages.len());
+        // The stripe rows of span `span` the discard covers whole: dropped on every host as
+        // they are (for copies, every page).
+        let whole_rows = move |span: usize| {
+            let start = span * slab_pages;
+            let span_pages = (pages - start).min(slab_pages);
+            let (a, b) = (first.max(start) - start, (first + count).min(start + span_pages) - start);
+            redundancy.whole_rows(span_pages, a, b)
+        };
         // Threads waiting for a page in flight are served zeros below: the reply to a
         // prefetch of a discarded page is dropped, and would leave them asleep. An
         // erasure-coded page outside the whole stripe rows the hosts discard is zeroed on its
@@ -2076,7 +2066,7 @@ impl Core {
         let mut waiting = Vec::new();
         let mut to_zero = Vec::new();
         for page in first..first + count {
-            let whole = discarded_on_hosts(redundancy, slab_pages, pages, page, first..first + count);
+            let whole = whole_rows(page / slab_pages).contains(&(page % slab_pages / redundancy.row_pages()));
             if !whole && region.zeroing.contains_key(&page) {
                 continue; // Its zeroing in flight finishes it.
             }
@@ -2109,21 +2099,9 @@ impl Core {
         let region = self.regions.get_mut(&id).expect("checked above");
         // The hosts give the memory back; sent after any write-back of these pages on the same
         // connections, so it cannot be overtaken by one.
-        let mut page = first;
-        while page < first + count {
-            let span = page / slab_pages;
-            let span_end = ((span + 1) * slab_pages).min(first + count);
-            let span_pages = (pages - span * slab_pages).min(slab_pages);
-            let (a, b) = (page - span * slab_pages, span_end - span * slab_pages);
-            let slab_range = match redundancy {
-                Redundancy::Erasure { data, .. } => {
-                    let row = usize::from(data) * CHUNK_PAGES;
-                    let last = if b == span_pages { span_pages.div_ceil(row) } else { b / row };
-                    (a.div_ceil(row) * CHUNK_PAGES)..(last * CHUNK_PAGES)
-                }
-                Redundancy::None | Redundancy::Replicate(_) => a..b,
-            };
-            page = span_end;
+        for span in first / slab_pages..=(first + count - 1) / slab_pages {
+            let rows = whole_rows(span);
+            let slab_range = rows.start * redundancy.row_stripes()..rows.end * redundancy.row_stripes();
             let Some(placement) = region.slabs[span].as_mut().filter(|_| !slab_range.is_empty()) else {
                 continue;
             };

@@ -113,6 +113,33 @@ impl Redundancy {
         }
     }
 
+    /// Span pages in a stripe row, the unit a discard drops on every host as it is: K chunks
+    /// of an erasure-coded span (whose parity then reads as zeros too), one page of copies.
+    pub(crate) fn row_pages(self) -> usize {
+        match self {
+            Self::Erasure { data, .. } => usize::from(data) * CHUNK_PAGES,
+            Self::None | Self::Replicate(_) => 1,
+        }
+    }
+
+    /// Stripes (pages of each host's slab) in a stripe row.
+    pub(crate) fn row_stripes(self) -> usize {
+        match self {
+            Self::Erasure { .. } => CHUNK_PAGES,
+            Self::None | Self::Replicate(_) => 1,
+        }
+    }
+
+    /// The stripe rows of a span of `span_pages` pages that span pages `a..b` cover whole
+    /// (row r: span pages from `r * row_pages()`, stripes from `r * row_stripes()` on every
+    /// host; the last row may be short).
+    pub(crate) fn whole_rows(self, span_pages: usize, a: usize, b: usize) -> std::ops::Range<usize> {
+        let row = self.row_pages();
+        let end = if b >= span_pages { span_pages.div_ceil(row) } else { b / row };
+        let start = a.div_ceil(row);
+        start..end.max(start)
+    }
+
     /// Whether span pages (or stripes) `a` and `b` lie in one chunk (chunk row), so a run
     /// from one to the other is one run on one host, with one assignment of roles.
     pub(crate) fn same_chunk(self, a: usize, b: usize) -> bool {
@@ -280,6 +307,13 @@ mod tests {
         assert_eq!((r.slot(0, 0), r.slot(0, 16), r.slot(5, 16)), (0, 1, 0), "roles rotate by row");
         let none = Redundancy::None;
         assert_eq!((none.shard_pages(span), none.locate(77)), (span, (0, 77)));
+        // Rows of 64 pages; the last of a 1000-page span is short (960..1000).
+        assert_eq!(r.whole_rows(span, 64, 192), 1..3);
+        assert_eq!(r.whole_rows(span, 65, 191), 2..2, "no whole row");
+        assert_eq!(r.whole_rows(span, 900, 1000), 15..16, "the short last row, to the end");
+        assert_eq!(r.whole_rows(span, 960, 999), 15..15, "not quite to the end");
+        assert_eq!(r.whole_rows(span, 100, 10), 2..2, "empty, never reversed");
+        assert_eq!((none.whole_rows(span, 5, 9), none.row_stripes()), (5..9, 1));
         assert!(none.same_chunk(15, 16) && !r.same_chunk(15, 16));
     }
 
