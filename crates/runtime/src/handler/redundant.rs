@@ -12,7 +12,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
-use clustermem_proto::{Message, PAGE_SIZE};
+use clustermem_proto::{Message, LINE_SIZE, PAGE_SIZE};
 
 use super::{Core, PageState, ShardState, SlabRef};
 use crate::dirty::{diff_lines, gather_lines};
@@ -110,6 +110,14 @@ impl RebuildJob {
     pub(super) fn new(region: u32, span: usize, shard: usize, job: u64) -> Self {
         Self { region, span, shard, job, next: 0, inflight: 0 }
     }
+}
+
+/// The fixed part of a `WritePages` payload, its pages sent from memory after it.
+fn write_pages_prefix(slab_id: u64, first_page: usize) -> [u8; 16] {
+    let mut prefix = [0u8; 16];
+    prefix[..8].copy_from_slice(&slab_id.to_le_bytes());
+    prefix[8..].copy_from_slice(&(first_page as u64).to_le_bytes());
+    prefix
 }
 
 /// Whether a write to `stripe` goes to a shard in `state`, and marks the stripe stale if the
@@ -348,7 +356,7 @@ impl Core {
         let mut run: Option<usize> = None;
         let mut send = |from: usize, to: usize| {
             let data = &content[(from - stripe) * PAGE_SIZE..(to - stripe) * PAGE_SIZE];
-            let prefix = [slab_id.to_le_bytes(), (from as u64).to_le_bytes()].concat();
+            let prefix = write_pages_prefix(slab_id, from);
             let kind = Message::WritePages { slab_id: 0, first_page: 0, data: &[] }.kind();
             stats.bytes_rebuilt.fetch_add(link.send_parts(kind, &prefix, data, Pending::Ignore), Relaxed);
             stats.pages_rebuilt.fetch_add((to - from) as u64, Relaxed);
@@ -495,50 +503,71 @@ impl Core {
         mask: u64,
         delta: &[u8],
     ) -> u64 {
-        let Core { regions, links, scratch, config, parity, .. } = self;
+        let Core { regions, links, scratch, config, .. } = self;
         let region = regions.get_mut(&id).expect("caller checked");
-        let (data_shard, stripe) = region.redundancy.locate(page % region.slab_pages);
-        let needed = region.redundancy.needed();
         let redundancy = region.redundancy;
+        let (data_shard, stripe) = redundancy.locate(page % region.slab_pages);
         let placement =
             region.slabs[page / region.slab_pages].as_mut().expect("caller checked the page is committed");
-        if let Some(coder) = &region.coder {
-            parity.resize((region.redundancy.shards() - needed) * delta.len(), 0);
-            coder.parity_delta(data_shard, delta, parity);
-        }
-        let whole = mask.count_ones() > config.line_threshold;
+        let (whole, coded) = (mask.count_ones() > config.line_threshold, region.coder.is_some());
         let mut bytes = 0;
         for (slot, shard) in placement.shards.iter_mut().enumerate() {
-            let i = redundancy.code(slot, stripe);
-            if !reaches(&mut shard.state, stripe) {
+            // Every copy, or the data shard (parity shards: below).
+            let copy = !coded || redundancy.code(slot, stripe) == data_shard;
+            if !copy || !reaches(&mut shard.state, stripe) {
                 continue;
             }
             let SlabRef { host, slab_id, .. } = shard.slab;
             let link = &mut links[host];
             let pending = Pending::WriteBack { region: id, page };
-            let (kind, lines) = if region.coder.is_none() || i == data_shard {
-                if whole {
-                    let prefix = [slab_id.to_le_bytes(), (stripe as u64).to_le_bytes()].concat();
-                    let kind = Message::WritePages { slab_id: 0, first_page: 0, data: &[] }.kind();
-                    bytes += link.send_parts(kind, &prefix, data, pending);
-                    continue;
-                }
-                (Message::WriteLines { slab_id: 0, page: 0, line_mask: 1, lines: &[] }.kind(), None)
-            } else if i < needed {
+            if whole {
+                let kind = Message::WritePages { slab_id: 0, first_page: 0, data: &[] }.kind();
+                bytes += link.send_parts(kind, &write_pages_prefix(slab_id, stripe), data, pending);
                 continue;
-            } else {
-                let at = (i - needed) * delta.len();
-                (Message::XorLines { slab_id: 0, page: 0, line_mask: 1, lines: &[] }.kind(), Some(at))
-            };
+            }
             scratch.clear();
             clustermem_proto::encode_write_lines_prefix(scratch, slab_id, stripe as u64, mask);
             let prefix_len = scratch.len();
-            match lines {
-                None => gather_lines(data, mask, scratch),
-                Some(at) => scratch.extend_from_slice(&parity[at..at + delta.len()]),
-            }
+            gather_lines(data, mask, scratch);
             let (prefix, lines) = scratch.split_at(prefix_len);
+            let kind = Message::WriteLines { slab_id: 0, page: 0, line_mask: 1, lines: &[] }.kind();
             bytes += link.send_parts(kind, prefix, lines, pending);
+        }
+        if coded {
+            bytes += self.send_parity_change(id, page, mask, delta, true);
+        }
+        bytes
+    }
+
+    /// Sends each parity shard of erasure-coded `page` of region `id` the coded change of its
+    /// lines `mask` (`delta`: new XOR old of those lines, in mask order) as an XOR, answered
+    /// as a write-back of the page (`write_back`) or not at all. Returns the bytes sent (0 for
+    /// a region of copies, or no change).
+    fn send_parity_change(&mut self, id: u32, page: usize, mask: u64, delta: &[u8], write_back: bool) -> u64 {
+        let Core { regions, links, scratch, parity, .. } = self;
+        if mask == 0 {
+            return 0;
+        }
+        let Some(region) = regions.get_mut(&id) else { return 0 };
+        let Some(coder) = &region.coder else { return 0 };
+        let redundancy = region.redundancy;
+        let (data_shard, stripe) = redundancy.locate(page % region.slab_pages);
+        let Some(placement) = region.slabs[page / region.slab_pages].as_mut() else { return 0 };
+        let needed = redundancy.needed();
+        parity.resize((redundancy.shards() - needed) * delta.len(), 0);
+        coder.parity_delta(data_shard, delta, parity);
+        let kind = Message::XorLines { slab_id: 0, page: 0, line_mask: 1, lines: &[] }.kind();
+        let mut bytes = 0;
+        for (slot, shard) in placement.shards.iter_mut().enumerate() {
+            let code = redundancy.code(slot, stripe);
+            if code < needed || !reaches(&mut shard.state, stripe) {
+                continue;
+            }
+            scratch.clear();
+            clustermem_proto::encode_write_lines_prefix(scratch, shard.slab.slab_id, stripe as u64, mask);
+            let change = &parity[(code - needed) * delta.len()..][..delta.len()];
+            let pending = if write_back { Pending::WriteBack { region: id, page } } else { Pending::Ignore };
+            bytes += links[shard.slab.host].send_parts(kind, scratch, change, pending);
         }
         bytes
     }
@@ -577,42 +606,30 @@ impl Core {
     /// The old contents of page `page` being zeroed (zeroing `token`) arrived: zero it on its
     /// data shard and XOR its coded contents out of each parity shard.
     pub(super) fn zero_on_hosts(&mut self, id: u32, page: usize, token: u64, old: &[u8]) {
-        let Core { regions, links, scratch, parity, .. } = self;
+        let Core { regions, links, .. } = self;
         let Some(region) = regions.get_mut(&id).filter(|r| r.zeroing.get(&page) == Some(&token)) else {
             // A discard of the whole stripe row overtook it.
             return;
         };
-        let (data_shard, stripe) = region.redundancy.locate(page % region.slab_pages);
-        let needed = region.redundancy.needed();
-        let mask = diff_lines(old, &[0u8; PAGE_SIZE]);
-        let mut delta = Vec::with_capacity(mask.count_ones() as usize * 64);
-        gather_lines(old, mask, &mut delta);
-        if let (Some(coder), Some(placement)) =
-            (&region.coder, region.slabs[page / region.slab_pages].as_mut())
-        {
-            if mask != 0 {
-                parity.resize((region.redundancy.shards() - needed) * delta.len(), 0);
-                coder.parity_delta(data_shard, &delta, parity);
-            }
-            for (slot, shard) in placement.shards.iter_mut().enumerate() {
-                let i = region.redundancy.code(slot, stripe);
-                if (i != data_shard && (i < needed || mask == 0)) || !reaches(&mut shard.state, stripe) {
-                    continue;
-                }
-                let link = &mut links[shard.slab.host];
-                let slab_id = shard.slab.slab_id;
-                if i == data_shard {
-                    let msg = Message::DiscardPages { slab_id, first_page: stripe as u64, count: 1 };
-                    link.send(&msg, Pending::Ignore);
-                    continue;
-                }
-                scratch.clear();
-                clustermem_proto::encode_write_lines_prefix(scratch, slab_id, stripe as u64, mask);
-                let at = (i - needed) * delta.len();
-                let kind = Message::XorLines { slab_id: 0, page: 0, line_mask: 1, lines: &[] }.kind();
-                link.send_parts(kind, scratch, &parity[at..at + delta.len()], Pending::Ignore);
+        let redundancy = region.redundancy;
+        let (data_shard, stripe) = redundancy.locate(page % region.slab_pages);
+        if let Some(placement) = region.slabs[page / region.slab_pages].as_mut() {
+            let slot = redundancy.slot(data_shard, stripe);
+            let shard = &mut placement.shards[slot];
+            if reaches(&mut shard.state, stripe) {
+                let msg = Message::DiscardPages {
+                    slab_id: shard.slab.slab_id,
+                    first_page: stripe as u64,
+                    count: 1,
+                };
+                links[shard.slab.host].send(&msg, Pending::Ignore);
             }
         }
+        // The change is the old contents (the new ones are zeros).
+        let mask = diff_lines(old, &[0u8; PAGE_SIZE]);
+        let mut delta = Vec::with_capacity(mask.count_ones() as usize * LINE_SIZE);
+        gather_lines(old, mask, &mut delta);
+        self.send_parity_change(id, page, mask, &delta, false);
         self.zero_finish(id, page, token);
     }
 
