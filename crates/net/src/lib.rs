@@ -3,7 +3,10 @@
 //! The socket is non-blocking. A reader that finds nothing to read either sleeps in `poll(2)`
 //! or, inside a *spin window*, busy-polls: on this kind of VM waking a sleeping thread costs
 //! tens of microseconds, more than the rest of a page fetch, so a side that expects an answer
-//! soon may spin for it. The window is bounded, so an idle connection never burns a core.
+//! soon may spin for it. The window is bounded, so an idle connection never burns a core,
+//! and a spinner gives its CPU away every [`YIELD_EVERY`]: a thread woken onto the same CPU
+//! (on a shared machine, the program a memory host serves) waits that long at most, not a
+//! scheduler slice.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -40,6 +43,9 @@ pub struct FrameReader {
 }
 
 const READ_CHUNK: usize = 256 << 10;
+/// How long a busy-poll runs before it yields its CPU once (`sched_yield`, about 1 us when
+/// nothing else wants the CPU).
+pub const YIELD_EVERY: Duration = Duration::from_micros(20);
 /// The reader's buffer: many frames of the largest prefetch run (64 pages), so the partial
 /// frame at its end is moved to the front (`make_room`) once per many frames, not per frame.
 const READ_BUFFER: usize = 4 << 20;
@@ -107,6 +113,7 @@ impl FrameReader {
     }
 
     fn fill(&mut self, spin_until: Option<Instant>, deadline: Option<Instant>) -> Result<(), RecvError> {
+        let mut spun_since: Option<Instant> = None;
         loop {
             match self.stream.read(&mut self.buf[self.end..]) {
                 Ok(0) if self.start == self.end => return Err(RecvError::Closed),
@@ -124,7 +131,14 @@ impl FrameReader {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let now = Instant::now();
                     if spin_until.is_some_and(|s| now < s) {
-                        std::hint::spin_loop();
+                        let since = *spun_since.get_or_insert(now);
+                        if now - since >= YIELD_EVERY {
+                            // SAFETY: sched_yield takes no arguments and cannot fail on Linux.
+                            unsafe { libc::sched_yield() };
+                            spun_since = Some(Instant::now());
+                        } else {
+                            std::hint::spin_loop();
+                        }
                         continue;
                     }
                     let timeout = match deadline {
