@@ -169,6 +169,31 @@ pub(crate) mod conformance {
         hits as f64 / trace.len() as f64
     }
 
+    /// Misses of `policy` with `capacity` pages on `trace`, after it has seen `warm` (whose
+    /// misses are not counted). Hits are not shown to the policy, as in `hit_rate`.
+    pub fn misses_after(
+        mut policy: Box<dyn EvictionPolicy>,
+        capacity: usize,
+        warm: &[u64],
+        trace: &[u64],
+    ) -> usize {
+        let mut resident = HashSet::new();
+        let mut misses = 0;
+        for (i, &page) in warm.iter().chain(trace).enumerate() {
+            if resident.contains(&page) {
+                continue;
+            }
+            misses += usize::from(i >= warm.len());
+            if resident.len() == capacity {
+                let victim = policy.evict().expect("full");
+                resident.remove(&victim);
+            }
+            policy.insert(page);
+            resident.insert(page);
+        }
+        misses
+    }
+
     /// A skewed trace: page `k` drawn with probability ~ 1/(k+1) over `pages` pages.
     pub fn zipf_trace(pages: u64, len: usize, seed: u64) -> Vec<u64> {
         let mut rng = seed.max(1);

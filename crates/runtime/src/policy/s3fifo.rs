@@ -5,6 +5,13 @@
 //! early and is admitted straight to the main queue. The main queue is a CLOCK: a page seen in
 //! use (a write fault) since the hand last passed gets another round. One-touch pages of a
 //! scan thus never displace the hot set, which lives in main.
+//!
+//! The split between the queues adapts, as ARC's does: a miss on a page recently evicted from
+//! probation moves the target of probation's share up a page, a miss on one recently evicted
+//! from main moves it down. A pager sees no hits, so main (evicted only while probation is
+//! under its share) cannot tell that its pages went cold; with a fixed 10% share, a new
+//! working set larger than that cycled through probation, two misses a page, until main
+//! had turned over (redis answering reads of other keys than it had just served).
 
 use std::collections::hash_map::Entry as MapEntry;
 use std::collections::VecDeque;
@@ -29,25 +36,41 @@ struct Entry {
 /// S3-FIFO over resident pages.
 #[derive(Debug)]
 pub struct S3Fifo {
+    /// Probation's share of the pages, adapted between `min_small` and `max_small`.
     small_target: usize,
+    min_small: usize,
+    max_small: usize,
     entries: PageMap<PageKey, Entry>,
     small: VecDeque<(PageKey, u64)>,
     main: VecDeque<(PageKey, u64)>,
     small_len: usize,
+    /// Pages recently evicted from probation, and from main.
     ghost: Ghost,
+    main_ghost: Ghost,
+    /// Pages probation gave up since main last gave one up, and the bound on it: a stream of
+    /// one-touch pages keeps probation at its share, and without it main would keep a page
+    /// nobody uses again for ever.
+    small_evictions: usize,
+    capacity: usize,
     next_generation: u64,
 }
 
 impl S3Fifo {
-    /// A policy for `capacity` resident pages: 10% probation, a ghost as large as the cache.
+    /// A policy for `capacity` resident pages: probation starts at 10% (and stays within
+    /// 1-90%), ghosts as large as the cache.
     pub fn new(capacity: usize) -> Self {
         Self {
             small_target: (capacity / 10).max(1),
+            min_small: (capacity / 100).max(1),
+            max_small: (capacity * 9 / 10).max(1),
             entries: PageMap::default(),
             small: VecDeque::new(),
             main: VecDeque::new(),
             small_len: 0,
             ghost: Ghost::new(capacity.max(1)),
+            main_ghost: Ghost::new(capacity.max(1)),
+            small_evictions: 0,
+            capacity: capacity.max(1),
             next_generation: 0,
         }
     }
@@ -90,8 +113,9 @@ impl S3Fifo {
                 self.main.push_back((page, self.next_generation));
             } else {
                 slot.remove();
-                if queue == Queue::Small {
-                    self.ghost.remember(page);
+                match queue {
+                    Queue::Small => self.ghost.remember(page),
+                    Queue::Main => self.main_ghost.remember(page),
                 }
                 return Some(page);
             }
@@ -148,7 +172,21 @@ impl Ghost {
 
 impl EvictionPolicy for S3Fifo {
     fn insert(&mut self, page: PageKey) {
-        let queue = if self.ghost.take(page) { Queue::Main } else { Queue::Small };
+        // Steps as ARC's: larger when the queue that lost the page is the smaller one.
+        let main_len = self.entries.len() - self.small_len;
+        let queue = if self.ghost.take(page) {
+            // Probation was too short for it to be seen again.
+            let step = (main_len / self.small_len.max(1)).max(1);
+            self.small_target = (self.small_target + step).min(self.max_small);
+            Queue::Main
+        } else if self.main_ghost.take(page) {
+            // Main was too short: it had proved itself once already.
+            let step = (self.small_len / main_len.max(1)).max(1);
+            self.small_target = self.small_target.saturating_sub(step).max(self.min_small);
+            Queue::Main
+        } else {
+            Queue::Small
+        };
         self.push(page, queue, 0);
     }
 
@@ -159,11 +197,14 @@ impl EvictionPolicy for S3Fifo {
     }
 
     fn evict(&mut self) -> Option<PageKey> {
-        if self.small_len >= self.small_target || self.main.is_empty() {
+        let main_stalled = self.small_evictions >= self.capacity;
+        if (self.small_len >= self.small_target && !main_stalled) || self.main.is_empty() {
             if let Some(page) = self.evict_from(Queue::Small) {
+                self.small_evictions += 1;
                 return Some(page);
             }
         }
+        self.small_evictions = 0;
         self.evict_from(Queue::Main).or_else(|| self.evict_from(Queue::Small))
     }
 
@@ -209,6 +250,72 @@ mod tests {
         let fifo = conformance::hit_rate(Box::new(Fifo::new()), capacity, &trace);
         let s3 = conformance::hit_rate(Box::new(S3Fifo::new(capacity)), capacity, &trace);
         assert!(s3 > fifo * 1.3, "s3fifo {s3:.3} vs fifo {fifo:.3}");
+    }
+
+    /// A working set that moves: first a loop over more pages than fit (every page comes back
+    /// from the ghost into main), then random reads of a new set of 70% of the capacity (redis
+    /// answering GETs in hash order after a pass over other keys). Main holds the first set,
+    /// which no miss will ever reclaim; unless the queues adapt, the new set cycles through a
+    /// probation queue too small for it, two misses a page, until main has turned over.
+    #[test]
+    fn a_new_working_set_displaces_an_old_one_in_main() {
+        let capacity = 1_000;
+        let mut rng = 7u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let old: Vec<u64> = (0..5).flat_map(|_| 0..1_200).collect();
+        let new: Vec<u64> = (0..20_000).map(|_| 1_000_000 + next() % 700).collect();
+        let s3 = conformance::misses_after(Box::new(S3Fifo::new(capacity)), capacity, &old, &new);
+        let fifo = conformance::misses_after(Box::new(Fifo::new()), capacity, &old, &new);
+        assert!(s3 <= 700 + 700 / 5, "s3fifo: {s3} misses on a new set of 700 pages (fifo: {fifo})");
+    }
+
+    #[test]
+    fn the_queues_trade_pages_by_which_ghost_a_miss_hits() {
+        let mut p = S3Fifo::new(100);
+        let start = p.small_target;
+        p.insert(1);
+        assert_eq!(p.evict(), Some(1), "probation's only page");
+        p.insert(1); // back from probation's ghost: into main, probation's share grows
+        let grown = p.small_target;
+        assert!(grown > start, "{grown} after {start}");
+        for page in 2..=3 {
+            p.insert(page);
+        }
+        // Probation (two pages) is under its share, so main gives up page 1...
+        assert_eq!(p.evict(), Some(1));
+        p.insert(1); // ...which comes back from main's ghost: probation's share shrinks
+        assert!(p.small_target < grown, "{} after {grown}", p.small_target);
+        // Neither share leaves its bounds.
+        let mut p = S3Fifo::new(100);
+        p.small_target = p.max_small;
+        p.insert(5);
+        assert_eq!(p.evict(), Some(5));
+        p.insert(5);
+        assert_eq!(p.small_target, p.max_small);
+        p.small_target = p.min_small;
+        assert_eq!(p.evict(), Some(5), "from main: probation is empty");
+        p.insert(5);
+        assert_eq!(p.small_target, p.min_small);
+    }
+
+    /// A page in main that is never used again leaves once a cache's worth of one-touch pages
+    /// has gone through probation, although they keep probation at its share.
+    #[test]
+    fn a_cold_page_in_main_leaves_under_a_stream_of_new_pages() {
+        let mut p = S3Fifo::new(4);
+        p.insert(0);
+        assert_eq!(p.evict(), Some(0));
+        p.insert(0); // from the ghost: main
+        let evicted_at = (1..200u64).find(|&page| {
+            p.insert(page);
+            p.len() > 4 && p.evict() == Some(0)
+        });
+        assert!(evicted_at.is_some_and(|at| at <= 4 + 4 + 1), "page 0 left at {evicted_at:?}");
     }
 
     #[test]
