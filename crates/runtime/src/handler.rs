@@ -1652,7 +1652,7 @@ impl Core {
             // queue, and sees the page refetched with its store still to make.
             if let Err(e) = self.uffd.write_protect(addr, PAGE_SIZE, true, true) {
                 eprintln!("clustermem: cannot write-protect {addr:#x} for eviction: {}", chain(&e));
-                self.policy.insert(victim);
+                self.policy.put_back(victim);
                 return None;
             }
             self.write_back(id, page);

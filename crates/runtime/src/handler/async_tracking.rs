@@ -118,7 +118,7 @@ impl Core {
                 if moved < n {
                     // Over the limit for now rather than spin on pages that cannot leave.
                     for &v in &victims[i + moved..] {
-                        self.policy.insert(v);
+                        self.policy.put_back(v);
                     }
                     break 'batches;
                 }

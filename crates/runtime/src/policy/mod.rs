@@ -65,6 +65,11 @@ pub trait EvictionPolicy: Send + std::fmt::Debug {
     fn evict(&mut self) -> Option<PageKey>;
     /// Stops tracking a page (it left residency some other way).
     fn remove(&mut self, page: PageKey);
+    /// Tracks again a page `evict` returned that could not leave after all (its move or
+    /// write-protection failed). Not a miss: policies that learn from misses ignore it.
+    fn put_back(&mut self, page: PageKey) {
+        self.insert(page);
+    }
     /// Pages tracked.
     fn len(&self) -> usize;
     /// Whether nothing is tracked.

@@ -4,14 +4,18 @@
 //! queue (its key only); if it faults again while still remembered there, it was evicted too
 //! early and is admitted straight to the main queue. The main queue is a CLOCK: a page seen in
 //! use (a write fault) since the hand last passed gets another round. One-touch pages of a
-//! scan thus never displace the hot set, which lives in main.
+//! scan thus do not displace the hot set, which lives in main: they take at most one main page
+//! per cache's worth of them (below).
 //!
 //! The split between the queues adapts, as ARC's does: a miss on a page recently evicted from
-//! probation moves the target of probation's share up a page, a miss on one recently evicted
-//! from main moves it down. A pager sees no hits, so main (evicted only while probation is
-//! under its share) cannot tell that its pages went cold; with a fixed 10% share, a new
-//! working set larger than that cycled through probation, two misses a page, until main
-//! had turned over (redis answering reads of other keys than it had just served).
+//! probation moves the target of probation's share up, a miss on one recently evicted from
+//! main moves it down, by more when the queue that lost the page is the smaller. A pager sees
+//! no hits, so main (evicted only while probation is under its share) cannot tell that its
+//! pages went cold; with a fixed 10% share, a new working set larger than that cycled through
+//! probation, two misses a page, until main had turned over (redis answering reads of other
+//! keys than it had just served). For the same reason main gives up its oldest page whenever
+//! a cache's worth of pages has left probation since it last gave one up: else a page in main
+//! that nobody uses again would stay for ever under a stream of one-touch pages.
 
 use std::collections::hash_map::Entry as MapEntry;
 use std::collections::VecDeque;
@@ -197,15 +201,24 @@ impl EvictionPolicy for S3Fifo {
     }
 
     fn evict(&mut self) -> Option<PageKey> {
-        let main_stalled = self.small_evictions >= self.capacity;
-        if (self.small_len >= self.small_target && !main_stalled) || self.main.is_empty() {
+        // Main stands still only while it holds pages: an empty main is not stalled.
+        let main_pages = self.entries.len() > self.small_len;
+        let main_stalled = main_pages && self.small_evictions >= self.capacity;
+        if (self.small_len >= self.small_target && !main_stalled) || !main_pages {
             if let Some(page) = self.evict_from(Queue::Small) {
-                self.small_evictions += 1;
+                self.small_evictions = if main_pages { self.small_evictions + 1 } else { 0 };
                 return Some(page);
             }
         }
         self.small_evictions = 0;
         self.evict_from(Queue::Main).or_else(|| self.evict_from(Queue::Small))
+    }
+
+    fn put_back(&mut self, page: PageKey) {
+        // Its eviction did not happen: forget it in the ghosts rather than count it as a miss.
+        self.ghost.take(page);
+        self.main_ghost.take(page);
+        self.push(page, Queue::Small, 0);
     }
 
     fn remove(&mut self, page: PageKey) {
@@ -254,9 +267,9 @@ mod tests {
 
     /// A working set that moves: first a loop over more pages than fit (every page comes back
     /// from the ghost into main), then random reads of a new set of 70% of the capacity (redis
-    /// answering GETs in hash order after a pass over other keys). Main holds the first set,
-    /// which no miss will ever reclaim; unless the queues adapt, the new set cycles through a
-    /// probation queue too small for it, two misses a page, until main has turned over.
+    /// answering GETs in hash order after a pass over other keys). Main holds the first set;
+    /// unless the queues adapt, the new set cycles through a probation queue too small for
+    /// it, two misses a page, until main has turned over.
     #[test]
     fn a_new_working_set_displaces_an_old_one_in_main() {
         let capacity = 1_000;
@@ -316,6 +329,36 @@ mod tests {
             p.len() > 4 && p.evict() == Some(0)
         });
         assert!(evicted_at.is_some_and(|at| at <= 4 + 4 + 1), "page 0 left at {evicted_at:?}");
+    }
+
+    /// Probation's evictions while main is empty do not count towards main's turn: the first
+    /// page to come back from the ghost is not the next to go.
+    #[test]
+    fn a_page_back_from_the_ghost_is_not_evicted_next() {
+        let mut p = S3Fifo::new(100);
+        for page in 0..200 {
+            p.insert(page);
+            if p.len() > 100 {
+                p.evict();
+            }
+        }
+        p.insert(50); // evicted from probation, remembered: main
+        assert_ne!(p.evict(), Some(50));
+        assert!(p.small_target > 10, "a miss from probation's ghost grows its share");
+    }
+
+    /// A victim that could not leave is put back as it was: neither ghost counts it.
+    #[test]
+    fn a_victim_put_back_is_no_miss() {
+        let mut p = S3Fifo::new(100);
+        for page in 0..101 {
+            p.insert(page);
+        }
+        let victim = p.evict().expect("full");
+        let target = p.small_target;
+        p.put_back(victim);
+        assert_eq!((p.small_target, p.len()), (target, 101));
+        assert_eq!(p.evict(), Some(1), "back in probation, behind the others");
     }
 
     #[test]
