@@ -18,8 +18,8 @@
 mod message;
 
 pub use message::{
-    encode_write_lines_prefix, ErrorCode, HostStats, Message, FEATURE_CHASE_POINTERS, FEATURE_XOR_LINES,
-    HELLO_ASKS_FEATURES, HELLO_LOW_LATENCY, MAX_CHASE_HOPS,
+    encode_write_lines_prefix, write_pages_prefix, ErrorCode, HostStats, Message, FEATURE_CHASE_POINTERS,
+    FEATURE_XOR_LINES, HELLO_ASKS_FEATURES, HELLO_LOW_LATENCY, MAX_CHASE_HOPS,
 };
 
 use thiserror::Error;

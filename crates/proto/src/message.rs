@@ -418,8 +418,7 @@ impl<'a> Message<'a> {
                 out.extend_from_slice(data);
             }
             Self::WritePages { slab_id, first_page, data } => {
-                out.extend_from_slice(&slab_id.to_le_bytes());
-                out.extend_from_slice(&first_page.to_le_bytes());
+                out.extend_from_slice(&write_pages_prefix(slab_id, first_page));
                 out.extend_from_slice(data);
             }
             Self::WriteLines { slab_id, page, line_mask, lines }
@@ -537,6 +536,15 @@ impl<'a> Message<'a> {
         r.finish()?;
         Ok(msg)
     }
+}
+
+/// The fixed part of a `WritePages` payload; the caller sends the pages after it (from
+/// memory, with `writev`).
+pub fn write_pages_prefix(slab_id: u64, first_page: u64) -> [u8; 16] {
+    let mut prefix = [0u8; 16];
+    prefix[..8].copy_from_slice(&slab_id.to_le_bytes());
+    prefix[8..].copy_from_slice(&first_page.to_le_bytes());
+    prefix
 }
 
 /// Appends the fixed part of a `WriteLines` or `XorLines` payload; the caller appends the lines (or sends

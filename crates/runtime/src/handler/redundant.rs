@@ -12,7 +12,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
-use clustermem_proto::{Message, LINE_SIZE, PAGE_SIZE};
+use clustermem_proto::{write_pages_prefix, Message, LINE_SIZE, PAGE_SIZE};
 
 use super::{Core, PageState, ShardState, SlabRef};
 use crate::dirty::{diff_lines, gather_lines};
@@ -110,14 +110,6 @@ impl RebuildJob {
     pub(super) fn new(region: u32, span: usize, shard: usize, job: u64) -> Self {
         Self { region, span, shard, job, next: 0, inflight: 0 }
     }
-}
-
-/// The fixed part of a `WritePages` payload, its pages sent from memory after it.
-fn write_pages_prefix(slab_id: u64, first_page: usize) -> [u8; 16] {
-    let mut prefix = [0u8; 16];
-    prefix[..8].copy_from_slice(&slab_id.to_le_bytes());
-    prefix[8..].copy_from_slice(&(first_page as u64).to_le_bytes());
-    prefix
 }
 
 /// Whether a write to `stripe` goes to a shard in `state`, and marks the stripe stale if the
@@ -356,7 +348,7 @@ impl Core {
         let mut run: Option<usize> = None;
         let mut send = |from: usize, to: usize| {
             let data = &content[(from - stripe) * PAGE_SIZE..(to - stripe) * PAGE_SIZE];
-            let prefix = write_pages_prefix(slab_id, from);
+            let prefix = write_pages_prefix(slab_id, from as u64);
             let kind = Message::WritePages { slab_id: 0, first_page: 0, data: &[] }.kind();
             stats.bytes_rebuilt.fetch_add(link.send_parts(kind, &prefix, data, Pending::Ignore), Relaxed);
             stats.pages_rebuilt.fetch_add((to - from) as u64, Relaxed);
@@ -522,7 +514,7 @@ impl Core {
             let pending = Pending::WriteBack { region: id, page };
             if whole {
                 let kind = Message::WritePages { slab_id: 0, first_page: 0, data: &[] }.kind();
-                bytes += link.send_parts(kind, &write_pages_prefix(slab_id, stripe), data, pending);
+                bytes += link.send_parts(kind, &write_pages_prefix(slab_id, stripe as u64), data, pending);
                 continue;
             }
             scratch.clear();
