@@ -6,9 +6,10 @@
 //! dealt round-robin to the K data shards; page q of parity shard j codes page q of the K
 //! data shards (a *stripe*). A shard's slab is thus a K-th of the span, and the hosts' memory
 //! overhead is (K + M) / K. Which host plays which shard rotates by one each chunk row, so
-//! every host of a span holds data and parity alike. Writing back a page sends its changed lines to its data shard and
-//! their change (new XOR clean twin), times the code's coefficient, to each parity shard as an
-//! XOR (`XorLines`): no read of the stripe, and changes to the pages of one stripe commute.
+//! every host of a span holds data and parity alike. Writing back a page sends its changed
+//! lines to its data shard and their change (new XOR clean twin), times the code's
+//! coefficient, to each parity shard as an XOR (`XorLines`): no read of the stripe, and
+//! changes to the pages of one stripe commute.
 //! Runs of adjacent pages in a chunk are adjacent on their host, so prefetches stay whole
 //! reads, and a discard of whole chunk rows frees every shard's pages.
 

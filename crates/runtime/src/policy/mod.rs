@@ -155,27 +155,14 @@ pub(crate) mod conformance {
     }
 
     /// Hit rate of `policy` with `capacity` pages on a trace, counting a miss as insert (and
-    /// eviction when full). A hit on a page counts as a touch, which policies may ignore.
-    pub fn hit_rate(mut policy: Box<dyn EvictionPolicy>, capacity: usize, trace: &[u64]) -> f64 {
-        let mut resident = HashSet::new();
-        let mut hits = 0;
-        for &page in trace {
-            if resident.contains(&page) {
-                hits += 1;
-                continue;
-            }
-            if resident.len() == capacity {
-                let victim = policy.evict().expect("full");
-                resident.remove(&victim);
-            }
-            policy.insert(page);
-            resident.insert(page);
-        }
-        hits as f64 / trace.len() as f64
+    /// eviction when full). Hits are not shown to the policy: a pager sees none.
+    pub fn hit_rate(policy: Box<dyn EvictionPolicy>, capacity: usize, trace: &[u64]) -> f64 {
+        let misses = misses_after(policy, capacity, &[], trace);
+        (trace.len() - misses) as f64 / trace.len() as f64
     }
 
     /// Misses of `policy` with `capacity` pages on `trace`, after it has seen `warm` (whose
-    /// misses are not counted). Hits are not shown to the policy, as in `hit_rate`.
+    /// misses are not counted). Hits are not shown to the policy.
     pub fn misses_after(
         mut policy: Box<dyn EvictionPolicy>,
         capacity: usize,

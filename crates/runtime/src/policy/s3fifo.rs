@@ -92,6 +92,11 @@ impl S3Fifo {
         }
     }
 
+    /// Pages tracked in main.
+    fn main_len(&self) -> usize {
+        self.entries.len() - self.small_len
+    }
+
     /// Pops slots of `queue` until a live one: a page used since it was queued goes (back)
     /// to main with one use less; an unused one stops being tracked and is returned
     /// (remembered in the ghost if it leaves probation). One map lookup per slot: on a
@@ -177,7 +182,7 @@ impl Ghost {
 impl EvictionPolicy for S3Fifo {
     fn insert(&mut self, page: PageKey) {
         // Steps as ARC's: larger when the queue that lost the page is the smaller one.
-        let main_len = self.entries.len() - self.small_len;
+        let main_len = self.main_len();
         let queue = if self.ghost.take(page) {
             // Probation was too short for it to be seen again.
             let step = (main_len / self.small_len.max(1)).max(1);
@@ -202,7 +207,7 @@ impl EvictionPolicy for S3Fifo {
 
     fn evict(&mut self) -> Option<PageKey> {
         // Main stands still only while it holds pages: an empty main is not stalled.
-        let main_pages = self.entries.len() > self.small_len;
+        let main_pages = self.main_len() > 0;
         let main_stalled = main_pages && self.small_evictions >= self.capacity;
         if (self.small_len >= self.small_target && !main_stalled) || !main_pages {
             if let Some(page) = self.evict_from(Queue::Small) {
