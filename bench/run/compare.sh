@@ -20,6 +20,7 @@
 #   SWAP=4G  WORKDIR=/var/tmp  CGROUP=auto|v2|v1  CLUSTERMEM=<repo>/target/release/clustermem
 #   RESULTS=<repo>/bench/run/results-latest.jsonl  PYTHON=/usr/bin/python3
 #   RUN_ARGS="--dirty-tracking async"  (more flags for `clustermem run`, split on spaces)
+#   REDIS_CHECK_PHASES=1 (in the environment): the checker says each phase's time on stderr
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)

@@ -1,9 +1,23 @@
 """Fills a Redis server with keys whose values derive from their names, then reads every key
 back (these and redis-benchmark's) and checks it. Usage: redis_check.py PORT KEYS VALUE_BYTES
-BENCH_VALUE_BYTES. Prints the counts checked; any mismatch exits non-zero."""
+BENCH_VALUE_BYTES. Prints the counts checked; any mismatch exits non-zero. With
+REDIS_CHECK_PHASES=1 in the environment, says on stderr how long each phase took."""
 import hashlib
+import os
 import socket
 import sys
+import time
+
+started = last = time.monotonic()
+
+
+def phase(name):
+    """Reports the phase just ended (with REDIS_CHECK_PHASES=1)."""
+    global last
+    now = time.monotonic()
+    if os.environ.get("REDIS_CHECK_PHASES") == "1":
+        print("phase %-22s %6.2f s (at %.2f s)" % (name, now - last, now - started), file=sys.stderr)
+    last = now
 
 port, keys, size, bench_size = (int(a) for a in sys.argv[1:5])
 sock = socket.create_connection(("127.0.0.1", port))
@@ -46,10 +60,12 @@ def pipeline(cmds):
 BATCH = 500
 for start in range(0, keys, BATCH):
     pipeline([command("SET", "cm:%d" % i, value(i)) for i in range(start, min(keys, start + BATCH))])
+phase("write own keys")
 bad = 0
 for start in range(0, keys, BATCH):
     got = pipeline([command("GET", "cm:%d" % i) for i in range(start, min(keys, start + BATCH))])
     bad += sum(g != value(start + j) for j, g in enumerate(got))
+phase("read own keys")
 if bad:
     sys.exit("%d of our keys read back wrong" % bad)
 # redis-benchmark's SET writes one random value of -d bytes, the same for every key
@@ -60,11 +76,13 @@ while True:
     bench_keys += found
     if cursor == b"0":
         break
+phase("scan bench keys")
 expected = None
 for start in range(0, len(bench_keys), BATCH):
     got = pipeline([command("GET", k) for k in bench_keys[start : start + BATCH]])
     expected = expected or got[0]
     bad += sum(g != expected or len(g) != bench_size for g in got)
+phase("read bench keys")
 if bad or not bench_keys:
     sys.exit("%d of redis-benchmark's %d keys read back wrong" % (bad, len(bench_keys)))
 print("verified", keys, "keys and", len(bench_keys), "redis-benchmark keys")
