@@ -77,7 +77,7 @@ const _: () = assert!(std::mem::size_of::<UffdioMove>() == 40);
 /// `struct uffd_msg` with the pagefault member of its union spelled out (the only one we
 /// read; other events are told apart by `event` and ignored).
 #[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct UffdMsg {
     pub event: u8,
     pub reserved1: u8,

@@ -478,7 +478,8 @@ impl Uffd {
     /// read (0 when none is pending).
     pub fn read_events(&self, out: &mut [Event]) -> Result<usize, UffdError> {
         const BATCH: usize = 64;
-        let mut raw = [UffdMsg::default(); BATCH];
+        // Not zeroed: a spinning handler calls this in a tight loop, mostly to find nothing.
+        let mut raw = [std::mem::MaybeUninit::<UffdMsg>::uninit(); BATCH];
         let want = out.len().min(BATCH);
         // SAFETY: `raw` is writable for `want` messages; read(2) writes at most that many bytes.
         let n = unsafe {
@@ -493,6 +494,8 @@ impl Uffd {
         }
         let count = n.unsigned_abs() / std::mem::size_of::<UffdMsg>();
         for (slot, msg) in out.iter_mut().zip(&raw[..count]) {
+            // SAFETY: the kernel wrote `count` whole messages at the front of `raw`.
+            let msg = unsafe { msg.assume_init_ref() };
             *slot = if msg.event == UFFD_EVENT_PAGEFAULT {
                 let exact_addr = usize::try_from(msg.pf_address).expect("addresses fit usize");
                 Event::PageFault {
