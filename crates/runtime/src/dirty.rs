@@ -95,19 +95,21 @@ impl TwinPool {
         if clean.iter().all(|&b| b == 0) {
             return Twin::Zeros;
         }
-        let slot = match self.free.pop() {
-            Some(slot) => slot,
-            None if !self.hollow.is_empty() => {
-                let slot = self.hollow.pop().expect("not empty");
-                self.slots[slot as usize] = vec![0u8; PAGE_SIZE].into_boxed_slice();
+        if let Some(slot) = self.free.pop() {
+            self.slots[slot as usize].copy_from_slice(clean);
+            return Twin::Slot(slot);
+        }
+        // A new buffer is made as a copy (not zeroed, then copied over).
+        let slot = match self.hollow.pop() {
+            Some(slot) => {
+                self.slots[slot as usize] = clean.into();
                 slot
             }
             None => {
-                self.slots.push(vec![0u8; PAGE_SIZE].into_boxed_slice());
+                self.slots.push(clean.into());
                 u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 twins")
             }
         };
-        self.slots[slot as usize].copy_from_slice(clean);
         Twin::Slot(slot)
     }
 
