@@ -88,7 +88,7 @@ const FLUSH_CHUNK_PAGES: usize = 512;
 /// How far over the local-memory limit one round of the handler loop may go before it evicts.
 const EVICTION_SLACK_PAGES: usize = 64;
 
-/// How long eviction waits after an install for the woken thread's next fault.
+/// How long eviction waits after a woken thread resumes for its next fault.
 const EVICTION_DEFER: Duration = Duration::from_micros(10);
 
 /// Fresh pages filled with zeros at once for a program writing fresh memory in order.
@@ -319,8 +319,9 @@ struct Core {
     next_zeroing: u64,
     twin_gate: TwinGate,
     write_predictor: WritePredictor,
-    /// When a page was last installed (see the eviction deferral in the run loop).
-    last_install: Instant,
+    /// When a faulting thread was last woken by an install or a write-fault resolution (see
+    /// the eviction deferral in the run loop).
+    last_wake: Instant,
     /// Fault messages carry the faulting address within the page.
     exact_addresses: bool,
     /// Pointer prefetches in flight.
@@ -518,7 +519,7 @@ impl Handler {
                 next_zeroing: 0,
                 twin_gate: TwinGate { dense_fraction: 0.0, dirtied: 0 },
                 write_predictor: WritePredictor::default(),
-                last_install: Instant::now(),
+                last_wake: Instant::now(),
                 exact_addresses,
                 chases: 0,
                 host_chases: 0,
@@ -601,7 +602,7 @@ impl Handler {
             // (and its fetch) rather than sit in front of it.
             self.flush_links();
             let waiting = self.core.links.iter().any(|l| !l.pending.is_empty());
-            if self.core.over_limit() > 0 && (waiting || self.core.last_install.elapsed() >= EVICTION_DEFER) {
+            if self.core.over_limit() > 0 && (waiting || self.core.last_wake.elapsed() >= EVICTION_DEFER) {
                 self.core.enforce_limit();
                 self.flush_links();
             }
@@ -1231,6 +1232,9 @@ impl Core {
                 if let Err(e) = self.uffd.write_protect(addr, PAGE_SIZE, false, true) {
                     eprintln!("clustermem: cannot unprotect {addr:#x}: {}", chain(&e));
                 }
+                // The twin may put us over the limit: the eviction waits for the writer's
+                // next fault too, rather than run (and flush its TLB) while it works.
+                self.last_wake = Instant::now();
                 self.enforce_limit_if_far_over();
             } else {
                 // Already served (the fault raced an install): just wake.
@@ -1324,7 +1328,7 @@ impl Core {
             self.policy.insert(key(id, page));
         }
         self.resident += n;
-        self.last_install = Instant::now();
+        self.last_wake = Instant::now();
         self.enforce_limit_if_far_over();
         true
     }
@@ -1555,7 +1559,7 @@ impl Core {
             self.stats.predicted_writes.fetch_add(pages as u64, Relaxed);
         }
         self.resident += pages;
-        self.last_install = Instant::now();
+        self.last_wake = Instant::now();
         self.enforce_limit_if_far_over();
     }
 
@@ -1567,19 +1571,24 @@ impl Core {
         let dirty = write && self.tracker.is_none();
         region.pages[page] &= !(PageState::FETCHING | PageState::WANTED);
         region.pages[page] |= PageState::RESIDENT | if dirty { PageState::DIRTY } else { 0 };
-        self.last_install = Instant::now();
-        match self.uffd.copy(addr, data, !write, true) {
-            Ok(_) => {}
-            Err(e) => {
-                eprintln!("clustermem: cannot install page at {addr:#x}: {}", chain(&e));
-                region.pages[page] &= !(PageState::RESIDENT | PageState::DIRTY);
-                return;
+        self.last_wake = Instant::now();
+        // The bookkeeping comes before the copy, which wakes the faulting thread: sharing a
+        // CPU with this one, that thread runs at once and faults again within microseconds,
+        // and any work left here would delay reading that fault.
+        let twin = (dirty && (region.coder.is_some() || self.twin_gate.admit(&self.config)))
+            .then(|| self.twins.take(data));
+        if let Some(twin) = twin {
+            region.twins.insert(page, twin);
+        }
+        if let Err(e) = self.uffd.copy(addr, data, !write, true) {
+            eprintln!("clustermem: cannot install page at {addr:#x}: {}", chain(&e));
+            region.pages[page] &= !(PageState::RESIDENT | PageState::DIRTY);
+            if let Some(twin) = region.twins.remove(&page) {
+                self.twins.release(twin);
             }
+            return;
         }
         if dirty {
-            if region.coder.is_some() || self.twin_gate.admit(&self.config) {
-                region.twins.insert(page, self.twins.take(data));
-            }
             self.dirty.push(key(id, page));
         }
         self.policy.insert(key(id, page));
