@@ -40,6 +40,7 @@ use clustermem_proto::{Message, LINE_SIZE, PAGE_SIZE};
 use clustermem_uffd::{CopyOutcome, Event, RegisterMode, Uffd};
 
 use crate::dirty::{Twin, TwinPool, WritebackMode};
+use crate::drop_pages::PageDropper;
 use crate::policy::{EvictionPolicy, PageKey, PageMap};
 use crate::prefetch::{PrefetchMode, StreamKey, Streams};
 use crate::redundancy::{Coder, Redundancy};
@@ -337,6 +338,7 @@ struct Core {
     chase_starts: Vec<pointer_chase::ChaseStart>,
     /// Reused list of evicted pages' addresses, dropped together.
     dropped: Vec<usize>,
+    dropper: PageDropper,
     /// State of the placement's random choices.
     rng: u64,
     /// Reads in flight that need several shards, by id.
@@ -527,6 +529,7 @@ impl Handler {
                 chase_spans: Vec::new(),
                 chase_work: Vec::new(),
                 dropped: Vec::new(),
+                dropper: PageDropper::default(),
                 rng: 0x9E37_79B9_7F4A_7C15 ^ u64::from(std::process::id()),
                 gathers: HashMap::new(),
                 last_part: Instant::now(),
@@ -1610,8 +1613,7 @@ impl Core {
     }
 
     /// Evicts until resident pages and twins fit the local-memory limit. Victims are dropped
-    /// together at the end, adjacent pages with one `madvise` (and one TLB flush) per run:
-    /// a scan evicts in the order it installed, so runs are long.
+    /// together at the end, in one system call and one TLB flush (see `drop_pages`).
     fn enforce_limit(&mut self) {
         if self.tracker.is_some() {
             self.enforce_limit_moving();
@@ -1627,20 +1629,9 @@ impl Core {
                 None => break,
             }
         }
-        dropped.sort_unstable();
-        let mut i = 0;
-        while i < dropped.len() {
-            let mut n = 1;
-            while i + n < dropped.len() && dropped[i + n] == dropped[i] + n * PAGE_SIZE {
-                n += 1;
-            }
-            // SAFETY: these pages lie in mappings this runtime owns (no region was removed
-            // since they were chosen); dropping them only makes the next touch fault to us.
-            let rc =
-                unsafe { libc::madvise(dropped[i] as *mut libc::c_void, n * PAGE_SIZE, libc::MADV_DONTNEED) };
-            debug_assert_eq!(rc, 0);
-            i += n;
-        }
+        // SAFETY: these pages lie in mappings this runtime owns (no region was removed since
+        // they were chosen); dropping them only makes the next touch fault to us.
+        unsafe { self.dropper.drop_pages(&mut dropped) };
         dropped.clear();
         self.dropped = dropped;
     }

@@ -18,6 +18,7 @@
 //! no lock. Its regions share one local-memory budget.
 
 mod dirty;
+mod drop_pages;
 mod handler;
 pub mod policy;
 mod prefetch;
