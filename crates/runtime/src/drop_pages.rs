@@ -119,6 +119,15 @@ mod tests {
 
     #[test]
     fn scattered_and_adjacent_pages_read_zero_after_a_drop_and_the_rest_keep_their_data() {
+        drop_and_check(PageDropper::default());
+    }
+
+    #[test]
+    fn without_process_madvise_the_fallback_drops_the_same_pages() {
+        drop_and_check(PageDropper { unsupported: true, ..PageDropper::default() });
+    }
+
+    fn drop_and_check(mut dropper: PageDropper) {
         let pages = 64;
         let map = clustermem_mmap::AnonMapping::new(pages * PAGE_SIZE).unwrap();
         let base = map.as_ptr() as usize;
@@ -128,7 +137,6 @@ mod tests {
         }
         let dropped = [3usize, 4, 5, 9, 20, 21, 40, 63];
         let mut addrs: Vec<usize> = dropped.iter().rev().map(|p| base + p * PAGE_SIZE).collect();
-        let mut dropper = PageDropper::default();
         // SAFETY: the pages are in `map`, which outlives the call; their data is not needed.
         unsafe { dropper.drop_pages(&mut addrs) };
         for p in 0..pages {
