@@ -16,8 +16,8 @@ use crate::PAGE_SIZE;
 /// Batches page runs and drops them together.
 #[derive(Debug, Default)]
 pub(crate) struct PageDropper {
-    /// A pidfd of this process, once `process_madvise` has worked; `None` before the first
-    /// try or after the kernel refused.
+    /// A pidfd of this process, opened at the first batch; `None` before it or after the
+    /// kernel refused the call.
     pidfd: Option<OwnedFd>,
     /// `process_madvise` was refused (old kernel): use `madvise` from now on.
     unsupported: bool,
@@ -83,12 +83,17 @@ impl PageDropper {
             if usize::try_from(rc).is_ok_and(|done| done == wanted) {
                 return;
             }
-            if rc < 0 {
-                // EINVAL (the advice is not allowed: before 6.13), ENOSYS, EPERM: never again.
+            let refused = matches!(
+                std::io::Error::last_os_error().raw_os_error(),
+                Some(libc::EINVAL | libc::ENOSYS | libc::EPERM | libc::EBADF)
+            );
+            if rc < 0 && refused {
+                // The advice is not allowed (before 6.13) or the call is missing: never again.
                 self.unsupported = true;
                 self.pidfd = None;
             }
-            // A partial drop: the rest goes through madvise below (dropping twice is harmless).
+            // Otherwise (a partial drop, ENOMEM...): this batch goes through madvise below
+            // (dropping a page twice is harmless).
         }
         for run in runs {
             // SAFETY: as this function's contract.
