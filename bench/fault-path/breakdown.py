@@ -28,8 +28,11 @@ LABELS = {
 
 
 def returned(rest):
-    """The value of a `-> 0x...` syscall exit, or None for an entry."""
-    return int(rest[3:], 16) if rest.startswith("-> 0x") else None
+    """The value of a `-> 0x...` syscall exit (negative for an error), or None for an entry."""
+    if not rest.startswith("-> 0x"):
+        return None
+    value = int(rest[3:], 16)
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def load(path):
@@ -81,23 +84,29 @@ def steps(events, app, handler, host):
             elif kind == "sys_ioctl" and ret is not None and "copy" in have and "copied" not in have:
                 cur["copied"] = ts
         elif tid == host:
-            if kind in ("sys_recvfrom", "sys_read") and ret and "sent" in have and "srecv" not in have:
+            # On loopback the request reaches the host inside the handler's send call: a
+            # busy-polling host may read it before that call returns.
+            if kind in ("sys_recvfrom", "sys_read") and (ret or 0) > 0 and "send" in have and "srecv" not in have:
                 cur["srecv"], cur["cpus"] = ts, (cur["cpus"][0], cur["cpus"][1], cpu)
             elif kind == "sys_sendto" and ret is None and "srecv" in have and "ssend" not in have:
                 cur["ssend"] = ts
             elif kind == "sys_sendto" and ret is not None and "ssend" in have and "ssent" not in have:
                 cur["ssent"] = ts
-        if kind == "sched_switch" and f"next_pid={app} " in rest and "copied" in have and "run" not in have:
+        # The program may run (on another CPU) before the ioctl's exit is logged.
+        if kind == "sched_switch" and f"next_pid={app} " in rest and "copy" in have and "run" not in have:
             cur["run"] = ts
+    if cur and "run" in cur:
+        done.append(cur)
     return [f for f in done if all(s in f for s in STEPS)]
 
 
 def summary(faults):
-    """Median and 5%-trimmed mean (the trace's clock counts whole microseconds) per step."""
+    """Median and trimmed mean (2.5% cut at each end; the trace's clock counts whole
+    microseconds, the mean shows fractions) per step."""
     def stat(values):
         values = sorted(values)
-        kept = values[: max(1, int(len(values) * 0.95))]
-        return statistics.median(values), statistics.mean(kept)
+        cut = len(values) // 40
+        return statistics.median(values), statistics.mean(values[cut : len(values) - cut])
 
     out = {s: stat([f[s] - f[STEPS[i]] for f in faults]) for i, s in enumerate(STEPS[1:])}
     out["total"] = stat([f["run"] - f["fault"] for f in faults])
@@ -115,7 +124,7 @@ def main():
             sys.exit(f"{path}: no complete remote fault traced")
         cpus = Counter(f["cpus"] for f in faults).most_common(1)[0]
         columns.append((name, summary(faults), len(faults), cpus))
-    print("Remote fault, step by step: median us (5%-trimmed mean), traced")
+    print("Remote fault, step by step: median us (mean of the middle 95%), traced")
     print(f"{'step':<36}" + "".join(f"{name:>22}" for name, *_ in columns))
     for s in STEPS[1:] + ["total"]:
         label = LABELS.get(s, "fault -> program runs (total)")

@@ -47,7 +47,14 @@ reset() {
   echo 0 > $T/events/syscalls/sys_exit_recvfrom/filter
   echo > $T/trace
 }
-cleanup() { reset 2>/dev/null || true; rm -rf "$work"; }
+buffer_kb=$(cat $T/buffer_size_kb)
+bench= floor=
+cleanup() {
+  for pid in $bench $floor; do kill "$pid" 2>/dev/null || true; done
+  reset 2>/dev/null || true
+  echo "$buffer_kb" > $T/buffer_size_kb 2>/dev/null || true
+  rm -rf "$work"
+}
 trap cleanup EXIT
 
 # Traces 200 ms into $1, events on.
@@ -70,6 +77,7 @@ sleep "$DELAY"
 kill -0 $bench 2>/dev/null || die "the bench ended before the trace (see its output above)"
 capture "$work/clustermem.txt"
 kill $bench; wait $bench 2>/dev/null || true
+bench=
 columns=(clustermem "$work/clustermem.txt")
 
 if [ -f "$FLOOR_C" ]; then
@@ -81,7 +89,8 @@ if [ -f "$FLOOR_C" ]; then
   # (seen in 8 samples in a row, 20 ms apart).
   seen=0
   for _ in $(seq 1 3000); do
-    running=$(cat /proc/$floor/task/*/stat 2>/dev/null | awk '$3 == "R"' | wc -l)
+    kill -0 "$floor" 2>/dev/null || die "the floor ended before its busy-polling phase was seen"
+    running=$({ cat /proc/"$floor"/task/*/stat 2>/dev/null || true; } | awk '$3 == "R"' | wc -l)
     if [ "$running" -ge 2 ]; then seen=$((seen + 1)); else seen=0; fi
     [ $seen -ge 8 ] && break
     sleep 0.02
@@ -89,6 +98,7 @@ if [ -f "$FLOOR_C" ]; then
   [ $seen -ge 8 ] || die "the floor's busy-polling phase never came"
   capture "$work/floor.txt"
   wait $floor || true
+  floor=
   columns+=(floor "$work/floor.txt")
 else
   echo "trace.sh: no floor source at $FLOOR_C: clustermem only" >&2
