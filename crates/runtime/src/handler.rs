@@ -1589,6 +1589,9 @@ impl Core {
             if let Some(twin) = region.twins.remove(&page) {
                 self.twins.release(twin);
             }
+            // The page is back on its host only: its waiting threads retry (and fault
+            // again) rather than sleep for ever (ENOMEM passes; a gone mapping has no one).
+            let _ = self.uffd.wake(addr, PAGE_SIZE);
             return;
         }
         if dirty {
