@@ -37,6 +37,9 @@ const HOST_CHASES_IN_FLIGHT: usize = 8;
 const MAX_CHASE_SPANS: usize = 512;
 /// Pointers followed per scanned page (a 64-byte line holds 8).
 const POINTERS_PER_PAGE: usize = 8;
+/// Lines (or pages) scanned for one arrival, at most: a chain's whole depth, with room for
+/// a few branches.
+const MAX_SCANS: usize = CHASE_DEPTH as usize * POINTERS_PER_PAGE;
 /// Pointer prefetches in flight at once, across regions: bounds fan-out (trees, junk), and
 /// holds a host-followed chain's whole lead.
 const CHASES_IN_FLIGHT: usize = 128;
@@ -53,9 +56,18 @@ impl Core {
         let mut work = std::mem::take(&mut self.chase_work);
         let mut starts = std::mem::take(&mut self.chase_starts);
         work.push((page, offset, depth));
+        let mut scans = 0;
         while let Some((page, offset, depth)) = work.pop() {
             if region.pages[page] & PageState::RESIDENT == 0 || depth >= CHASE_DEPTH {
                 continue;
+            }
+            // Resident pointers are followed at once, so a web of them (a hash table's
+            // entries pointing at each other) would be walked path by path, up to
+            // POINTERS_PER_PAGE^CHASE_DEPTH scans: redis under `run --prefetch pointer` kept
+            // the handler busy for seconds on one arrival.
+            scans += 1;
+            if scans > MAX_SCANS {
+                break;
             }
             let bytes = match offset {
                 Some(o) => usize::from(o) & !63..(usize::from(o) & !63) + 64,
@@ -97,6 +109,7 @@ impl Core {
                 });
             }
         }
+        work.clear();
         self.chase_work = work;
         // The chain goes on from each page requested: where its host follows pointers, it is
         // asked to, and the page's own arrival then adds nothing; otherwise that arrival
