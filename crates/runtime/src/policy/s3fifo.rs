@@ -40,10 +40,8 @@ struct Entry {
 /// S3-FIFO over resident pages.
 #[derive(Debug)]
 pub struct S3Fifo {
-    /// Probation's share of the pages, adapted between `min_small` and `max_small`.
+    /// Probation's share of the pages, adapted between `min_small()` and `max_small()`.
     small_target: usize,
-    min_small: usize,
-    max_small: usize,
     entries: PageMap<PageKey, Entry>,
     small: VecDeque<(PageKey, u64)>,
     main: VecDeque<(PageKey, u64)>,
@@ -63,18 +61,17 @@ impl S3Fifo {
     /// A policy for `capacity` resident pages: probation starts at 10% (and stays within
     /// 1-90%), ghosts as large as the cache.
     pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
         Self {
             small_target: (capacity / 10).max(1),
-            min_small: (capacity / 100).max(1),
-            max_small: (capacity * 9 / 10).max(1),
             entries: PageMap::default(),
             small: VecDeque::new(),
             main: VecDeque::new(),
             small_len: 0,
-            ghost: Ghost::new(capacity.max(1)),
-            main_ghost: Ghost::new(capacity.max(1)),
+            ghost: Ghost::new(capacity),
+            main_ghost: Ghost::new(capacity),
             small_evictions: 0,
-            capacity: capacity.max(1),
+            capacity,
             next_generation: 0,
         }
     }
@@ -90,6 +87,15 @@ impl S3Fifo {
             }
             Queue::Main => self.main.push_back((page, generation)),
         }
+    }
+
+    /// Bounds of probation's share: 1% and 90% of the pages.
+    fn min_small(&self) -> usize {
+        (self.capacity / 100).max(1)
+    }
+
+    fn max_small(&self) -> usize {
+        (self.capacity * 9 / 10).max(1)
     }
 
     /// Pages tracked in main.
@@ -186,12 +192,12 @@ impl EvictionPolicy for S3Fifo {
         let queue = if self.ghost.take(page) {
             // Probation was too short for it to be seen again.
             let step = (main_len / self.small_len.max(1)).max(1);
-            self.small_target = (self.small_target + step).min(self.max_small);
+            self.small_target = (self.small_target + step).min(self.max_small());
             Queue::Main
         } else if self.main_ghost.take(page) {
             // Main was too short: it had proved itself once already.
             let step = (self.small_len / main_len.max(1)).max(1);
-            self.small_target = self.small_target.saturating_sub(step).max(self.min_small);
+            self.small_target = self.small_target.saturating_sub(step).max(self.min_small());
             Queue::Main
         } else {
             Queue::Small
@@ -310,15 +316,15 @@ mod tests {
         assert!(p.small_target < grown, "{} after {grown}", p.small_target);
         // Neither share leaves its bounds.
         let mut p = S3Fifo::new(100);
-        p.small_target = p.max_small;
+        p.small_target = p.max_small();
         p.insert(5);
         assert_eq!(p.evict(), Some(5));
         p.insert(5);
-        assert_eq!(p.small_target, p.max_small);
-        p.small_target = p.min_small;
+        assert_eq!(p.small_target, p.max_small());
+        p.small_target = p.min_small();
         assert_eq!(p.evict(), Some(5), "from main: probation is empty");
         p.insert(5);
-        assert_eq!(p.small_target, p.min_small);
+        assert_eq!(p.small_target, p.min_small());
     }
 
     /// A page in main that is never used again leaves once a cache's worth of one-touch pages
