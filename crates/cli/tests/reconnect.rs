@@ -1,6 +1,7 @@
 //! A connection cut mid-request is re-established and its requests replayed; a killed host
-//! that comes back is redialed and rebuilt onto. Real host processes, a real TCP proxy that
-//! cuts the connection, real SIGKILL.
+//! that comes back is redialed and rebuilt onto; a slow link that keeps answering is not taken
+//! for a dead host. Real host processes, a real TCP proxy that cuts or slows the connection,
+//! real SIGKILL.
 
 mod common;
 
@@ -9,8 +10,9 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use clustermem_runtime::{Runtime, RuntimeConfig, PAGE_SIZE};
 use common::{bin, json, output_with_timeout, require_userfaultfd, stderr, HostProcess};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -31,17 +33,36 @@ fn cutting_proxy(upstream: String, cut_after: usize) -> (String, Arc<AtomicUsize
             let Ok(host) = TcpStream::connect(&upstream) else { return };
             let limit = if n == 0 { cut_after } else { usize::MAX };
             let (c2, h2) = (client.try_clone().expect("clone"), host.try_clone().expect("clone"));
-            std::thread::spawn(move || pipe(h2, c2, usize::MAX));
-            std::thread::spawn(move || pipe(client, host, limit));
+            std::thread::spawn(move || pipe(h2, c2, usize::MAX, None));
+            std::thread::spawn(move || pipe(client, host, limit, None));
         }
     });
     (addr, accepted)
 }
 
-/// Copies `from` to `to` until either ends or `limit` bytes have passed; then shuts both down.
-fn pipe(mut from: TcpStream, mut to: TcpStream, limit: usize) {
+/// A TCP proxy on loopback to `upstream` that passes at most `bytes_per_s` from client to
+/// host (replies pass at full speed). Returns its address.
+fn slow_proxy(upstream: String, bytes_per_s: u64) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+    let addr = listener.local_addr().expect("addr").to_string();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(host) = TcpStream::connect(&upstream) else { return };
+            let (c2, h2) = (client.try_clone().expect("clone"), host.try_clone().expect("clone"));
+            std::thread::spawn(move || pipe(h2, c2, usize::MAX, None));
+            std::thread::spawn(move || pipe(client, host, usize::MAX, Some(bytes_per_s)));
+        }
+    });
+    addr
+}
+
+/// Copies `from` to `to` (at most `bytes_per_s`, if given) until either ends or `limit` bytes
+/// have passed; then shuts both down.
+fn pipe(mut from: TcpStream, mut to: TcpStream, limit: usize, bytes_per_s: Option<u64>) {
     let mut buf = vec![0u8; 64 << 10];
     let mut passed = 0usize;
+    let started = Instant::now();
     loop {
         let want = buf.len().min(limit - passed);
         match from.read(&mut buf[..want]) {
@@ -53,6 +74,10 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, limit: usize) {
                 passed += n;
                 if passed >= limit {
                     break;
+                }
+                if let Some(rate) = bytes_per_s {
+                    let due = started + Duration::from_secs_f64(passed as f64 / rate as f64);
+                    std::thread::sleep(due.saturating_duration_since(Instant::now()));
                 }
             }
         }
@@ -167,4 +192,40 @@ fn a_killed_host_restarted_at_its_address_is_rebuilt_onto() {
     assert!(err.contains("answers again"), "the restarted host was redialed: {err}");
     assert!(report["pages_rebuilt"].as_u64().unwrap() > 0, "{report}");
     assert!(report["rebuild_s"].as_f64().is_some(), "the rebuild finished: {report}\n{err}");
+}
+
+/// A program writes a region four times its local memory through a slow link: write-backs
+/// queue faster than the link carries them, so requests wait longer than the request
+/// timeout, but the host answers all along and is not dead (it once was declared dead, and
+/// the region's pages lost, by the age of the oldest unanswered request alone).
+#[test]
+fn a_slow_link_that_keeps_answering_is_not_a_dead_host() {
+    require_userfaultfd();
+    let host = HostProcess::start("256M");
+    // ~6 MiB of write-backs at 2 MiB/s: ~3 s, three times the timeout below.
+    let proxy = slow_proxy(host.addr.clone(), 2 << 20);
+    let timeout = Duration::from_secs(1);
+    let rt = Runtime::start(RuntimeConfig {
+        hosts: vec![proxy],
+        local_mem_bytes: 2 << 20,
+        slab_bytes: 1 << 20,
+        request_timeout: timeout,
+        ..RuntimeConfig::default()
+    })
+    .expect("starting the runtime");
+    let len = 8 << 20;
+    let mut region = rt.map(len).expect("mapping the region");
+    let byte = |i: usize| (i.wrapping_mul(2_654_435_761) >> 9) as u8;
+    let started = Instant::now();
+    for (i, b) in region.as_mut_slice().iter_mut().enumerate() {
+        *b = byte(i);
+    }
+    region.flush().expect("the host answered every write-back");
+    let took = started.elapsed();
+    assert!(took > 2 * timeout, "the link was slow enough to test anything ({took:?})");
+    let bad = region.as_slice().iter().enumerate().position(|(i, &b)| b != byte(i));
+    assert_eq!(bad, None, "first wrong byte of {len}");
+    let stats = rt.stats().snapshot();
+    assert_eq!(stats.hosts_lost, 0);
+    assert!(stats.pages_fetched >= (len / PAGE_SIZE / 2) as u64, "read back from the host: {stats:?}");
 }

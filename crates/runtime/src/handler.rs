@@ -852,13 +852,14 @@ impl Handler {
             if link.dead.is_some() {
                 continue;
             }
-            // Any unanswered request (a prefetch or a write-back too) that is this old means
-            // the host stopped answering: threads waiting behind it must not hang.
-            if let Some((_, _, sent)) = link.pending.front() {
-                if sent.elapsed() > timeout {
-                    let why = format!("host {} did not answer within {timeout:?}", link.addr);
-                    self.core.host_died(h, &why);
-                }
+            // Silence this long with requests waiting (a prefetch or a write-back too) means
+            // the host stopped answering: threads waiting behind it must not hang. Not the
+            // age of the oldest request: behind a slow link, or after this thread was busy
+            // a while, requests wait longer than the timeout on a host that answers all along
+            // (the replies just drained by `poll_replies` count).
+            if link.silent_for().is_some_and(|s| s > timeout) {
+                let why = format!("host {} did not answer for {timeout:?} with requests waiting", link.addr);
+                self.core.host_died(h, &why);
             }
         }
     }
@@ -872,11 +873,14 @@ impl Handler {
         self.core.links[h].send(msg, Pending::Ignore);
         let want = self.core.links[h].pending.back().map(|(id, _, _)| *id).expect("just sent");
         self.flush_links();
-        let deadline = Instant::now() + self.core.config.request_timeout;
+        let (timeout, sent) = (self.core.config.request_timeout, Instant::now());
         loop {
             if let Some(why) = &self.core.links[h].dead {
                 return Err(why.clone());
             }
+            // As in `check_timeouts`: the host is dead once it is silent this long, however
+            // many replies to earlier requests come before ours.
+            let deadline = self.core.links[h].last_heard.max(sent) + timeout;
             match self.readers[h].recv(None, Some(deadline)) {
                 Ok((id, reply)) if id == want => {
                     self.core.links[h].ack();
@@ -885,8 +889,8 @@ impl Handler {
                 Ok((id, reply)) => self.core.on_reply(h, id, &reply),
                 Err(RecvError::TimedOut(_)) => {
                     let why = format!(
-                        "host {} did not answer within {:?}",
-                        self.core.links[h].addr, self.core.config.request_timeout
+                        "host {} did not answer for {timeout:?} with requests waiting",
+                        self.core.links[h].addr
                     );
                     self.core.host_died(h, &why);
                 }

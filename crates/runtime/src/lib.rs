@@ -109,7 +109,8 @@ pub struct RuntimeConfig {
     pub policy: PolicyKind,
     /// Size of the slabs a region is spread over.
     pub slab_bytes: usize,
-    /// A host that leaves a request unanswered this long is declared dead.
+    /// A host silent this long while requests wait on it is declared dead (counted from its
+    /// last answer, or from the oldest waiting request's send if that came later).
     pub request_timeout: Duration,
     /// Capacity of the embedded host, when no hosts are given.
     pub embedded_capacity_bytes: u64,

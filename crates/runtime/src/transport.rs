@@ -126,6 +126,9 @@ pub(crate) struct Link {
     pub(crate) xors_lines: bool,
     /// Set when the host stopped answering; no request is sent after that.
     pub(crate) dead: Option<String>,
+    /// When the host last answered anything: one that keeps answering is alive, however
+    /// long the requests queued behind a slow link wait.
+    pub(crate) last_heard: Instant,
     /// The session the connection is bound to: a new connection resuming it gets the slabs
     /// back (see `Message::Resume`).
     pub(crate) session: u64,
@@ -169,6 +172,7 @@ impl Link {
     /// The oldest pending request was answered: forgets it.
     pub(crate) fn ack(&mut self) -> Option<(u64, Pending, Instant)> {
         let done = self.pending.pop_front()?;
+        self.last_heard = Instant::now();
         if let Some(end) = self.journal_ends.pop_front() {
             self.journal_head = end;
         }
@@ -196,6 +200,13 @@ impl Link {
             *sent = now;
         }
         self.pending.len()
+    }
+
+    /// How long the host has kept silent while requests waited on it: since the later of
+    /// its last answer and the oldest unanswered request's send. None with nothing waiting.
+    pub(crate) fn silent_for(&self) -> Option<Duration> {
+        let (_, _, sent) = self.pending.front()?;
+        Some((*sent).max(self.last_heard).elapsed())
     }
 
     /// The host is gone: drops the queued and unanswered requests, returning the latter.
@@ -279,6 +290,7 @@ pub(crate) fn connect(
         chases_pointers: features & FEATURE_CHASE_POINTERS != 0,
         xors_lines: features & FEATURE_XOR_LINES != 0,
         dead: None,
+        last_heard: Instant::now(),
         session,
         journal: Vec::new(),
         journal_head: 0,
