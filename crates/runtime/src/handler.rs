@@ -602,9 +602,11 @@ impl Handler {
             // Fetches for new faults go out first; evictions then overlap their round trip
             // instead of delaying them. Right after an install the woken thread usually
             // faults again within microseconds, so eviction waits a moment for that fault
-            // (and its fetch) rather than sit in front of it.
+            // (and its fetch) rather than sit in front of it. (Only a read a thread may wait
+            // for counts: the acknowledgement of the last eviction's write-back is nearly
+            // always still due when the page is installed.)
             self.flush_links();
-            let waiting = self.core.links.iter().any(|l| !l.pending.is_empty());
+            let waiting = self.core.links.iter().any(|l| l.demand_reads > 0);
             if self.core.over_limit() > 0 && (waiting || self.core.last_wake.elapsed() >= EVICTION_DEFER) {
                 self.core.enforce_limit();
                 self.flush_links();
@@ -2009,7 +2011,9 @@ impl Core {
         for link in &mut self.links {
             for (_, pending, _) in &mut link.pending {
                 match *pending {
-                    Pending::Fetch { region, page, .. } if region == id && discarded.contains(&page) => {}
+                    Pending::Fetch { region, page, .. } if region == id && discarded.contains(&page) => {
+                        link.demand_reads -= 1;
+                    }
                     Pending::Chase(c) if c.region == id && discarded.contains(&c.page) => self.chases -= 1,
                     Pending::Prefetch { region, first: from, count: n }
                         if region == id && overlaps(from, n as usize) =>

@@ -81,6 +81,13 @@ pub(crate) enum Pending {
     Ignore,
 }
 
+impl Pending {
+    /// A read a faulting thread may be asleep on (a page fetch, or a shard of one).
+    pub(crate) fn is_demand_read(&self) -> bool {
+        matches!(self, Pending::Fetch { .. } | Pending::Part { .. })
+    }
+}
+
 /// A pointer prefetch of page `page` of region `region`, which a fetched page pointed to at
 /// byte `offset`, `depth` hops from the last page a thread was seen to need.
 #[derive(Debug, Clone, Copy)]
@@ -116,6 +123,9 @@ pub(crate) struct Link {
     pub(crate) writer: FrameWriter,
     /// Requests awaiting replies: id, purpose, when sent.
     pub(crate) pending: VecDeque<(u64, Pending, Instant)>,
+    /// How many of `pending` are demand reads (see [`Pending::is_demand_read`]); whoever
+    /// turns one into `Ignore` in place takes it off.
+    pub(crate) demand_reads: usize,
     next_id: u64,
     pub(crate) capacity_bytes: u64,
     pub(crate) allocated_bytes: u64,
@@ -150,6 +160,7 @@ impl Link {
         let start = self.writer.len();
         self.writer.push(id, msg);
         self.journal(start);
+        self.demand_reads += usize::from(pending.is_demand_read());
         self.pending.push_back((id, pending, Instant::now()));
     }
 
@@ -159,6 +170,7 @@ impl Link {
         let start = self.writer.len();
         self.writer.push_parts(kind, id, prefix, data);
         self.journal(start);
+        self.demand_reads += usize::from(pending.is_demand_read());
         self.pending.push_back((id, pending, Instant::now()));
         (clustermem_proto::HEADER_LEN + prefix.len() + data.len()) as u64
     }
@@ -172,6 +184,7 @@ impl Link {
     /// The oldest pending request was answered: forgets it.
     pub(crate) fn ack(&mut self) -> Option<(u64, Pending, Instant)> {
         let done = self.pending.pop_front()?;
+        self.demand_reads -= usize::from(done.1.is_demand_read());
         self.last_heard = Instant::now();
         if let Some(end) = self.journal_ends.pop_front() {
             self.journal_head = end;
@@ -215,6 +228,7 @@ impl Link {
         self.journal = Vec::new();
         self.journal_head = 0;
         self.journal_ends.clear();
+        self.demand_reads = 0;
         std::mem::take(&mut self.pending)
     }
 
@@ -284,6 +298,7 @@ pub(crate) fn connect(
         addr: sock_addr,
         writer,
         pending: VecDeque::new(),
+        demand_reads: 0,
         next_id: 2,
         capacity_bytes,
         allocated_bytes: 0,
