@@ -47,7 +47,11 @@ const READ_CHUNK: usize = 256 << 10;
 /// nothing else wants the CPU). Short, because a woken thread does not preempt the spinner:
 /// a program woken from a fault onto the CPU of a spinning embedded host ran only at the
 /// host's next yield (traced: 4.7 us on average with 20 us here, up to 15; 1.2 us with 3).
-pub const YIELD_EVERY: Duration = Duration::from_micros(3);
+/// With 1 us a remote fault's p50 in `bench random --low-latency` was 1.2-1.3 us lower than
+/// with 3, and 2.2 us lower than with 10 (the intervals alternating every 8 ms within one run,
+/// host and program measured against the same clock; yielding at every empty poll did as
+/// well as 1 us).
+pub const YIELD_EVERY: Duration = Duration::from_micros(1);
 /// The reader's buffer: many frames of the largest prefetch run (64 pages), so the partial
 /// frame at its end is moved to the front (`make_room`) once per many frames, not per frame.
 const READ_BUFFER: usize = 4 << 20;
