@@ -148,9 +148,10 @@ struct BenchArgs {
     /// Threads in the measured phase (and the fill).
     #[arg(long, default_value_t = 1)]
     threads: usize,
-    /// Busy-poll while faults are outstanding and for 100 us after (never when idle): on a
-    /// 2-core VM about 25 us instead of 46 us per random operation, for a core kept busy
-    /// while faults stream in; worth it unless the program needs that core.
+    /// Busy-poll while faults are outstanding and for 100 us after (never when idle; the
+    /// default mode polls too, but only for a fault's reply, up to 50 us): on a 2-core VM
+    /// about 25-29 us instead of 31-35 us per random operation, for a core kept busy while
+    /// faults stream in; worth it unless the program needs that core.
     #[arg(long)]
     low_latency: bool,
     /// Eviction policy: s3fifo (keeps hot pages; default) or fifo.
