@@ -35,7 +35,8 @@
 //!   write (`WritePages`, `WriteLines`, `XorLines`, `DiscardPages`) whose id an earlier
 //!   connection of the session already handled is acknowledged without being applied again
 //!   (`XorLines` is not idempotent, and an overwrite replayed after a later XOR would undo
-//!   it); a read is answered again.
+//!   it), or refused again with the same error if it was refused (the session remembers its
+//!   latest 1024 refused writes); a read is answered again.
 
 mod sessions;
 mod store;
@@ -54,7 +55,7 @@ use clustermem_proto::{
     ErrorCode, Message, FEATURE_CHASE_POINTERS, FEATURE_XOR_LINES, HELLO_ASKS_FEATURES, HELLO_LOW_LATENCY,
     LINE_SIZE, MAX_PAYLOAD, MAX_VERSION, MIN_VERSION, PAGE_SIZE,
 };
-use sessions::{Binding, Sessions};
+use sessions::{Binding, Refusals, Sessions, MAX_REFUSALS};
 use store::{Refusal, Slab, Store};
 use thiserror::Error;
 
@@ -245,8 +246,10 @@ struct Session<'a> {
     /// The highest request id handled since `Resume` (ids grow across a session's connections).
     handled_through: u64,
     /// What the session's earlier connections handled: a replayed write up to it was applied
-    /// already and is only acknowledged.
+    /// already and is only acknowledged (or refused again, if it was refused).
     replayed_through: u64,
+    /// Writes this session refused (its earlier connections' and this one's), by id.
+    refused: Refusals,
     low_latency: bool,
     greeted: bool,
     /// The host answers `ChasePointers` (see [`MemoryHost::without_pointer_chasing`]).
@@ -282,8 +285,13 @@ impl Session<'_> {
             | Message::DiscardPages { .. }
                 if self.binding.is_some() && id <= self.replayed_through =>
             {
-                out.push(id, &Message::Ok);
-                Ok(())
+                match self.refused.get(&id) {
+                    Some((code, text)) => Err((*code, text.clone())),
+                    None => {
+                        out.push(id, &Message::Ok);
+                        Ok(())
+                    }
+                }
             }
             Message::AllocSlab { bytes, region } => {
                 self.store.alloc(bytes, (self.owner, region)).map(|(slab_id, slab)| {
@@ -358,12 +366,13 @@ impl Session<'_> {
                 .and_then(|s| s.discard_pages(first_page, u64::from(count)))
                 .map(|()| out.push(id, &Message::Ok)),
             Message::Resume { session } => {
-                self.sessions.resume(session, &mut self.binding, self.store).map(|(adopted, handled)| {
+                self.sessions.resume(session, &mut self.binding, self.store).map(|resumed| {
                     self.owner = session;
-                    self.replayed_through = handled;
-                    self.handled_through = handled;
-                    let slabs = adopted.len() as u64;
-                    self.owned.extend(adopted);
+                    self.replayed_through = resumed.handled_through;
+                    self.handled_through = resumed.handled_through;
+                    self.refused = resumed.refused;
+                    let slabs = resumed.adopted.len() as u64;
+                    self.owned.extend(resumed.adopted);
                     out.push(id, &Message::Resumed { slabs });
                 })
             }
@@ -384,6 +393,12 @@ impl Session<'_> {
         };
         if let Err((code, text)) = result {
             out.push(id, &Message::Error { code, message: &text });
+            if self.binding.is_some() && is_write(msg) && id > self.replayed_through {
+                self.refused.insert(id, (code, text));
+                if self.refused.len() > MAX_REFUSALS {
+                    self.refused.pop_first();
+                }
+            }
         }
         if self.binding.is_some() {
             self.handled_through = self.handled_through.max(id);
@@ -449,6 +464,17 @@ impl Session<'_> {
     }
 }
 
+/// Whether `msg` is a write (applied at most once per session; see the module docs).
+fn is_write(msg: &Message<'_>) -> bool {
+    matches!(
+        msg,
+        Message::WritePages { .. }
+            | Message::WriteLines { .. }
+            | Message::XorLines { .. }
+            | Message::DiscardPages { .. }
+    )
+}
+
 fn serve_client(stream: TcpStream, store: &Store, sessions: &Sessions, shutdown: &AtomicBool, chasing: bool) {
     let peer = stream.peer_addr().map_or_else(|_| "?".to_string(), |a| a.to_string());
     let _ = stream.set_nodelay(true);
@@ -469,6 +495,7 @@ fn serve_client(stream: TcpStream, store: &Store, sessions: &Sessions, shutdown:
         cache: HashMap::new(),
         handled_through: 0,
         replayed_through: 0,
+        refused: Refusals::new(),
         low_latency: false,
         greeted: false,
         chasing,
@@ -523,7 +550,9 @@ fn serve_client(stream: TcpStream, store: &Store, sessions: &Sessions, shutdown:
         }
     }
     match session.binding {
-        Some(binding) => sessions.end(binding, session.owned, store, session.handled_through),
+        Some(binding) => {
+            sessions.end(binding, session.owned, store, session.handled_through, session.refused);
+        }
         None => {
             for slab_id in session.owned {
                 store.free(slab_id);

@@ -12,7 +12,7 @@
 //! on every iteration (at least every 100 ms) and stops serving when it changed; the old
 //! connection's slabs become orphans as it ends and the new one adopts them.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -53,6 +53,27 @@ struct Entry {
     /// The highest request id the session's ended connections handled: a resumed connection
     /// acknowledges a replayed write up to it without applying it again.
     handled_through: u64,
+    /// The writes among those that were refused, and why: a replay of one is refused again,
+    /// not acknowledged as if applied.
+    refused: Refusals,
+}
+
+/// The latest writes a session's connections refused, by request id (at most
+/// [`MAX_REFUSALS`]: a client replays only what was not answered, the end of its stream).
+pub(crate) type Refusals = BTreeMap<u64, Refusal>;
+
+/// How many refused writes a session remembers.
+pub(crate) const MAX_REFUSALS: usize = 1024;
+
+/// What a resumed connection takes over from the session's earlier ones.
+#[derive(Debug, Default)]
+pub(crate) struct Resumed {
+    /// Slabs it now owns.
+    pub(crate) adopted: Vec<u64>,
+    /// The highest request id the earlier connections handled (0 for a new session).
+    pub(crate) handled_through: u64,
+    /// The writes among those they refused.
+    pub(crate) refused: Refusals,
 }
 
 /// Every session of one host.
@@ -73,14 +94,13 @@ impl Sessions {
     }
 
     /// Binds the connection holding `bound` to session `token` (taking it over from any other
-    /// live connection) and returns the orphaned slabs it now owns, and the highest request id
-    /// the session's earlier connections handled (0 for a new session).
+    /// live connection) and returns what it takes over from the session's earlier connections.
     pub(crate) fn resume(
         &self,
         token: u64,
         bound: &mut Option<Binding>,
         store: &Store,
-    ) -> Result<(Vec<u64>, u64), Refusal> {
+    ) -> Result<Resumed, Refusal> {
         if token == 0 {
             return Err((ErrorCode::BadRequest, "session token 0 is reserved".to_string()));
         }
@@ -96,6 +116,7 @@ impl Sessions {
             live: 0,
             orphans: Vec::new(),
             handled_through: 0,
+            refused: Refusals::new(),
         });
         if bound.is_none() {
             entry.live += 1;
@@ -113,7 +134,8 @@ impl Sessions {
             if entry.live == 1 {
                 let adopted: Vec<u64> = entry.orphans.drain(..).map(|(id, _)| id).collect();
                 store.orphaned.fetch_sub(adopted.len() as u64, Ordering::Relaxed);
-                return Ok((adopted, entry.handled_through));
+                let refused = entry.refused.clone();
+                return Ok(Resumed { adopted, handled_through: entry.handled_through, refused });
             }
             let now = Instant::now();
             if now >= deadline {
@@ -129,14 +151,26 @@ impl Sessions {
         }
     }
 
-    /// A bound connection ended, having handled requests up to id `handled_through`: its slabs
-    /// become orphans of the session, or are freed at once when the grace period is zero and no
-    /// newer connection of the session waits for them.
-    pub(crate) fn end(&self, binding: Binding, owned: HashSet<u64>, store: &Store, handled_through: u64) {
+    /// A bound connection ended, having handled requests up to id `handled_through` and
+    /// refused the writes in `refused`: its slabs become orphans of the session, or are freed
+    /// at once when the grace period is zero and no newer connection of the session waits for
+    /// them.
+    pub(crate) fn end(
+        &self,
+        binding: Binding,
+        owned: HashSet<u64>,
+        store: &Store,
+        handled_through: u64,
+        refused: Refusals,
+    ) {
         let mut table = self.lock();
         let entry = table.get_mut(&binding.token).expect("a session with a live connection stays");
         entry.live -= 1;
         entry.handled_through = entry.handled_through.max(handled_through);
+        entry.refused.extend(refused);
+        while entry.refused.len() > MAX_REFUSALS {
+            entry.refused.pop_first();
+        }
         if self.grace.is_zero() && entry.live == 0 {
             for id in owned {
                 store.free(id);

@@ -219,6 +219,42 @@ fn a_replayed_xor_is_applied_once_per_session() {
     );
 }
 
+/// A write the host refused, replayed on a resumed session (the refusal was lost with the old
+/// connection), is refused again with the same error: acknowledging it would tell the client
+/// the host holds data it never wrote.
+#[test]
+fn a_replayed_refused_write_is_refused_again() {
+    let host = host(Duration::from_secs(30));
+    let session = 0xB0B;
+    let mut first = Client::connect(&host);
+    assert_eq!(first.call(&Message::Resume { session }), Reply::Resumed(0));
+    let slab = first.alloc(16 * PAGE_SIZE as u64);
+    first.set_next_id(300);
+    let lines = vec![0x77; 64];
+    let outside = Message::WriteLines { slab_id: slab, page: 99, line_mask: 1, lines: &lines };
+    let inside = Message::WriteLines { slab_id: slab, page: 1, line_mask: 1, lines: &lines };
+    let Reply::Error(ErrorCode::OutOfRange, why) = first.call(&outside) else {
+        panic!("page 99 of 16 is refused")
+    };
+    assert_eq!(first.call(&inside), Reply::Ok);
+    drop(first);
+    wait_for_stats(&host, Duration::from_secs(5), |s| s.orphaned_slabs == 1);
+
+    let mut again = Client::connect(&host);
+    assert_eq!(again.call(&Message::Resume { session }), Reply::Resumed(1));
+    again.set_next_id(300);
+    assert_eq!(
+        again.call(&outside),
+        Reply::Error(ErrorCode::OutOfRange, why.clone()),
+        "refused again, not acknowledged"
+    );
+    assert_eq!(again.call(&inside), Reply::Ok, "the applied one is acknowledged");
+    assert!(
+        matches!(again.call(&outside), Reply::Error(ErrorCode::OutOfRange, _)),
+        "and a new one is refused"
+    );
+}
+
 /// A replayed overwrite the host had applied must not be applied again either: it would undo
 /// an XOR that came after it (a discarded parity page, then a change XORed into it).
 #[test]
