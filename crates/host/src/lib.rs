@@ -35,8 +35,9 @@
 //!   write (`WritePages`, `WriteLines`, `XorLines`, `DiscardPages`) whose id an earlier
 //!   connection of the session already handled is acknowledged without being applied again
 //!   (`XorLines` is not idempotent, and an overwrite replayed after a later XOR would undo
-//!   it), or refused again with the same error if it was refused (the session remembers its
-//!   latest 1024 refused writes); a read is answered again.
+//!   it), or refused again with the same error if it was refused; a replayed `AllocSlab` that
+//!   was granted is answered with the same slab; a read is answered again. (A session
+//!   remembers its latest 1024 refused writes and 1024 allocations for this.)
 
 mod sessions;
 mod store;
@@ -55,7 +56,7 @@ use clustermem_proto::{
     ErrorCode, Message, FEATURE_CHASE_POINTERS, FEATURE_XOR_LINES, HELLO_ASKS_FEATURES, HELLO_LOW_LATENCY,
     LINE_SIZE, MAX_PAYLOAD, MAX_VERSION, MIN_VERSION, PAGE_SIZE,
 };
-use sessions::{Binding, Refusals, Sessions, MAX_REFUSALS};
+use sessions::{Binding, Outcomes, Sessions};
 use store::{Refusal, Slab, Store};
 use thiserror::Error;
 
@@ -248,8 +249,9 @@ struct Session<'a> {
     /// What the session's earlier connections handled: a replayed write up to it was applied
     /// already and is only acknowledged (or refused again, if it was refused).
     replayed_through: u64,
-    /// Writes this session refused (its earlier connections' and this one's), by id.
-    refused: Refusals,
+    /// What became of this session's requests (its earlier connections' and this one's) that
+    /// a replay must get again.
+    outcomes: Outcomes,
     low_latency: bool,
     greeted: bool,
     /// The host answers `ChasePointers` (see [`MemoryHost::without_pointer_chasing`]).
@@ -285,7 +287,7 @@ impl Session<'_> {
             | Message::DiscardPages { .. }
                 if self.binding.is_some() && id <= self.replayed_through =>
             {
-                match self.refused.get(&id) {
+                match self.outcomes.refusal(id) {
                     Some((code, text)) => Err((*code, text.clone())),
                     None => {
                         out.push(id, &Message::Ok);
@@ -293,10 +295,24 @@ impl Session<'_> {
                     }
                 }
             }
+            // A replayed allocation that was made: the same slab again (its id was lost with
+            // the connection; a second slab would be one the client never learns of).
+            Message::AllocSlab { .. }
+                if self.binding.is_some()
+                    && id <= self.replayed_through
+                    && self.outcomes.allocation(id).is_some_and(|s| self.owned.contains(&s)) =>
+            {
+                let slab_id = self.outcomes.allocation(id).expect("checked above");
+                out.push(id, &Message::SlabAllocated { slab_id });
+                Ok(())
+            }
             Message::AllocSlab { bytes, region } => {
                 self.store.alloc(bytes, (self.owner, region)).map(|(slab_id, slab)| {
                     self.owned.insert(slab_id);
                     self.cache.insert(slab_id, slab);
+                    if self.binding.is_some() {
+                        self.outcomes.allocated(id, slab_id);
+                    }
                     out.push(id, &Message::SlabAllocated { slab_id });
                 })
             }
@@ -370,7 +386,7 @@ impl Session<'_> {
                     self.owner = session;
                     self.replayed_through = resumed.handled_through;
                     self.handled_through = resumed.handled_through;
-                    self.refused = resumed.refused;
+                    self.outcomes = resumed.outcomes;
                     let slabs = resumed.adopted.len() as u64;
                     self.owned.extend(resumed.adopted);
                     out.push(id, &Message::Resumed { slabs });
@@ -394,10 +410,7 @@ impl Session<'_> {
         if let Err((code, text)) = result {
             out.push(id, &Message::Error { code, message: &text });
             if self.binding.is_some() && is_write(msg) && id > self.replayed_through {
-                self.refused.insert(id, (code, text));
-                if self.refused.len() > MAX_REFUSALS {
-                    self.refused.pop_first();
-                }
+                self.outcomes.refused(id, (code, text));
             }
         }
         if self.binding.is_some() {
@@ -495,7 +508,7 @@ fn serve_client(stream: TcpStream, store: &Store, sessions: &Sessions, shutdown:
         cache: HashMap::new(),
         handled_through: 0,
         replayed_through: 0,
-        refused: Refusals::new(),
+        outcomes: Outcomes::default(),
         low_latency: false,
         greeted: false,
         chasing,
@@ -551,7 +564,7 @@ fn serve_client(stream: TcpStream, store: &Store, sessions: &Sessions, shutdown:
     }
     match session.binding {
         Some(binding) => {
-            sessions.end(binding, session.owned, store, session.handled_through, session.refused);
+            sessions.end(binding, session.owned, store, session.handled_through, &session.outcomes);
         }
         None => {
             for slab_id in session.owned {

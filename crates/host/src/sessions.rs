@@ -53,17 +53,61 @@ struct Entry {
     /// The highest request id the session's ended connections handled: a resumed connection
     /// acknowledges a replayed write up to it without applying it again.
     handled_through: u64,
-    /// The writes among those that were refused, and why: a replay of one is refused again,
-    /// not acknowledged as if applied.
-    refused: Refusals,
+    /// What became of the requests a replay must answer as they were first answered.
+    outcomes: Outcomes,
 }
 
-/// The latest writes a session's connections refused, by request id (at most
-/// [`MAX_REFUSALS`]: a client replays only what was not answered, the end of its stream).
-pub(crate) type Refusals = BTreeMap<u64, Refusal>;
+/// How many outcomes of each kind a session remembers: a client replays only what was not
+/// answered, the end of its stream.
+const MAX_OUTCOMES: usize = 1024;
 
-/// How many refused writes a session remembers.
-pub(crate) const MAX_REFUSALS: usize = 1024;
+/// The latest outcomes, by request id, that a replayed request must get again rather than be
+/// handled afresh: writes that were refused (acknowledging a replay would tell the client the
+/// host holds data it never wrote) and slabs allocated (a second allocation would leak the
+/// first, whose id the client never learnt).
+#[derive(Debug, Default)]
+pub(crate) struct Outcomes {
+    refused: BTreeMap<u64, Refusal>,
+    allocated: BTreeMap<u64, u64>,
+}
+
+impl Outcomes {
+    /// Request `id`, a write, was refused.
+    pub(crate) fn refused(&mut self, id: u64, why: Refusal) {
+        self.refused.insert(id, why);
+        trim(&mut self.refused);
+    }
+
+    /// Request `id` allocated slab `slab_id`.
+    pub(crate) fn allocated(&mut self, id: u64, slab_id: u64) {
+        self.allocated.insert(id, slab_id);
+        trim(&mut self.allocated);
+    }
+
+    /// Why request `id` was refused, if it was.
+    pub(crate) fn refusal(&self, id: u64) -> Option<&Refusal> {
+        self.refused.get(&id)
+    }
+
+    /// The slab request `id` allocated, if it did.
+    pub(crate) fn allocation(&self, id: u64) -> Option<u64> {
+        self.allocated.get(&id).copied()
+    }
+
+    fn merge(&mut self, other: &Outcomes) {
+        self.refused.extend(other.refused.iter().map(|(&id, why)| (id, why.clone())));
+        self.allocated.extend(&other.allocated);
+        trim(&mut self.refused);
+        trim(&mut self.allocated);
+    }
+}
+
+/// Keeps the latest `MAX_OUTCOMES` entries.
+fn trim<V>(map: &mut BTreeMap<u64, V>) {
+    while map.len() > MAX_OUTCOMES {
+        map.pop_first();
+    }
+}
 
 /// What a resumed connection takes over from the session's earlier ones.
 #[derive(Debug, Default)]
@@ -72,8 +116,8 @@ pub(crate) struct Resumed {
     pub(crate) adopted: Vec<u64>,
     /// The highest request id the earlier connections handled (0 for a new session).
     pub(crate) handled_through: u64,
-    /// The writes among those they refused.
-    pub(crate) refused: Refusals,
+    /// What became of their requests that a replay must get again.
+    pub(crate) outcomes: Outcomes,
 }
 
 /// Every session of one host.
@@ -116,7 +160,7 @@ impl Sessions {
             live: 0,
             orphans: Vec::new(),
             handled_through: 0,
-            refused: Refusals::new(),
+            outcomes: Outcomes::default(),
         });
         if bound.is_none() {
             entry.live += 1;
@@ -134,8 +178,9 @@ impl Sessions {
             if entry.live == 1 {
                 let adopted: Vec<u64> = entry.orphans.drain(..).map(|(id, _)| id).collect();
                 store.orphaned.fetch_sub(adopted.len() as u64, Ordering::Relaxed);
-                let refused = entry.refused.clone();
-                return Ok(Resumed { adopted, handled_through: entry.handled_through, refused });
+                let mut outcomes = Outcomes::default();
+                outcomes.merge(&entry.outcomes);
+                return Ok(Resumed { adopted, handled_through: entry.handled_through, outcomes });
             }
             let now = Instant::now();
             if now >= deadline {
@@ -151,26 +196,22 @@ impl Sessions {
         }
     }
 
-    /// A bound connection ended, having handled requests up to id `handled_through` and
-    /// refused the writes in `refused`: its slabs become orphans of the session, or are freed
-    /// at once when the grace period is zero and no newer connection of the session waits for
-    /// them.
+    /// A bound connection ended, having handled requests up to id `handled_through` with
+    /// `outcomes`: its slabs become orphans of the session, or are freed at once when the
+    /// grace period is zero and no newer connection of the session waits for them.
     pub(crate) fn end(
         &self,
         binding: Binding,
         owned: HashSet<u64>,
         store: &Store,
         handled_through: u64,
-        refused: Refusals,
+        outcomes: &Outcomes,
     ) {
         let mut table = self.lock();
         let entry = table.get_mut(&binding.token).expect("a session with a live connection stays");
         entry.live -= 1;
         entry.handled_through = entry.handled_through.max(handled_through);
-        entry.refused.extend(refused);
-        while entry.refused.len() > MAX_REFUSALS {
-            entry.refused.pop_first();
-        }
+        entry.outcomes.merge(outcomes);
         if self.grace.is_zero() && entry.live == 0 {
             for id in owned {
                 store.free(id);

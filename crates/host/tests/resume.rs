@@ -255,6 +255,30 @@ fn a_replayed_refused_write_is_refused_again() {
     );
 }
 
+/// An allocation replayed on a resumed session (its reply lost with the old connection) gets
+/// the slab it made, not a second one the client would never learn of (and never free).
+#[test]
+fn a_replayed_allocation_gets_the_same_slab() {
+    let host = host(Duration::from_secs(30));
+    let session = 0xA110C;
+    let mut first = Client::connect(&host);
+    assert_eq!(first.call(&Message::Resume { session }), Reply::Resumed(0));
+    first.set_next_id(500);
+    let alloc = Message::AllocSlab { bytes: 16 * PAGE_SIZE as u64, region: 1 };
+    let Reply::Slab(slab) = first.call(&alloc) else { panic!("allocated") };
+    drop(first);
+    wait_for_stats(&host, Duration::from_secs(5), |s| s.orphaned_slabs == 1);
+
+    let mut again = Client::connect(&host);
+    assert_eq!(again.call(&Message::Resume { session }), Reply::Resumed(1));
+    again.set_next_id(500);
+    assert_eq!(again.call(&alloc), Reply::Slab(slab), "the replay gets the slab it made");
+    let stats = again.stats();
+    assert_eq!(stats.slabs, 1, "{stats:?}");
+    let Reply::Slab(other) = again.call(&alloc) else { panic!("a new request allocates") };
+    assert_ne!(other, slab);
+}
+
 /// A replayed overwrite the host had applied must not be applied again either: it would undo
 /// an XOR that came after it (a discarded parity page, then a change XORed into it).
 #[test]
