@@ -27,6 +27,23 @@ fn wait_for_stats(host: &RunningHost, within: Duration, done: impl Fn(&HostStats
     }
 }
 
+/// A connection bound to `session`, which is new.
+fn new_session(host: &RunningHost, session: u64) -> Client {
+    let mut c = Client::connect(host);
+    assert_eq!(c.call(&Message::Resume { session }), Reply::Resumed(0), "a new session");
+    c
+}
+
+/// Drops `client` (bound to `session`, owning `slabs` slabs) and, once the host has orphaned
+/// them, resumes the session on a new connection.
+fn resume_on_a_new_connection(host: &RunningHost, client: Client, session: u64, slabs: u64) -> Client {
+    drop(client);
+    wait_for_stats(host, Duration::from_secs(5), |s| s.orphaned_slabs == slabs);
+    let mut again = Client::connect(host);
+    assert_eq!(again.call(&Message::Resume { session }), Reply::Resumed(slabs));
+    again
+}
+
 fn page_of(byte: u8) -> Vec<u8> {
     (0..PAGE_SIZE).map(|i| byte ^ (i % 256) as u8).collect()
 }
@@ -195,19 +212,14 @@ fn another_clients_slabs_are_out_of_reach() {
 fn a_replayed_xor_is_applied_once_per_session() {
     let host = host(Duration::from_secs(30));
     let session = 0xD1CE;
-    let mut first = Client::connect(&host);
-    assert_eq!(first.call(&Message::Resume { session }), Reply::Resumed(0));
+    let mut first = new_session(&host, session);
     let slab = first.alloc(16 * PAGE_SIZE as u64);
     first.set_next_id(100);
     let xor = |byte: u8| vec![byte; 64];
     let (a, b) = (xor(0x0F), xor(0xF0));
     let request = |lines| Message::XorLines { slab_id: slab, page: 2, line_mask: 1 << 5, lines };
     assert_eq!(first.call(&request(&a)), Reply::Ok);
-    drop(first);
-    wait_for_stats(&host, Duration::from_secs(5), |s| s.orphaned_slabs == 1);
-
-    let mut again = Client::connect(&host);
-    assert_eq!(again.call(&Message::Resume { session }), Reply::Resumed(1));
+    let mut again = resume_on_a_new_connection(&host, first, session, 1);
     again.set_next_id(100);
     assert_eq!(again.call(&request(&a)), Reply::Ok, "the replay is acknowledged");
     assert_eq!(again.call(&request(&b)), Reply::Ok, "id 101 is new");
@@ -226,8 +238,7 @@ fn a_replayed_xor_is_applied_once_per_session() {
 fn a_replayed_refused_write_is_refused_again() {
     let host = host(Duration::from_secs(30));
     let session = 0xB0B;
-    let mut first = Client::connect(&host);
-    assert_eq!(first.call(&Message::Resume { session }), Reply::Resumed(0));
+    let mut first = new_session(&host, session);
     let slab = first.alloc(16 * PAGE_SIZE as u64);
     first.set_next_id(300);
     let lines = vec![0x77; 64];
@@ -237,11 +248,7 @@ fn a_replayed_refused_write_is_refused_again() {
         panic!("page 99 of 16 is refused")
     };
     assert_eq!(first.call(&inside), Reply::Ok);
-    drop(first);
-    wait_for_stats(&host, Duration::from_secs(5), |s| s.orphaned_slabs == 1);
-
-    let mut again = Client::connect(&host);
-    assert_eq!(again.call(&Message::Resume { session }), Reply::Resumed(1));
+    let mut again = resume_on_a_new_connection(&host, first, session, 1);
     again.set_next_id(300);
     assert_eq!(
         again.call(&outside),
@@ -261,16 +268,11 @@ fn a_replayed_refused_write_is_refused_again() {
 fn a_replayed_allocation_gets_the_same_slab() {
     let host = host(Duration::from_secs(30));
     let session = 0xA110C;
-    let mut first = Client::connect(&host);
-    assert_eq!(first.call(&Message::Resume { session }), Reply::Resumed(0));
+    let mut first = new_session(&host, session);
     first.set_next_id(500);
     let alloc = Message::AllocSlab { bytes: 16 * PAGE_SIZE as u64, region: 1 };
     let Reply::Slab(slab) = first.call(&alloc) else { panic!("allocated") };
-    drop(first);
-    wait_for_stats(&host, Duration::from_secs(5), |s| s.orphaned_slabs == 1);
-
-    let mut again = Client::connect(&host);
-    assert_eq!(again.call(&Message::Resume { session }), Reply::Resumed(1));
+    let mut again = resume_on_a_new_connection(&host, first, session, 1);
     again.set_next_id(500);
     assert_eq!(again.call(&alloc), Reply::Slab(slab), "the replay gets the slab it made");
     let stats = again.stats();
@@ -285,8 +287,7 @@ fn a_replayed_allocation_gets_the_same_slab() {
 fn a_replayed_overwrite_does_not_undo_a_later_xor() {
     let host = host(Duration::from_secs(30));
     let session = 0xFEED;
-    let mut first = Client::connect(&host);
-    assert_eq!(first.call(&Message::Resume { session }), Reply::Resumed(0));
+    let mut first = new_session(&host, session);
     let slab = first.alloc(16 * PAGE_SIZE as u64);
     first.set_next_id(200);
     let lines = vec![0x3C; 64];
@@ -299,11 +300,7 @@ fn a_replayed_overwrite_does_not_undo_a_later_xor() {
     let xor = |p| Message::XorLines { slab_id: slab, page: p, line_mask: 1, lines: &lines };
     assert_eq!(first.call(&xor(1)), Reply::Ok);
     assert_eq!(first.call(&xor(4)), Reply::Ok);
-    drop(first);
-    wait_for_stats(&host, Duration::from_secs(5), |s| s.orphaned_slabs == 1);
-
-    let mut again = Client::connect(&host);
-    assert_eq!(again.call(&Message::Resume { session }), Reply::Resumed(1));
+    let mut again = resume_on_a_new_connection(&host, first, session, 1);
     // The whole unanswered tail again, in order, with its ids.
     again.set_next_id(200);
     assert_eq!(
