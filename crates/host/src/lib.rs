@@ -281,12 +281,7 @@ impl Session<'_> {
             // A replayed write this session already applied: applying it again could undo a
             // later one the host also applied (an overwrite after an XOR), and an XOR is not
             // idempotent. Reads are answered again: their replies were lost.
-            Message::WritePages { .. }
-            | Message::WriteLines { .. }
-            | Message::XorLines { .. }
-            | Message::DiscardPages { .. }
-                if self.binding.is_some() && id <= self.replayed_through =>
-            {
+            _ if is_write(msg) && self.binding.is_some() && id <= self.replayed_through => {
                 match self.outcomes.refusal(id) {
                     Some((code, text)) => Err((*code, text.clone())),
                     None => {
@@ -533,8 +528,8 @@ fn serve_client(stream: TcpStream, store: &Store, sessions: &Sessions, shutdown:
             eprintln!("clustermem host: {peer}: its session was resumed by a newer connection; closing");
             break;
         }
-        let spin_until = last_request + if session.low_latency { SPIN_WINDOW } else { SHORT_SPIN_WINDOW };
-        let spin_until = Some(spin_until);
+        let spin_until =
+            Some(last_request + if session.low_latency { SPIN_WINDOW } else { SHORT_SPIN_WINDOW });
         let outcome = reader.recv(spin_until, Some(Instant::now() + SHUTDOWN_POLL));
         match outcome {
             Ok((id, msg)) => {

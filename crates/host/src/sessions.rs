@@ -65,7 +65,7 @@ const MAX_OUTCOMES: usize = 1024;
 /// handled afresh: writes that were refused (acknowledging a replay would tell the client the
 /// host holds data it never wrote) and slabs allocated (a second allocation would leak the
 /// first, whose id the client never learnt).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct Outcomes {
     refused: BTreeMap<u64, Refusal>,
     allocated: BTreeMap<u64, u64>,
@@ -178,8 +178,7 @@ impl Sessions {
             if entry.live == 1 {
                 let adopted: Vec<u64> = entry.orphans.drain(..).map(|(id, _)| id).collect();
                 store.orphaned.fetch_sub(adopted.len() as u64, Ordering::Relaxed);
-                let mut outcomes = Outcomes::default();
-                outcomes.merge(&entry.outcomes);
+                let outcomes = entry.outcomes.clone();
                 return Ok(Resumed { adopted, handled_through: entry.handled_through, outcomes });
             }
             let now = Instant::now();
