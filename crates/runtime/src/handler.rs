@@ -2017,9 +2017,7 @@ impl Core {
         for link in &mut self.links {
             for (_, pending, _) in &mut link.pending {
                 match *pending {
-                    Pending::Fetch { region, page, .. } if region == id && discarded.contains(&page) => {
-                        link.demand_reads -= 1;
-                    }
+                    Pending::Fetch { region, page, .. } if region == id && discarded.contains(&page) => {}
                     Pending::Chase(c) if c.region == id && discarded.contains(&c.page) => self.chases -= 1,
                     Pending::Prefetch { region, first: from, count: n }
                         if region == id && overlaps(from, n as usize) =>
@@ -2028,7 +2026,7 @@ impl Core {
                     }
                     _ => continue,
                 }
-                *pending = Pending::Ignore;
+                pending.ignore(&mut link.demand_reads);
             }
         }
         self.gathers.retain(|_, g| match g.installs() {

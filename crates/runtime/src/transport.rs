@@ -86,6 +86,13 @@ impl Pending {
     pub(crate) fn is_demand_read(&self) -> bool {
         matches!(self, Pending::Fetch { .. } | Pending::Part { .. })
     }
+
+    /// Drops the purpose of this pending request in place (its reply will be ignored),
+    /// keeping `demand_reads`, its link's count, right.
+    pub(crate) fn ignore(&mut self, demand_reads: &mut usize) {
+        *demand_reads -= usize::from(self.is_demand_read());
+        *self = Pending::Ignore;
+    }
 }
 
 /// A pointer prefetch of page `page` of region `region`, which a fetched page pointed to at
@@ -123,8 +130,8 @@ pub(crate) struct Link {
     pub(crate) writer: FrameWriter,
     /// Requests awaiting replies: id, purpose, when sent.
     pub(crate) pending: VecDeque<(u64, Pending, Instant)>,
-    /// How many of `pending` are demand reads (see [`Pending::is_demand_read`]); whoever
-    /// turns one into `Ignore` in place takes it off.
+    /// How many of `pending` are demand reads (see [`Pending::is_demand_read`]); entries are
+    /// turned into `Ignore` in place with [`Pending::ignore`], which keeps it right.
     pub(crate) demand_reads: usize,
     next_id: u64,
     pub(crate) capacity_bytes: u64,

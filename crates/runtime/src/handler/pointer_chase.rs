@@ -158,7 +158,7 @@ impl Core {
                     continue;
                 }
                 r.pages[page] &= !(PageState::FETCHING | PageState::PREFETCHED);
-                *pending = Pending::Ignore;
+                pending.ignore(&mut link.demand_reads);
                 self.chases -= 1;
                 self.stats.prefetch_abandoned.fetch_add(1, Relaxed);
             }
