@@ -29,9 +29,11 @@ malloc blocks of that size under glibc's allocator; other allocators such as jem
 their memory with mmap, which is routed). Small allocations, files, shared memory and stacks \
 stay local. munmap, mremap and madvise(DONTNEED) behave as on anonymous memory; freed memory \
 is freed on the host. System calls that read into routed memory (read(2) and friends) work.\n\n\
-fork: a child may exec (subprocesses work, each with cluster memory of its own) but cannot \
-use its parent's cluster memory; one that touches it is stopped with exit status 70 and a \
-message. --local-mem bounds each process separately.\n\n\
+fork: while all of the program's cluster memory that holds data is resident (none evicted \
+yet) and within a quarter of --local-mem, a child gets a copy of it (shell subshells and \
+pipelines, wrapper scripts). Otherwise a child may exec (subprocesses work, each with cluster \
+memory of its own) but cannot use its parent's cluster memory; one that touches it is stopped \
+with exit status 70 and a message. --local-mem bounds each process separately.\n\n\
 Exit status: the program's (128+N if killed by signal N); 125 if cluster memory could not be \
 set up in it; 127 if it could not be started.")]
 pub struct RunArgs {

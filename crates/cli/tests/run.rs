@@ -191,8 +191,9 @@ fn system_calls_and_the_mmap_family_work_on_cluster_memory() {
     }
 }
 
-/// A child that only execs works; one that touches its parent's cluster memory is stopped
-/// with status 70 and a message, never handed zeros.
+/// Once the parent's data has been evicted (8 MiB written under a 2 MiB limit), a child
+/// that only execs works; one that touches its parent's cluster memory is stopped with
+/// status 70 and a message, never handed zeros.
 #[test]
 fn fork_children_may_exec_but_not_touch_the_parents_cluster_memory() {
     require_userfaultfd();
@@ -207,6 +208,35 @@ fn fork_children_may_exec_but_not_touch_the_parents_cluster_memory() {
     assert!(text.contains("child exit 70"), "{text}");
     assert!(text.contains("parent ok"), "{text}");
     assert!(stderr(&out).contains("forked child touched its parent's cluster memory"), "{}", stderr(&out));
+}
+
+/// While every page holding data is resident (none ever evicted), a forked child gets a
+/// copy of its parent's cluster memory: python's child and grandchild read it, their stores
+/// stay theirs, and the parent pages on afterwards (eviction paused only for the fork). A
+/// shell's command substitutions and pipelines, forks all, work the same way.
+#[test]
+fn fork_children_share_a_copy_while_everything_is_resident() {
+    require_userfaultfd();
+    require_preload_library();
+    let stats = stats_path("fork-shared");
+    let mut cmd = Command::new(bin());
+    cmd.args(["run", "--local-mem", "32M", "--stats-json", stats.to_str().unwrap(), "--", python()])
+        .arg(program("fork_shared.py"))
+        .env("LOCAL_MIB", "32");
+    let out = output_with_timeout(cmd, Duration::from_secs(120));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{:?}\n{text}\n{}", out.status, stderr(&out));
+    assert!(text.contains("child read the parent's memory") && text.contains("parent ok"), "{text}");
+    let s = read_stats(&stats);
+    assert!(s["pages_evicted"].as_u64().unwrap() > 8192, "the parent paged after the fork: {s}");
+
+    let script = r#"x=$(echo sub); for i in 1 2 3; do y=$(seq 1 $i | wc -l); x="$x $y"; done; (echo "$x"; echo pipe) | cat"#;
+    let out = run_with_timeout(
+        &["run", "--local-mem", "32M", "--", "/bin/bash", "-c", script],
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{:?} {}", out.status, stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "sub 1 2 3\npipe\n", "{}", stderr(&out));
 }
 
 /// The program's exit status is ours; a signal death is 128+N; a missing program is 127.

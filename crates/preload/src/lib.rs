@@ -17,10 +17,14 @@
 //! `CLUSTERMEM_REDUNDANCY` (`none|replicate:N|erasure:K+M`),
 //! `CLUSTERMEM_STATS_DIR` (each process writes `PID.json` there at exit).
 //!
-//! fork: the arena is MADV_DONTFORK and the runtime's thread does not survive a fork, so a
-//! child cannot see its parent's cluster memory. A child that only execs (the common case:
-//! subprocesses) is fine and gets a runtime of its own; a child that touches cluster memory
-//! is stopped with a message saying so (exit status 70), never handed zeros.
+//! fork: the runtime's thread does not survive a fork. While every page of the arena that
+//! holds data is resident (none was ever evicted) and they are few (a quarter of
+//! `--local-mem`), the child gets a copy-on-write copy of the arena as ordinary memory
+//! (eviction pauses for the fork): shells' subshells, wrapper scripts and small forking
+//! programs work. Otherwise the arena is MADV_DONTFORK and a child cannot see its parent's
+//! cluster memory: a child that only execs (the common case: subprocesses) is fine and gets
+//! a runtime of its own; a child that touches cluster memory is stopped with a message
+//! saying so (exit status 70), never handed zeros.
 
 mod arena;
 mod hooks;
@@ -36,7 +40,7 @@ use clustermem_runtime::{
     DirtyTracking, PrefetchMode, Redundancy, Runtime, RuntimeConfig, WritebackMode, PAGE_SIZE,
 };
 
-use state::{set_bypass, State, ARENA_BASE, ARENA_LEN, FORKED, STATE};
+use state::{set_bypass, State, ARENA_BASE, ARENA_LEN, FORKED, SHARED_WITH_CHILD, STATE};
 
 /// Exit status of a process this library could not set up (as `env` and `timeout` use 125).
 pub const SETUP_FAILED: i32 = 125;
@@ -187,7 +191,7 @@ extern "C" fn init() {
     STARTED.get_or_init(Instant::now);
     // SAFETY: registers plain functions with no captured state.
     unsafe {
-        libc::pthread_atfork(None, None, Some(after_fork_in_child));
+        libc::pthread_atfork(Some(before_fork), Some(after_fork_in_parent), Some(after_fork_in_child));
         if std::env::var_os("CLUSTERMEM_STATS_DIR").is_some() {
             libc::atexit(write_stats);
         }
@@ -195,8 +199,54 @@ extern "C" fn init() {
     set_bypass(false);
 }
 
+/// Sets the arena's `MADV_DOFORK` (`share`) or `MADV_DONTFORK`.
+fn arena_to_children(share: bool) -> std::io::Result<()> {
+    let (base, len) = (ARENA_BASE.load(Relaxed), ARENA_LEN.load(Relaxed));
+    let advice = if share { libc::MADV_DOFORK } else { libc::MADV_DONTFORK };
+    // SAFETY: the arena is this library's mapping; the advice changes only what a child gets.
+    // (The system call itself: the `madvise` hook keeps a program's DOFORK off the arena.)
+    if unsafe { libc::syscall(libc::SYS_madvise, base, len, advice) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Before a fork: the child shares the arena if the runtime says its copy would be
+/// complete (and then evicts nothing until the fork is over).
+extern "C" fn before_fork() {
+    let Some(st) = state::active() else { return };
+    if st.runtime.pause_eviction_for_fork() {
+        match arena_to_children(true) {
+            Ok(()) => SHARED_WITH_CHILD.store(true, Relaxed),
+            // The child goes without, as when its copy would be incomplete.
+            Err(_) => st.runtime.resume_eviction(),
+        }
+    }
+}
+
+extern "C" fn after_fork_in_parent() {
+    // A forked child forking in turn has no runtime and nothing paused: its arena (if it
+    // got one) stays as it is, shared with its own children.
+    if FORKED.load(Relaxed) {
+        return;
+    }
+    if SHARED_WITH_CHILD.swap(false, Relaxed) {
+        if let Err(e) = arena_to_children(false) {
+            // A later child would get an incomplete copy once pages are evicted.
+            die(&format!("madvise(MADV_DONTFORK) on the arena after a fork: {e}"));
+        }
+        if let Some(st) = state::active() {
+            st.runtime.resume_eviction();
+        }
+    }
+}
+
 extern "C" fn after_fork_in_child() {
     FORKED.store(true, Relaxed);
+    if SHARED_WITH_CHILD.load(Relaxed) {
+        // The arena is here, as ordinary copy-on-write memory.
+        return;
+    }
     // SAFETY: installs a SIGSEGV handler; the struct is fully initialised before use.
     unsafe {
         let mut action: libc::sigaction = std::mem::zeroed();

@@ -183,7 +183,7 @@ fn block_of(p: *mut c_void) -> Option<(&'static State, Block)> {
     }
 }
 
-/// Frees an arena block (in a forked child the arena is not mapped: the block is left alone).
+/// Frees an arena block (in a forked child, which has no runtime, the block is left alone).
 fn free_block(st: &State, p: *mut c_void, block: Block) {
     if crate::state::FORKED.load(Relaxed) {
         return;
@@ -298,6 +298,23 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
 }
 
 fn realloc_block(st: &State, p: *mut c_void, block: Block, size: usize) -> *mut c_void {
+    if crate::state::FORKED.load(Relaxed) {
+        // In a child sharing its parent's arena: no runtime to resize the block with, so a
+        // new (ordinary) block, the old one left alone.
+        let old = match block {
+            Block::Small(n) | Block::Large(n) => n,
+        };
+        if size == 0 {
+            return std::ptr::null_mut();
+        }
+        let q = malloc(size);
+        if !q.is_null() {
+            // SAFETY: `p` holds `old` bytes (a copy of the parent's block), `q` at least
+            // `size`; distinct blocks.
+            unsafe { std::ptr::copy_nonoverlapping(p.cast::<u8>(), q.cast::<u8>(), old.min(size)) };
+        }
+        return q;
+    }
     if size == 0 {
         free_block(st, p, block);
         return std::ptr::null_mut();

@@ -13,9 +13,13 @@ use crate::small::SmallHeap;
 
 /// The live state, once the constructor has started the runtime.
 pub(crate) static STATE: OnceLock<State> = OnceLock::new();
-/// Set in a child made by `fork`: its parent's cluster memory is not mapped in it (the arena
-/// is MADV_DONTFORK), and the runtime's thread did not survive the fork.
+/// Set in a child made by `fork`: the runtime's thread did not survive the fork, and its
+/// parent's cluster memory is either not mapped in it (the arena is MADV_DONTFORK) or an
+/// ordinary copy (`SHARED_WITH_CHILD`).
 pub(crate) static FORKED: AtomicBool = AtomicBool::new(false);
+/// Set from just before a fork whose child gets a copy of the arena until the parent is
+/// past it (in the child: for good).
+pub(crate) static SHARED_WITH_CHILD: AtomicBool = AtomicBool::new(false);
 /// The arena's bounds, readable from a signal handler.
 pub(crate) static ARENA_BASE: AtomicUsize = AtomicUsize::new(0);
 pub(crate) static ARENA_LEN: AtomicUsize = AtomicUsize::new(0);

@@ -158,6 +158,12 @@ pub(crate) enum Command {
         id: u32,
         reply: Sender<Result<(), RuntimeError>>,
     },
+    /// Stop evicting (until `ResumeEviction`) if a forked child may share the regions'
+    /// pages, and say whether it may (see `Runtime::pause_eviction_for_fork`).
+    PauseEvictionForFork {
+        reply: Sender<bool>,
+    },
+    ResumeEviction,
     Shutdown,
 }
 
@@ -364,6 +370,10 @@ struct Core {
     tracker: Option<AsyncTracker>,
     /// Local memory kept for the ring of recent victims (async tracking only).
     ring_reserve: usize,
+    /// A page holding data was evicted at least once: its data may live on a host only.
+    evicted_data: bool,
+    /// No eviction until a fork is over (see `Command::PauseEvictionForFork`).
+    eviction_paused: bool,
     /// The periodic flusher stopped at its chunk limit: the next round goes on.
     flush_backlog: bool,
 }
@@ -549,6 +559,8 @@ impl Handler {
                 rebuild_stalled: None,
                 tracker,
                 ring_reserve,
+                evicted_data: false,
+                eviction_paused: false,
                 flush_backlog: false,
             },
             readers,
@@ -936,6 +948,16 @@ impl Handler {
                 let _ = reply.send(());
             }
             Command::Flush { id, reply } => self.core.flush(id, reply),
+            Command::PauseEvictionForFork { reply } => {
+                // Pages the child shares cannot be moved out (async tracking) until the
+                // parent writes them again: a quarter of local memory at most.
+                let few =
+                    (self.core.resident + self.core.twins.in_use()) * 4 <= self.core.config.capacity_pages;
+                let shareable = !self.core.evicted_data && few;
+                self.core.eviction_paused = shareable;
+                let _ = reply.send(shareable);
+            }
+            Command::ResumeEviction => self.core.eviction_paused = false,
             Command::Shutdown => unreachable!("handled by the loop"),
         }
     }
@@ -1639,6 +1661,9 @@ impl Core {
     /// Evicts until resident pages and twins fit the local-memory limit. Victims are dropped
     /// together at the end, in one system call and one TLB flush (see `drop_pages`).
     fn enforce_limit(&mut self) {
+        if self.eviction_paused {
+            return;
+        }
         if self.tracker.is_some() {
             self.enforce_limit_moving();
             return;
@@ -1695,6 +1720,7 @@ impl Core {
         if region.pages[page] & PageState::PREFETCHED != 0 {
             self.stats.prefetch_wasted.fetch_add(1, Relaxed);
         }
+        self.evicted_data |= region.pages[page] & PageState::ON_HOST != 0;
         region.pages[page] &=
             !(PageState::RESIDENT | PageState::DIRTY | PageState::PREFETCHED | PageState::UNTRACKED);
         self.resident -= 1;

@@ -298,6 +298,22 @@ impl Runtime {
         })
     }
 
+    /// Before a `fork`: whether the child may get a copy of every region as plain memory
+    /// (`MADV_DOFORK`), complete because every page holding data is resident here (none was
+    /// ever evicted) and few (a quarter of local memory at most). If so, eviction stops
+    /// until [`Runtime::resume_eviction`], so that no page leaves while the kernel copies
+    /// the page tables; call it after the fork, in the parent. (The child gets no runtime:
+    /// its copy is ordinary memory, and its faults are the kernel's.)
+    pub fn pause_eviction_for_fork(&self) -> bool {
+        let (reply, rx) = mpsc::channel();
+        self.command(handler::Command::PauseEvictionForFork { reply }).is_ok() && rx.recv().unwrap_or(false)
+    }
+
+    /// Ends [`Runtime::pause_eviction_for_fork`]'s pause.
+    pub fn resume_eviction(&self) {
+        let _ = self.command(handler::Command::ResumeEviction);
+    }
+
     fn command(&self, cmd: handler::Command) -> Result<(), RuntimeError> {
         self.commands.send(cmd).map_err(|_| RuntimeError::HandlerGone)?;
         self.wakeup.wake();

@@ -1,5 +1,6 @@
-"""fork under clustermem run: a child that execs works; a child that touches its parent's
-cluster memory is stopped with status 70 and a message."""
+"""fork under clustermem run once the parent's data has been evicted (run it with a local
+limit below 8 MiB): a child that execs works; a child that touches its parent's cluster
+memory is stopped with status 70 and a message."""
 import os
 import subprocess
 import sys
