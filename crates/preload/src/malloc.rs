@@ -238,14 +238,19 @@ pub extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
         unsafe { *libc::__errno_location() = libc::ENOMEM };
         return std::ptr::null_mut();
     };
-    if let Some(p) = placing().and_then(|st| place(st, total, 16)) {
-        if total < PAGE_SIZE && !p.is_null() {
-            // A small block may be a reused one; page-sized blocks come fresh (zero) from the
-            // arena.
-            // SAFETY: `p` is a fresh block of at least `total` bytes.
-            unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0, total) };
+    if let Some(st) = placing() {
+        if let Some(p) = place(st, total, 16) {
+            if total < st.min_bytes && !p.is_null() {
+                // A small block (of any size below `min_bytes`, pages-long ones too) may be a
+                // freed one reused, holding what it held; blocks of pages of their own come
+                // fresh (zero) from the arena. (Zeroing only blocks under a page let
+                // python's calloc'd arena map read old bytes: it took a malloc block for one
+                // of its pools, and crashed.)
+                // SAFETY: `p` is a block of at least `total` bytes, ours until returned.
+                unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0, total) };
+            }
+            return p;
         }
-        return p;
     }
     match next() {
         // SAFETY: the next allocator's calloc, with the caller's arguments.
