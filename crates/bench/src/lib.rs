@@ -247,6 +247,9 @@ pub struct BenchReport {
     pub remote_faults: u64,
     /// Faults on never-written pages, served locally.
     pub zero_faults: u64,
+    /// Faults on pages evicted moments before, moved back from the ring of recent victims
+    /// (async tracking).
+    pub rescued_faults: u64,
     /// First writes to clean resident pages.
     pub write_faults: u64,
     /// Median latency of a remote fault. Seen by the application (an operation that took a
@@ -544,6 +547,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         faults: snap.faults(),
         remote_faults,
         zero_faults: snap.zero_faults,
+        rescued_faults: snap.rescued_faults,
         write_faults: snap.write_faults,
         fault_p50_us,
         fault_p99_us,

@@ -495,8 +495,8 @@ fn print_summary(r: &BenchReport) {
         r.ops, r.wall_s, r.ops_per_s, r.us_per_op
     );
     println!(
-        "  faults         {} ({} remote, {} zero-fill, {} first-write)",
-        r.faults, r.remote_faults, r.zero_faults, r.write_faults
+        "  faults         {} ({} remote, {} zero-fill, {} from recent victims, {} first-write)",
+        r.faults, r.remote_faults, r.zero_faults, r.rescued_faults, r.write_faults
     );
     println!(
         "  fault latency  p50 {:.1} us, p99 {:.1} us (seen by the {}); handler service p50 {:.1} us",

@@ -265,11 +265,12 @@ struct RunFacts<'a> {
 /// Sums the figures the program's processes wrote at exit into one object with the fields of
 /// `bench --json`. Latency percentiles are those of the process that took the most faults.
 fn merge_stats(dir: &Path, args: &RunArgs, run: &RunFacts) -> Result<Value> {
-    const SUMMED: [&str; 18] = [
+    const SUMMED: [&str; 19] = [
         "size_bytes",
         "faults",
         "remote_faults",
         "zero_faults",
+        "rescued_faults",
         "write_faults",
         "pages_fetched",
         "pages_evicted",

@@ -296,6 +296,7 @@ extern "C" fn write_stats() {
         "faults": s.faults(),
         "remote_faults": s.remote_faults,
         "zero_faults": s.zero_faults,
+        "rescued_faults": s.rescued_faults,
         "write_faults": s.write_faults,
         "service_p50_us": s.service_p50_us,
         "service_p99_us": s.service_p99_us,

@@ -368,6 +368,8 @@ struct Core {
     rebuild_stalled: Option<Instant>,
     /// Set under async dirty tracking.
     tracker: Option<AsyncTracker>,
+    /// Local memory kept for the ring of recent victims (async tracking only).
+    ring_reserve: usize,
     /// A page holding data was evicted at least once: its data may live on a host only.
     evicted_data: bool,
     /// No eviction until a fork is over (see `Command::PauseEvictionForFork`).
@@ -507,7 +509,9 @@ impl Handler {
         commands: Receiver<Command>,
         wakeup: Arc<Wakeup>,
     ) -> Result<Self, RuntimeError> {
-        let tracker = if config.async_tracking { Some(AsyncTracker::new(&uffd)?) } else { None };
+        let tracker =
+            if config.async_tracking { Some(AsyncTracker::new(&uffd, config.capacity_pages)?) } else { None };
+        let ring_reserve = tracker.as_ref().map_or(0, AsyncTracker::ring_pages);
         let poison_supported = uffd.features().contains(clustermem_uffd::Features::POISON);
         let exact_addresses = uffd.features().contains(clustermem_uffd::Features::EXACT_ADDRESS);
         let (links, readers): (Vec<Link>, Vec<FrameReader>) = connections.into_iter().unzip();
@@ -554,6 +558,7 @@ impl Handler {
                 next_rebuild: 0,
                 rebuild_stalled: None,
                 tracker,
+                ring_reserve,
                 evicted_data: false,
                 eviction_paused: false,
                 flush_backlog: false,
@@ -1244,6 +1249,10 @@ impl Core {
             let _ = self.uffd.wake(addr, PAGE_SIZE);
             return;
         };
+        if PageState::only_on_host(self.regions[&id].pages[page]) && self.rescue(id, page) {
+            // Moved back from the ring of recent victims.
+            return;
+        }
         let region = self.regions.get_mut(&id).expect("ranges and regions agree");
         let state = region.pages[page];
         if state & PageState::LOST != 0 && state & PageState::RESIDENT == 0 {
@@ -1636,9 +1645,9 @@ impl Core {
         self.enforce_limit_if_far_over();
     }
 
-    /// Pages (resident and twins) over the local-memory limit.
+    /// Pages (resident, twins and the ring of recent victims) over the local-memory limit.
     fn over_limit(&self) -> usize {
-        (self.resident + self.twins.in_use()).saturating_sub(self.config.capacity_pages)
+        (self.resident + self.twins.in_use() + self.ring_reserve).saturating_sub(self.config.capacity_pages)
     }
 
     /// The run loop evicts once per round, after sending the round's fetches; a round that

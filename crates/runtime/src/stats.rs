@@ -85,6 +85,9 @@ pub struct RuntimeStats {
     pub remote_faults: AtomicU64,
     /// Missing-page faults on never-written pages, served locally with zeros.
     pub zero_faults: AtomicU64,
+    /// Missing-page faults on pages evicted moments before and still held locally (async
+    /// tracking's ring of recent victims), served by moving them back: no network trip.
+    pub rescued_faults: AtomicU64,
     /// Write-protect faults (first write to a clean resident page).
     pub write_faults: AtomicU64,
     /// Pages fetched from memory hosts.
@@ -153,6 +156,7 @@ impl RuntimeStats {
         for c in [
             &self.remote_faults,
             &self.zero_faults,
+            &self.rescued_faults,
             &self.write_faults,
             &self.pages_fetched,
             &self.pages_evicted,
@@ -187,6 +191,7 @@ impl RuntimeStats {
         StatsSnapshot {
             remote_faults: self.remote_faults.load(Relaxed),
             zero_faults: self.zero_faults.load(Relaxed),
+            rescued_faults: self.rescued_faults.load(Relaxed),
             write_faults: self.write_faults.load(Relaxed),
             pages_fetched: self.pages_fetched.load(Relaxed),
             pages_evicted: self.pages_evicted.load(Relaxed),
@@ -227,6 +232,8 @@ pub struct StatsSnapshot {
     pub remote_faults: u64,
     /// See [`RuntimeStats::zero_faults`].
     pub zero_faults: u64,
+    /// See [`RuntimeStats::rescued_faults`].
+    pub rescued_faults: u64,
     /// See [`RuntimeStats::write_faults`].
     pub write_faults: u64,
     /// See [`RuntimeStats::pages_fetched`].
@@ -288,9 +295,9 @@ pub struct StatsSnapshot {
 }
 
 impl StatsSnapshot {
-    /// All faults that needed the handler (remote, zero-fill and write-protect).
+    /// All faults that needed the handler (remote, zero-fill, rescued and write-protect).
     pub fn faults(&self) -> u64 {
-        self.remote_faults + self.zero_faults + self.write_faults
+        self.remote_faults + self.zero_faults + self.rescued_faults + self.write_faults
     }
 }
 

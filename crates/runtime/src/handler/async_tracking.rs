@@ -17,12 +17,19 @@ use clustermem_mmap::AnonMapping;
 use clustermem_proto::PAGE_SIZE;
 use clustermem_uffd::{PagemapScanner, RegisterMode, Uffd, UffdError};
 
-use super::{chain, unkey, Core, PageState};
-use crate::policy::PageKey;
+use super::{chain, key, unkey, Core, PageState};
+use crate::policy::{PageKey, PageMap};
 use crate::RuntimeError;
 
-/// Pages of the staging area victims are moved into; dropped together when full.
+/// Pages of the staging area victims are moved into when no ring is kept (a small local
+/// memory): dropped together at the end of each eviction batch.
 pub(super) const STAGING_PAGES: usize = 256;
+/// A ring of recent victims is kept when it can hold 1/RING_SHARE of local memory and at
+/// least STAGING_PAGES (one eviction batch).
+const RING_SHARE: usize = 16;
+/// Slots dropped at once ahead of the ring's head: one `MADV_DONTNEED` (and TLB flush) per
+/// this many victims rather than one per run.
+const DROP_AHEAD: usize = 64;
 
 /// What async tracking needs besides the userfaultfd.
 pub(crate) struct AsyncTracker {
@@ -30,8 +37,16 @@ pub(crate) struct AsyncTracker {
     /// Where eviction victims are moved: registered with the same userfaultfd (`UFFDIO_MOVE`
     /// requires it), and never touched by the program.
     staging: AnonMapping,
-    /// Slots of `staging` in use since it was last dropped.
-    staged: usize,
+    /// The page each slot of `staging` holds (None: empty, or not known to hold one).
+    slots: Vec<Option<PageKey>>,
+    /// The slot holding each staged page.
+    staged_at: PageMap<PageKey, usize>,
+    /// The next slot to fill, and the end of the run of slots from it known to be empty.
+    head: usize,
+    empty_until: usize,
+    /// Whether staged pages stay until their slots are needed again (a ring of recent
+    /// victims, counted in local memory), or leave at the end of each eviction batch.
+    ring: bool,
     /// Victims' bytes taken before their scan.
     before: Box<[u8]>,
     /// Which victims of a run were written before their scan.
@@ -49,11 +64,14 @@ pub(crate) struct AsyncTracker {
 
 impl AsyncTracker {
     /// Opens the pagemap and maps and registers the staging area on `uffd`, which must have
-    /// been opened with `WP_ASYNC` and `MOVE`.
-    pub(crate) fn new(uffd: &Uffd) -> Result<Self, RuntimeError> {
+    /// been opened with `WP_ASYNC` and `MOVE`. With `capacity_pages` of local memory, a ring
+    /// of recent victims is kept if it is large enough to be worth it (see `ring_for`).
+    pub(crate) fn new(uffd: &Uffd, capacity_pages: usize) -> Result<Self, RuntimeError> {
         let scanner = PagemapScanner::open()
             .map_err(|source| RuntimeError::Os { what: "opening /proc/self/pagemap", source })?;
-        let staging = AnonMapping::new(STAGING_PAGES * PAGE_SIZE)
+        let ring = ring_for(capacity_pages);
+        let len = ring.max(STAGING_PAGES);
+        let staging = AnonMapping::new(len * PAGE_SIZE)
             .map_err(|source| RuntimeError::Os { what: "mapping the eviction staging area", source })?;
         // `UFFDIO_MOVE` wants the destination registered on the same userfaultfd and both
         // ends with the same access flags and protection: register it as the regions are.
@@ -61,10 +79,24 @@ impl AsyncTracker {
         // SAFETY: the staging area is this tracker's own mapping, nothing else holds its
         // address; the handler only ever reads pages it moved there itself.
         unsafe { uffd.register(staging.as_ptr() as usize, staging.len(), mode) }?;
+        // A forked child must not share the staged pages: a page shared with a child cannot
+        // be moved back (`EBUSY`), and the child has no use for it.
+        // SAFETY: madvise on the tracker's own mapping; DONTFORK changes only what a child gets.
+        if unsafe { libc::madvise(staging.as_ptr().cast(), staging.len(), libc::MADV_DONTFORK) } != 0 {
+            let source = std::io::Error::last_os_error();
+            return Err(RuntimeError::Os {
+                what: "keeping the eviction staging area out of forked children",
+                source,
+            });
+        }
         Ok(Self {
             scanner,
             staging,
-            staged: 0,
+            slots: vec![None; len],
+            staged_at: PageMap::default(),
+            head: 0,
+            empty_until: len,
+            ring: ring > 0,
             before: vec![0u8; STAGING_PAGES * PAGE_SIZE].into_boxed_slice(),
             written: Vec::new(),
             victims: Vec::new(),
@@ -72,6 +104,70 @@ impl AsyncTracker {
             sweep: Vec::new(),
             reported: Vec::new(),
         })
+    }
+
+    /// Local memory the ring of recent victims keeps (0: no ring).
+    pub(crate) fn ring_pages(&self) -> usize {
+        if self.ring {
+            self.slots.len()
+        } else {
+            0
+        }
+    }
+
+    /// Address of slot `slot`.
+    fn slot_addr(&self, slot: usize) -> usize {
+        self.staging.as_ptr() as usize + slot * PAGE_SIZE
+    }
+
+    /// Takes `n` adjacent empty slots (n <= STAGING_PAGES) at the head, dropping the oldest
+    /// staged pages to make room. Returns the first.
+    fn take_slots(&mut self, n: usize) -> usize {
+        if self.head + n > self.slots.len() {
+            self.head = 0;
+            self.empty_until = 0;
+        }
+        if self.empty_until < self.head + n {
+            let end = (self.head + n.max(DROP_AHEAD)).min(self.slots.len());
+            self.drop_slots(self.head, end);
+            self.empty_until = end;
+        }
+        let first = self.head;
+        self.head += n;
+        first
+    }
+
+    /// Drops the pages in slots `from..to` (their write-backs were queued, which copied them).
+    fn drop_slots(&mut self, from: usize, to: usize) {
+        if from >= to {
+            return;
+        }
+        for slot in from..to {
+            if let Some(k) = self.slots[slot].take() {
+                if self.staged_at.get(&k) == Some(&slot) {
+                    self.staged_at.remove(&k);
+                }
+            }
+        }
+        // SAFETY: the staging area is the tracker's own mapping; dropping its pages leaves
+        // the slots empty for the next moves.
+        let rc = unsafe {
+            libc::madvise(
+                self.slot_addr(from) as *mut libc::c_void,
+                (to - from) * PAGE_SIZE,
+                libc::MADV_DONTNEED,
+            )
+        };
+        debug_assert_eq!(rc, 0);
+    }
+
+    /// Drops every staged page.
+    fn drop_all(&mut self) {
+        // Slots head..empty_until are empty already.
+        self.drop_slots(0, self.head);
+        self.drop_slots(self.empty_until, self.slots.len());
+        self.head = 0;
+        self.empty_until = self.slots.len();
     }
 
     /// Whether a failure of `op` with `e`'s errno is new (and notes it).
@@ -85,7 +181,67 @@ impl AsyncTracker {
     }
 }
 
+/// Local memory kept for the ring of recent victims with `capacity_pages` of it (0: none).
+fn ring_for(capacity_pages: usize) -> usize {
+    let ring = capacity_pages / RING_SHARE;
+    if ring >= STAGING_PAGES {
+        ring
+    } else {
+        0
+    }
+}
+
 impl Core {
+    /// Serves a fault on page `page` of region `id` from the ring of recent victims, if the
+    /// page is there: moved back (no network trip) and resident again. Returns whether it was.
+    /// The page is clean (its write-back was queued when it left); its host copy is current.
+    pub(super) fn rescue(&mut self, id: u32, page: usize) -> bool {
+        let k = key(id, page);
+        let Some(tracker) = self.tracker.as_mut() else { return false };
+        let Some(&slot) = tracker.staged_at.get(&k) else { return false };
+        tracker.staged_at.remove(&k);
+        if tracker.slots[slot] != Some(k) {
+            return false;
+        }
+        tracker.slots[slot] = None;
+        let from = tracker.slot_addr(slot);
+        let region = self.regions.get_mut(&id).expect("caller checked");
+        let addr = region.addr(page);
+        // SAFETY: the slot holds the page moved there at its eviction (the slot and the map
+        // agree); the region's page is not resident (the caller checked), so it is empty.
+        let (moved, result) = unsafe { self.uffd.move_pages(addr, from, PAGE_SIZE) };
+        if moved < PAGE_SIZE {
+            if let Err(e) = result {
+                let tracker = self.tracker.as_mut().expect("async tracking");
+                if tracker.first_report("move back", &e) {
+                    eprintln!(
+                        "clustermem: cannot move back page {addr:#x} (fetched instead; said once): {}",
+                        chain(&e)
+                    );
+                }
+            }
+            return false;
+        }
+        // The move made the page writable and unprotected, which `PAGEMAP_SCAN` would report
+        // as written: protect it before the thread runs, so its next store is seen as one.
+        if let Err(e) = self.uffd.write_protect(addr, PAGE_SIZE, true, false) {
+            // Left unprotected, it counts as written: one needless write-back, nothing lost.
+            let tracker = self.tracker.as_mut().expect("async tracking");
+            if tracker.first_report("protect", &e) {
+                eprintln!("clustermem: cannot protect page {addr:#x} moved back (said once): {}", chain(&e));
+            }
+        }
+        region.pages[page] |= PageState::RESIDENT;
+        self.resident += 1;
+        self.policy.insert(k);
+        self.policy.touch(k);
+        self.stats.rescued_faults.fetch_add(1, Relaxed);
+        self.last_wake = Instant::now();
+        let _ = self.uffd.wake(addr, PAGE_SIZE);
+        self.enforce_limit_if_far_over();
+        true
+    }
+
     /// Evicts until resident pages fit the local-memory limit, under async tracking:
     /// victims are taken a batch at a time and adjacent ones leave together (one scan, one
     /// move and one TLB flush a run).
@@ -125,8 +281,11 @@ impl Core {
                 i += n;
             }
         }
-        self.drop_staged();
-        self.tracker.as_mut().expect("async tracking").victims = victims;
+        let tracker = self.tracker.as_mut().expect("async tracking");
+        if !tracker.ring {
+            tracker.drop_all();
+        }
+        tracker.victims = victims;
     }
 
     /// Moves the resident pages `run` (adjacent, of one region) out, writes back those that
@@ -139,9 +298,7 @@ impl Core {
         let len = n * PAGE_SIZE;
         let started = Instant::now();
         let tracker = self.tracker.as_mut().expect("async tracking");
-        if tracker.staged + n > STAGING_PAGES {
-            drop_staged(tracker);
-        }
+        let first_slot = tracker.take_slots(n);
         // SAFETY: the pages are resident (victims), mapped and readable. Program threads may
         // store into them meanwhile (async tracking lets writers in): plain memory written
         // through raw pointers, which a byte copy may see torn. Such a store is caught by the
@@ -153,24 +310,27 @@ impl Core {
         let scanned = tracker.scanner.scan_written(addr, addr + len, false, |s, e| {
             written[(s - addr) / PAGE_SIZE..(e - addr) / PAGE_SIZE].fill(true);
         });
-        let slot = tracker.staging.as_ptr() as usize + tracker.staged * PAGE_SIZE;
+        let slot = tracker.slot_addr(first_slot);
         let (mut moved, mut result) = match scanned {
             // SAFETY: the run is resident pages of a region this handler serves: a touch of
             // them after the move faults to us as missing, and the page state says to fetch.
-            // The slots from `staged` on have not been filled since the area was last dropped.
+            // `take_slots` emptied the slots.
             Ok(()) => unsafe { self.uffd.move_pages(slot, addr, len) },
             Err(e) => (0, Err(e)),
         };
+        let mut first_slot = first_slot;
         if moved == 0 && result.as_ref().err().and_then(UffdError::ioctl_errno) == Some(libc::EEXIST) {
             // A slot is taken though none should be, and the victim is still in place (a
             // page the kernel moved anyway is counted by `move_pages`): drop every slot,
             // whose pages were all written back already, and try once more from the first.
-            tracker.staged = STAGING_PAGES;
-            drop_staged(tracker);
+            tracker.head = 0;
+            tracker.empty_until = 0;
+            tracker.drop_all();
+            first_slot = tracker.take_slots(n);
             // SAFETY: as above; the whole area is empty now.
-            (moved, result) = unsafe { self.uffd.move_pages(tracker.staging.as_ptr() as usize, addr, len) };
+            (moved, result) = unsafe { self.uffd.move_pages(tracker.slot_addr(first_slot), addr, len) };
         }
-        let slot = tracker.staging.as_ptr() as usize + tracker.staged * PAGE_SIZE;
+        let slot = tracker.slot_addr(first_slot);
         let moved = moved / PAGE_SIZE;
         if let Err(e) = result {
             // E.g. EBUSY: a forked child shares the page, and moving it would take it from
@@ -183,7 +343,10 @@ impl Core {
                 );
             }
         }
-        tracker.staged += moved;
+        for k in 0..moved {
+            tracker.slots[first_slot + k] = Some(key(id, first + k));
+            tracker.staged_at.insert(key(id, first + k), first_slot + k);
+        }
         self.stats.tracking_scans.fetch_add(1, Relaxed);
         self.stats.tracking_ns.fetch_add(elapsed_ns(started), Relaxed);
         for k in 0..moved {
@@ -287,27 +450,6 @@ impl Core {
         self.stats.pages_flushed.fetch_add(sent as u64, Relaxed);
         (stop, sent)
     }
-
-    /// Drops the pages moved to the staging area (after their write-backs were queued, which
-    /// copied them).
-    pub(super) fn drop_staged(&mut self) {
-        if let Some(tracker) = self.tracker.as_mut() {
-            drop_staged(tracker);
-        }
-    }
-}
-
-fn drop_staged(tracker: &mut AsyncTracker) {
-    if tracker.staged == 0 {
-        return;
-    }
-    // SAFETY: the staging area is the tracker's own mapping and the pages in it were copied
-    // into send buffers already; dropping them leaves the slots empty for the next moves.
-    let rc = unsafe {
-        libc::madvise(tracker.staging.as_ptr().cast(), tracker.staged * PAGE_SIZE, libc::MADV_DONTNEED)
-    };
-    debug_assert_eq!(rc, 0);
-    tracker.staged = 0;
 }
 
 fn elapsed_ns(since: Instant) -> u64 {
