@@ -185,6 +185,84 @@ fn pages_moved_back_from_the_ring_of_recent_victims_keep_their_stores() {
     assert!(stats.rescued_faults > 100, "pages came back from the ring: {stats:?}");
 }
 
+/// Async tracking with a ring of recent victims, under what an allocator does: words
+/// written and read back at random, runs of pages discarded (freed: they read as zeros
+/// after) and rewritten, and sequential sweeps that start the prefetcher, whose windows
+/// cover pages in the ring. Each read is checked against a shadow as it happens: a page
+/// moved back stale, or one that missed its discard, fails at once.
+#[test]
+fn discarded_and_moved_back_pages_read_what_was_last_written() {
+    use std::sync::atomic::Ordering::Relaxed;
+    require_userfaultfd();
+    let a = HostProcess::start("128M");
+    let rt = Runtime::start(RuntimeConfig {
+        hosts: vec![a.addr.clone()],
+        local_mem_bytes: 16 << 20,
+        slab_bytes: 1 << 20,
+        dirty_tracking: DirtyTracking::Async,
+        writeback: WritebackMode::Page,
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let region = rt.map(64 << 20).unwrap();
+    let words = region.as_atomic_u64s();
+    let pages = region.len() / 4096;
+    let per_page = 4096 / 8;
+    let mut shadow = vec![0u64; words.len()];
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for round in 0..300_000u64 {
+        let r = next();
+        match r % 100 {
+            0 => {
+                // Free a run of pages, as an allocator gives memory back.
+                let (first, n) = (r as usize / 100 % pages, 1 + (r >> 40) as usize % 32);
+                let n = n.min(pages - first);
+                region.discard(first * 4096, n * 4096).unwrap();
+                shadow[first * per_page..(first + n) * per_page].fill(0);
+            }
+            1 => {
+                // A sequential sweep (reads) over 64 pages: the prefetcher follows it.
+                let first = r as usize / 100 % (pages - 64);
+                for p in first..first + 64 {
+                    let i = p * per_page + (round as usize % per_page);
+                    assert_eq!(
+                        words[i].load(Relaxed),
+                        shadow[i],
+                        "word {i} (page {p}) in a sweep, round {round}"
+                    );
+                }
+            }
+            _ => {
+                // A working set sliding through the region, a little larger than local
+                // memory: pages evicted moments ago come back.
+                let page = (round as usize / 16 + pages - (r >> 8) as usize % 4500) % pages;
+                let i = page * per_page + (r >> 24) as usize % per_page;
+                assert_eq!(
+                    words[i].load(Relaxed),
+                    shadow[i],
+                    "word {i} (page {}), round {round}",
+                    i / per_page
+                );
+                if r & 1 == 0 {
+                    words[i].store(r, Relaxed);
+                    shadow[i] = r;
+                }
+            }
+        }
+    }
+    for (i, (w, s)) in words.iter().zip(&shadow).enumerate() {
+        assert_eq!(w.load(Relaxed), *s, "word {i} at the end");
+    }
+    let stats = rt.stats().snapshot();
+    assert!(stats.rescued_faults > 100 && stats.pages_evicted > 10_000, "{stats:?}");
+}
+
 /// Returns the runtime's figures once every word has been checked.
 fn redirtied_pages_survive(
     dirty_tracking: DirtyTracking,
