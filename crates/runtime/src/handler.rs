@@ -94,6 +94,8 @@ const EVICTION_DEFER: Duration = Duration::from_micros(10);
 
 /// Fresh pages filled with zeros at once for a program writing fresh memory in order.
 const ZERO_RUN: usize = 16;
+/// Streams of fresh memory written in order followed per region (see `zero_tails`).
+const ZERO_STREAMS: usize = 4;
 
 /// A new connection to host (index) that was found dead.
 type RedialResult = (usize, Result<(Link, FrameReader), RuntimeError>);
@@ -230,9 +232,11 @@ struct RegionState {
     prefetch: PrefetchMode,
     /// The miss streams of the threads faulting on it, for prefetching.
     streams: Streams,
-    /// The last page filled with zeros for a write fault (usize::MAX: none yet), to spot a
-    /// program writing fresh memory in order.
-    last_zero_write: usize,
+    /// The last pages filled with zeros for write faults, one per stream of fresh memory
+    /// written in order (usize::MAX: none), the least recent first: an allocator carving
+    /// several extents at once (one per size class) writes several such streams
+    /// interleaved, and one remembered page saw none of them.
+    zero_tails: [usize; ZERO_STREAMS],
     /// Where a host-followed pointer chain stopped at its lead bound: the next address to
     /// follow from and its depth (see `pointer_chase`).
     stalled_chain: Option<(u64, u8)>,
@@ -1007,7 +1011,7 @@ impl Handler {
                 prefetch,
                 streams: Streams::default(),
                 stalled_chain: None,
-                last_zero_write: usize::MAX,
+                zero_tails: [usize::MAX; ZERO_STREAMS],
             },
         );
         let committed = if commit { self.commit(id, 0, pages) } else { Ok(()) };
@@ -1329,7 +1333,8 @@ impl Core {
         } else {
             // Never written back: the host copy is zeros, so no network trip.
             self.stats.zero_faults.fetch_add(1, Relaxed);
-            let sequential = write && region.last_zero_write.wrapping_add(1) == page;
+            let stream = region.zero_tails.iter().position(|&t| t.wrapping_add(1) == page);
+            let sequential = write && stream.is_some();
             let run = if sequential {
                 1 + (1..ZERO_RUN)
                     .take_while(|k| region.pages.get(page + k) == Some(&0) && region.committed(page + k))
@@ -1338,7 +1343,10 @@ impl Core {
                 1
             };
             if write {
-                region.last_zero_write = page + run - 1;
+                // The stream it continues (or, for a new one, the least recent) moves last.
+                let i = stream.unwrap_or(0);
+                region.zero_tails[i..].rotate_left(1);
+                region.zero_tails[ZERO_STREAMS - 1] = page + run - 1;
             }
             if run > 1 && self.install_zero_run(id, page, run) {
                 return;
