@@ -177,13 +177,13 @@ extern "C" fn init() {
     ));
     let arena = usize::try_from(arena).unwrap_or(usize::MAX);
     let region = runtime.reserve(arena).unwrap_or_else(|e| die(&format!("cannot reserve the arena: {e}")));
-    // SAFETY: the arena is this library's mapping; DONTFORK keeps it out of forked children,
-    // which could not reach its pages (see the crate docs).
-    if unsafe { libc::madvise(region.as_ptr().cast(), region.len(), libc::MADV_DONTFORK) } != 0 {
-        die(&format!("madvise(MADV_DONTFORK) on the arena: {}", std::io::Error::last_os_error()));
-    }
     ARENA_BASE.store(region.as_ptr() as usize, Relaxed);
     ARENA_LEN.store(region.len(), Relaxed);
+    // Out of forked children, which could not reach its pages, but around a fork that may
+    // share it (see the crate docs).
+    if let Err(e) = arena_to_children(false) {
+        die(&format!("madvise(MADV_DONTFORK) on the arena: {e}"));
+    }
     let min = usize::try_from(min).unwrap_or(usize::MAX);
     if STATE.set(State::new(runtime, region, min, span_bytes)).is_err() {
         die("initialised twice");
