@@ -44,9 +44,9 @@ pub(crate) struct AsyncTracker {
     /// The next slot to fill, and the end of the run of slots from it known to be empty.
     head: usize,
     empty_until: usize,
-    /// Whether staged pages stay until their slots are needed again (a ring of recent
-    /// victims, counted in local memory), or leave at the end of each eviction batch.
-    ring: bool,
+    /// Local memory kept for staged pages, which stay until their slots are needed again (a
+    /// ring of recent victims); 0: they leave at the end of each eviction batch.
+    ring_pages: usize,
     /// Victims' bytes taken before their scan.
     before: Box<[u8]>,
     /// Which victims of a run were written before their scan.
@@ -96,7 +96,7 @@ impl AsyncTracker {
             staged_at: PageMap::default(),
             head: 0,
             empty_until: len,
-            ring: ring > 0,
+            ring_pages: ring,
             before: vec![0u8; STAGING_PAGES * PAGE_SIZE].into_boxed_slice(),
             written: Vec::new(),
             victims: Vec::new(),
@@ -108,11 +108,7 @@ impl AsyncTracker {
 
     /// Local memory the ring of recent victims keeps (0: no ring).
     pub(crate) fn ring_pages(&self) -> usize {
-        if self.ring {
-            self.slots.len()
-        } else {
-            0
-        }
+        self.ring_pages
     }
 
     /// Address of slot `slot`.
@@ -161,11 +157,10 @@ impl AsyncTracker {
         debug_assert_eq!(rc, 0);
     }
 
-    /// Drops every staged page.
+    /// Drops every staged page (one `MADV_DONTNEED` over the whole area: empty slots cost
+    /// nothing to drop).
     fn drop_all(&mut self) {
-        // Slots head..empty_until are empty already.
-        self.drop_slots(0, self.head);
-        self.drop_slots(self.empty_until, self.slots.len());
+        self.drop_slots(0, self.slots.len());
         self.head = 0;
         self.empty_until = self.slots.len();
     }
@@ -282,7 +277,7 @@ impl Core {
             }
         }
         let tracker = self.tracker.as_mut().expect("async tracking");
-        if !tracker.ring {
+        if tracker.ring_pages == 0 {
             tracker.drop_all();
         }
         tracker.victims = victims;
@@ -323,8 +318,6 @@ impl Core {
             // A slot is taken though none should be, and the victim is still in place (a
             // page the kernel moved anyway is counted by `move_pages`): drop every slot,
             // whose pages were all written back already, and try once more from the first.
-            tracker.head = 0;
-            tracker.empty_until = 0;
             tracker.drop_all();
             first_slot = tracker.take_slots(n);
             // SAFETY: as above; the whole area is empty now.
