@@ -40,6 +40,11 @@ pub struct FrameReader {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    /// The frame `recv` returned last (kind, payload range in `buf`): its bytes stay put
+    /// until the next `recv`.
+    last: Option<(u8, usize, usize)>,
+    /// Frames `recv` has returned.
+    frames: u64,
 }
 
 const READ_CHUNK: usize = 256 << 10;
@@ -60,7 +65,7 @@ impl FrameReader {
     /// Wraps `stream`, switching it to non-blocking mode.
     pub fn new(stream: TcpStream) -> io::Result<Self> {
         stream.set_nonblocking(true)?;
-        Ok(Self { stream, buf: vec![0; READ_BUFFER], start: 0, end: 0 })
+        Ok(Self { stream, buf: vec![0; READ_BUFFER], start: 0, end: 0, last: None, frames: 0 })
     }
 
     /// Whether a whole frame is already buffered (the next `recv` will not touch the socket).
@@ -83,6 +88,7 @@ impl FrameReader {
         spin_until: Option<Instant>,
         deadline: Option<Instant>,
     ) -> Result<(u64, Message<'_>), RecvError> {
+        self.last = None;
         let header = loop {
             if self.end - self.start >= HEADER_LEN {
                 let head: &[u8; HEADER_LEN] =
@@ -102,7 +108,23 @@ impl FrameReader {
         self.start = payload_end;
         let payload = &self.buf[payload_start..payload_end];
         header.verify(payload)?;
-        Ok((header.request_id, Message::decode(header.kind, payload)?))
+        let msg = Message::decode(header.kind, payload)?;
+        self.last = Some((header.kind, payload_start, payload_end));
+        self.frames += 1;
+        Ok((header.request_id, msg))
+    }
+
+    /// How many frames `recv` has returned: a caller that keeps using the last one after
+    /// `recv` returned it checks that this has not moved.
+    pub fn frames_received(&self) -> u64 {
+        self.frames
+    }
+
+    /// The message `recv` returned last, again (decoded from the same bytes, which stay in
+    /// the buffer until the next `recv`); None after a failed `recv`.
+    pub fn last_message(&self) -> Option<Message<'_>> {
+        let (kind, start, end) = self.last?;
+        Message::decode(kind, &self.buf[start..end]).ok()
     }
 
     /// Ensures `need` bytes fit from `start`, compacting or growing the buffer.
@@ -348,6 +370,27 @@ mod tests {
         }
         sender.join().unwrap();
         assert!(matches!(r.recv(None, None), Err(RecvError::Closed)));
+    }
+
+    #[test]
+    fn the_last_frame_can_be_read_again_until_the_next_recv() {
+        let (mut a, b) = pair();
+        let mut w = FrameWriter::new();
+        let (one, two) = (vec![1u8; 4096], vec![2u8; 4096]);
+        w.push(7, &Message::Pages { first_page: 1, data: &one });
+        w.push(8, &Message::Pages { first_page: 2, data: &two });
+        a.write_all(&std::mem::take(&mut w.buf)).unwrap();
+        let mut r = FrameReader::new(b).unwrap();
+        assert_eq!((r.frames_received(), r.last_message()), (0, None));
+        r.recv(None, None).unwrap();
+        assert_eq!(r.frames_received(), 1);
+        assert_eq!(r.last_message(), Some(Message::Pages { first_page: 1, data: &one }));
+        r.recv(None, None).unwrap();
+        assert_eq!(r.frames_received(), 2);
+        assert_eq!(r.last_message(), Some(Message::Pages { first_page: 2, data: &two }));
+        drop(a);
+        assert!(r.recv(None, None).is_err());
+        assert_eq!((r.frames_received(), r.last_message()), (2, None), "a failed recv leaves nothing");
     }
 
     #[test]
