@@ -452,7 +452,7 @@ fn a_read_in_flight_across_a_discard_never_lands() {
     };
     write_and_push_out(&mut region, 0x11);
     region.flush().unwrap();
-    host.signal(libc::SIGSTOP);
+    host.stop();
     let read_first_byte = move || {
         // SAFETY: the region stays mapped until the end of the test, after both readers are
         // joined; a volatile load of one byte, which the runtime serves like any access.

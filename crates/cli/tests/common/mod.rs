@@ -76,6 +76,26 @@ impl HostProcess {
         unsafe { libc::kill(pid, signal) };
     }
 
+    /// Stops the host (SIGSTOP) and waits until every one of its threads is stopped: the
+    /// signal alone lands a moment later, and a request sent in between is still answered.
+    pub fn stop(&mut self) {
+        self.signal(libc::SIGSTOP);
+        let tasks = format!("/proc/{}/task", self.child.id());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stopped = || {
+            std::fs::read_dir(&tasks).expect("the host's tasks").all(|task| {
+                let stat =
+                    std::fs::read_to_string(task.expect("a task").path().join("stat")).unwrap_or_default();
+                // The state follows the command name's closing parenthesis.
+                stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+            })
+        };
+        while !stopped() {
+            assert!(Instant::now() < deadline, "the host did not stop within 10 s");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Sends SIGTERM and waits up to `timeout` for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         self.signal(libc::SIGTERM);
