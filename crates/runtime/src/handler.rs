@@ -23,6 +23,7 @@
 //! the eviction policy or the prefetch accounting see first stores then.)
 
 mod async_tracking;
+mod colocate;
 mod pointer_chase;
 mod redundant;
 
@@ -380,6 +381,25 @@ struct Core {
     eviction_paused: bool,
     /// The periodic flusher stopped at its chunk limit: the next round goes on.
     flush_backlog: bool,
+    /// While `poll_replies` applies a reply: its link and frame number, so an install from
+    /// it can leave its bookkeeping for later (see `DeferredInstall`).
+    reply_source: Option<(usize, u64)>,
+    deferred: Option<DeferredInstall>,
+}
+
+/// A fetched page is installed (and its thread woken) at once, but what follows (its twin,
+/// the dirty list, the policy, the eviction it may call for) waits until the requests of the
+/// next faults are sent: when the handler shares a CPU with the thread it woke, it runs again
+/// only at that thread's next fault, and all of this then stood between the fault and its
+/// request. The twin is copied from the reply, which stays in its reader's buffer until the
+/// next receive on that link; until then nothing else reads the reply's link or looks at the
+/// page's bookkeeping (the handler loop finishes the install right after sending).
+struct DeferredInstall {
+    region: u32,
+    page: usize,
+    dirty: bool,
+    /// Where the twin's bytes are (link, frame number), if the page gets a twin.
+    twin_from: Option<(usize, u64)>,
 }
 
 /// An error with its causes, for log lines.
@@ -566,6 +586,8 @@ impl Handler {
                 evicted_data: false,
                 eviction_paused: false,
                 flush_backlog: false,
+                reply_source: None,
+                deferred: None,
             },
             readers,
             reconnects_in_a_row: vec![0; hosts],
@@ -583,6 +605,7 @@ impl Handler {
         let mut events = [Event::Other(0); 64];
         let mut last_fault = Instant::now() - SPIN_WINDOW;
         let mut last_flush = Instant::now();
+        let mut colocation = colocate::Colocation::new();
         loop {
             let mut progress = false;
             if self.core.twins.in_use() > self.core.config.capacity_pages / TWIN_SHARE {
@@ -604,6 +627,9 @@ impl Handler {
             match self.core.uffd.read_events(&mut events) {
                 Ok(n) => {
                     for ev in &events[..n] {
+                        if let (Some(c), Event::PageFault { tid, .. }) = (colocation.as_mut(), ev) {
+                            c.on_fault(*tid);
+                        }
                         self.core.on_event(*ev);
                     }
                     if n > 0 {
@@ -615,6 +641,12 @@ impl Handler {
                     eprintln!("clustermem: fault handler cannot read userfaultfd: {e}");
                     return;
                 }
+            }
+            if self.core.deferred.is_some() {
+                // The requests of the faults just read go out before the last install's
+                // bookkeeping (see `DeferredInstall`).
+                self.flush_links();
+                self.finish_install();
             }
             match self.commands.try_recv() {
                 Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => return,
@@ -638,6 +670,16 @@ impl Handler {
                 self.flush_links();
             }
             progress |= self.poll_replies();
+            if self.core.deferred.is_some() {
+                // Back to the fault queue first (the reply stays unread behind it).
+                continue;
+            }
+            if let Some(c) =
+                colocation.as_mut().filter(|_| self.core.links.iter().all(|l| l.demand_reads == 0))
+            {
+                let stats = &self.core.stats;
+                c.follow(stats.remote_faults.load(Relaxed), stats.prefetch_issued.load(Relaxed));
+            }
             self.check_timeouts();
             if !self.core.rebuild_queue.is_empty()
                 && self.core.rebuild_stalled.is_none_or(|t| t.elapsed() >= REBUILD_RETRY)
@@ -664,7 +706,14 @@ impl Handler {
             let awaited = last_fault.elapsed() < REPLY_SPIN
                 && self.core.links.iter().any(|l| l.demand_reads > 0 && l.dead.is_none());
             if low_latency || awaited {
-                std::hint::spin_loop();
+                if colocation.as_ref().is_some_and(colocate::Colocation::pinned)
+                    && self.core.links.iter().all(|l| l.demand_reads == 0)
+                {
+                    // On the CPU of the thread we serve, which may want it now.
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
                 continue;
             }
             if self.core.gathers.values().any(redundant::Gather::partly_here)
@@ -679,8 +728,31 @@ impl Handler {
         }
     }
 
+    /// Finishes a deferred install (see `DeferredInstall`). Its twin is the reply's page,
+    /// read again from the reader; were the reply gone (it cannot be: nothing receives on its
+    /// link before this runs), the page would go without a twin, which only makes its
+    /// write-back a whole page.
+    fn finish_install(&mut self) {
+        let Some(d) = self.core.deferred.take() else { return };
+        let reply = d.twin_from.and_then(|(h, frame)| {
+            let reader = &self.readers[h];
+            if reader.frames_received() == frame {
+                reader.last_message()
+            } else {
+                None
+            }
+        });
+        let twin = match reply {
+            Some(Message::Pages { data, .. }) if data.len() == PAGE_SIZE => Some(data),
+            _ => None,
+        };
+        debug_assert_eq!(twin.is_some(), d.twin_from.is_some(), "the reply stays readable");
+        self.core.after_install(d.region, d.page, d.dirty, twin);
+    }
+
     /// Sleeps until a fault, a command or a reply arrives.
     fn sleep(&mut self) {
+        debug_assert!(self.core.deferred.is_none(), "finished before anything else receives");
         let mut fds = vec![
             libc::pollfd { fd: self.core.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: self.wakeup.as_raw_fd(), events: libc::POLLIN, revents: 0 },
@@ -733,6 +805,8 @@ impl Handler {
     /// (It may hold one more than we count: a slab allocation in flight when the connection
     /// dropped; its replay allocates another, and the first stays with the session.)
     fn link_failed(&mut self, h: usize, why: &str) {
+        // Its reader may be replaced below: a deferred install's reply is read first.
+        self.finish_install();
         let link = &self.core.links[h];
         if link.dead.is_some() {
             return;
@@ -860,11 +934,19 @@ impl Handler {
         for h in 0..self.readers.len() {
             while !self.core.links[h].pending.is_empty() && self.core.links[h].dead.is_none() {
                 let past = Some(Instant::now() - Duration::from_nanos(1));
+                // The number this frame will have if one arrives.
+                let frame = self.readers[h].frames_received() + 1;
                 match self.readers[h].recv(None, past) {
                     Ok((id, msg)) => {
                         any = true;
                         self.reconnects_in_a_row[h] = 0;
+                        self.core.reply_source = Some((h, frame));
                         self.core.on_reply(h, id, &msg);
+                        self.core.reply_source = None;
+                        if self.core.deferred.is_some() {
+                            // Its reply must stay in the buffer until the install is finished.
+                            return true;
+                        }
                     }
                     Err(RecvError::TimedOut(_)) => break,
                     Err(e) => {
@@ -899,6 +981,7 @@ impl Handler {
     /// Sends `msg` to host `h` and waits for its reply, applying replies to earlier requests
     /// on the way. For rare control requests (slab allocation), not the fault path.
     fn call(&mut self, h: usize, msg: &Message<'_>) -> Result<OwnedReply, String> {
+        debug_assert!(self.core.deferred.is_none(), "finished before anything else receives");
         if let Some(why) = &self.core.links[h].dead {
             return Err(why.clone());
         }
@@ -1534,14 +1617,23 @@ impl Core {
 
     /// Installs `data`, fetched for a fault (a `write` fault or not) on `page` of region `id`,
     /// and counts the fault: dirty at once when a write is predicted; nothing when the page was
-    /// served meanwhile.
-    fn install_fetched(&mut self, id: u32, page: usize, data: &[u8], write: bool, started: Instant) {
+    /// served meanwhile. With `source` (`data` is the page of that reply, see
+    /// `DeferredInstall`) the bookkeeping after the copy is deferred.
+    fn install_fetched(
+        &mut self,
+        id: u32,
+        page: usize,
+        data: &[u8],
+        write: bool,
+        started: Instant,
+        source: Option<(usize, u64)>,
+    ) {
         self.stats.remote_faults.fetch_add(1, Relaxed);
         self.stats.pages_fetched.fetch_add(1, Relaxed);
         match self.regions.get(&id).map(|r| r.pages[page]) {
             Some(s) if s & PageState::FETCHING != 0 => {
                 let predicted = !write && self.tracker.is_none() && self.write_predictor.predicts_write();
-                self.install(id, page, data, write || predicted);
+                self.install_from(id, page, data, write || predicted, source);
                 if let Some(r) = self.regions.get_mut(&id).filter(|_| predicted) {
                     if r.pages[page] & PageState::DIRTY != 0 {
                         r.pages[page] |= PageState::UNTRACKED;
@@ -1623,6 +1715,12 @@ impl Core {
     /// Installs `data` as page `page` of region `id`; dirty if it was a write fault. (Under
     /// async tracking a page installed writable is simply found written by the next scan.)
     fn install(&mut self, id: u32, page: usize, data: &[u8], write: bool) {
+        self.install_from(id, page, data, write, None);
+    }
+
+    /// As `install`; with `source` (the reply's link and frame, where `data` stays until
+    /// the next receive on that link), the bookkeeping after the copy is deferred.
+    fn install_from(&mut self, id: u32, page: usize, data: &[u8], write: bool, source: Option<(usize, u64)>) {
         let Some(region) = self.regions.get_mut(&id) else { return };
         let addr = region.addr(page);
         let dirty = write && self.tracker.is_none();
@@ -1642,7 +1740,20 @@ impl Core {
         // a twin buffer (cold: twins cycle through an eighth of local memory) took ~1 us off
         // the fault path (a fault's p50 0.7-1.0 us lower in `bench random --low-latency`,
         // the two orders alternating every 256 faults in one run).
-        if dirty && (region.coder.is_some() || self.twin_gate.admit(&self.config)) {
+        let twin = dirty && (region.coder.is_some() || self.twin_gate.admit(&self.config));
+        if let Some(source) = source {
+            debug_assert!(self.deferred.is_none(), "one install per reply");
+            self.deferred =
+                Some(DeferredInstall { region: id, page, dirty, twin_from: twin.then_some(source) });
+            return;
+        }
+        self.after_install(id, page, dirty, twin.then_some(data));
+    }
+
+    /// The bookkeeping of an installed page: its twin (a copy of `twin`, the host's bytes),
+    /// the dirty list, the policy, and an eviction if far over the limit.
+    fn after_install(&mut self, id: u32, page: usize, dirty: bool, twin: Option<&[u8]>) {
+        if let (Some(data), Some(region)) = (twin, self.regions.get_mut(&id)) {
             region.twins.insert(page, self.twins.take(data));
         }
         if dirty {
@@ -1903,7 +2014,9 @@ impl Core {
                 if data.len() == PAGE_SIZE =>
             {
                 self.stats.bytes_fetched.fetch_add(data.len() as u64, Relaxed);
-                self.install_fetched(region, page, data, write, started);
+                // The reply is this page: its bookkeeping may wait (see `DeferredInstall`).
+                let source = self.reply_source.take();
+                self.install_fetched(region, page, data, write, started, source);
                 if self.regions.get(&region).is_some_and(|r| r.prefetch == PrefetchMode::Pointer) {
                     self.chase_from_fault(region, page, offset);
                 }

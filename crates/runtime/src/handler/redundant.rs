@@ -271,7 +271,8 @@ impl Core {
             }
             GatherFor::Fault { write, started } => {
                 self.stats.degraded_reads.fetch_add(1, Relaxed);
-                self.install_fetched(g.region, g.first_page, content, write, started);
+                // (Assembled here, not one reply's bytes: nothing to defer.)
+                self.install_fetched(g.region, g.first_page, content, write, started, None);
             }
             GatherFor::Prefetch => {
                 self.stats.degraded_reads.fetch_add(g.count as u64, Relaxed);
