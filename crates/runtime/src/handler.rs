@@ -385,15 +385,18 @@ struct Core {
     /// it can leave its bookkeeping for later (see `DeferredInstall`).
     reply_source: Option<(usize, u64)>,
     deferred: Option<DeferredInstall>,
+    /// Whether installs defer their bookkeeping now (the handler shares its thread's CPU).
+    defer_installs: bool,
 }
 
-/// A fetched page is installed (and its thread woken) at once, but what follows (its twin,
-/// the dirty list, the policy, the eviction it may call for) waits until the requests of the
-/// next faults are sent: when the handler shares a CPU with the thread it woke, it runs again
-/// only at that thread's next fault, and all of this then stood between the fault and its
-/// request. The twin is copied from the reply, which stays in its reader's buffer until the
-/// next receive on that link; until then nothing else reads the reply's link or looks at the
-/// page's bookkeeping (the handler loop finishes the install right after sending).
+/// While the handler shares a CPU with the thread it serves (`colocate`), a fetched page is
+/// installed (and its thread woken) at once, but what follows (its twin, the dirty list, the
+/// policy, the eviction it may call for) waits until the requests of the next faults are
+/// sent: the handler runs again only at that thread's next fault, and all of this stood
+/// between the fault and its request. The twin is copied from the reply, which stays in its
+/// reader's buffer until the next receive on that link. Until the install is finished
+/// (right after the next sends) nothing receives on any link, writes anything back, or runs
+/// a command; only faults are read, served and sent.
 struct DeferredInstall {
     region: u32,
     page: usize,
@@ -588,6 +591,7 @@ impl Handler {
                 flush_backlog: false,
                 reply_source: None,
                 deferred: None,
+                defer_installs: false,
             },
             readers,
             reconnects_in_a_row: vec![0; hosts],
@@ -608,19 +612,26 @@ impl Handler {
         let mut colocation = colocate::Colocation::new();
         loop {
             let mut progress = false;
-            if self.core.twins.in_use() > self.core.config.capacity_pages / TWIN_SHARE {
-                // Only the pages with twins: written back, their twins are freed, and the
-                // dirty pages without one stay writable (flushing them would cost each a
-                // write-protect fault on its next store, for no memory back).
-                self.core.write_back_dirty(None, usize::MAX, true);
-            }
-            let backlog = self.core.flush_backlog;
-            if backlog || self.core.config.flush_interval.is_some_and(|i| last_flush.elapsed() >= i) {
-                if !backlog {
-                    last_flush = Instant::now();
+            // Installs defer their bookkeeping only while the handler shares its thread's CPU
+            // (elsewhere the thread runs meanwhile, and replies would wait a round each).
+            self.core.defer_installs = colocation.as_ref().is_some_and(colocate::Colocation::pinned);
+            // No write-back while an install waits for its bookkeeping: its page is dirty,
+            // and may be on the dirty list from before its last eviction, without its twin.
+            if self.core.deferred.is_none() {
+                if self.core.twins.in_use() > self.core.config.capacity_pages / TWIN_SHARE {
+                    // Only the pages with twins: written back, their twins are freed, and the
+                    // dirty pages without one stay writable (flushing them would cost each a
+                    // write-protect fault on its next store, for no memory back).
+                    self.core.write_back_dirty(None, usize::MAX, true);
                 }
-                self.core.flush_backlog = !self.core.write_back_dirty(None, FLUSH_CHUNK_PAGES, false);
-                progress |= self.core.flush_backlog;
+                let backlog = self.core.flush_backlog;
+                if backlog || self.core.config.flush_interval.is_some_and(|i| last_flush.elapsed() >= i) {
+                    if !backlog {
+                        last_flush = Instant::now();
+                    }
+                    self.core.flush_backlog = !self.core.write_back_dirty(None, FLUSH_CHUNK_PAGES, false);
+                    progress |= self.core.flush_backlog;
+                }
             }
             // Before reading faults, so a fault on a late prefetch fetches its page itself.
             self.core.expire_chases();
@@ -747,6 +758,7 @@ impl Handler {
             _ => None,
         };
         debug_assert_eq!(twin.is_some(), d.twin_from.is_some(), "the reply stays readable");
+        self.core.stats.deferred_installs.fetch_add(1, Relaxed);
         self.core.after_install(d.region, d.page, d.dirty, twin);
     }
 
@@ -940,7 +952,7 @@ impl Handler {
                     Ok((id, msg)) => {
                         any = true;
                         self.reconnects_in_a_row[h] = 0;
-                        self.core.reply_source = Some((h, frame));
+                        self.core.reply_source = self.core.defer_installs.then_some((h, frame));
                         self.core.on_reply(h, id, &msg);
                         self.core.reply_source = None;
                         if self.core.deferred.is_some() {

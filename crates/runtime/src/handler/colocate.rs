@@ -71,7 +71,9 @@ impl Colocation {
         }
         self.last_check = Instant::now();
         let (thread, several) = (self.thread.take(), std::mem::take(&mut self.several));
-        let (faulted, streamed) = (remote_faults - self.seen.0, prefetched - self.seen.1);
+        // (Saturating: the counters start again from zero when the statistics are reset.)
+        let (faulted, streamed) =
+            (remote_faults.saturating_sub(self.seen.0), prefetched.saturating_sub(self.seen.1));
         self.seen = (remote_faults, prefetched);
         let target = match thread {
             // No fault since the last check: stay where we are.
@@ -178,6 +180,10 @@ mod tests {
         c.last_check -= CHECK_EVERY;
         c.follow(40, 60);
         assert!(c.pinned.is_some(), "30 faults against 10 prefetched pages: followed again");
+        c.on_fault(me);
+        c.last_check -= CHECK_EVERY;
+        c.follow(0, 0);
+        assert!(c.pinned.is_some(), "statistics reset to zero: no underflow, still followed");
         c.on_fault(me);
         c.on_fault(me + 1);
         c.last_check -= CHECK_EVERY;
