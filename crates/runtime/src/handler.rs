@@ -712,19 +712,15 @@ impl Handler {
                 continue;
             }
             let fetching = self.core.links.iter().any(|l| !l.pending.is_empty() && l.dead.is_none());
+            // On its thread's CPU the handler never spins idle: the thread's next fault wakes
+            // it there without an interrupt, and spinning would only take the thread's turns.
+            let pinned = colocation.as_ref().is_some_and(colocate::Colocation::pinned);
             let low_latency =
-                self.core.config.low_latency && (fetching || last_fault.elapsed() < SPIN_WINDOW);
+                self.core.config.low_latency && !pinned && (fetching || last_fault.elapsed() < SPIN_WINDOW);
             let awaited = last_fault.elapsed() < REPLY_SPIN
                 && self.core.links.iter().any(|l| l.demand_reads > 0 && l.dead.is_none());
             if low_latency || awaited {
-                if colocation.as_ref().is_some_and(colocate::Colocation::pinned)
-                    && self.core.links.iter().all(|l| l.demand_reads == 0)
-                {
-                    // On the CPU of the thread we serve, which may want it now.
-                    std::thread::yield_now();
-                } else {
-                    std::hint::spin_loop();
-                }
+                std::hint::spin_loop();
                 continue;
             }
             if self.core.gathers.values().any(redundant::Gather::partly_here)
