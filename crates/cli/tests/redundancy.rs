@@ -138,7 +138,7 @@ fn serial() -> MutexGuard<'static, ()> {
 fn replicate_2_of_3_survives_a_killed_host() {
     let out = run_killing(
         3,
-        &["random", "--size", "64M", "--local-mem", "16M", "--ops", "80000", "--redundancy", "replicate:2"],
+        &["random", "--size", "64M", "--local-mem", "16M", "--ops", "120000", "--redundancy", "replicate:2"],
         &[1.5],
         TIMEOUT,
     );
@@ -149,7 +149,7 @@ fn replicate_2_of_3_survives_a_killed_host() {
 fn erasure_2_1_of_4_survives_a_killed_host() {
     let out = run_killing(
         4,
-        &["random", "--size", "64M", "--local-mem", "16M", "--ops", "70000", "--redundancy", "erasure:2+1"],
+        &["random", "--size", "64M", "--local-mem", "16M", "--ops", "120000", "--redundancy", "erasure:2+1"],
         &[1.5],
         TIMEOUT,
     );
@@ -172,7 +172,7 @@ fn assert_not_rebuilt(r: &serde_json::Value, out: &Output) {
 fn erasure_4_2_of_6_survives_two_killed_hosts_under_writes() {
     let out = run_killing(
         6,
-        &["random", "--size", "64M", "--local-mem", "16M", "--ops", "70000", "--redundancy", "erasure:4+2"],
+        &["random", "--size", "64M", "--local-mem", "16M", "--ops", "140000", "--redundancy", "erasure:4+2"],
         &[1.5, 2.5],
         TIMEOUT,
     );
@@ -186,7 +186,7 @@ fn erasure_4_2_of_6_survives_two_killed_hosts_under_writes() {
 fn erasure_4_2_of_8_survives_two_killed_hosts_under_writes() {
     let out = run_killing(
         8,
-        &["random", "--size", "64M", "--local-mem", "16M", "--ops", "70000", "--redundancy", "erasure:4+2"],
+        &["random", "--size", "64M", "--local-mem", "16M", "--ops", "140000", "--redundancy", "erasure:4+2"],
         &[1.5, 2.5],
         TIMEOUT,
     );
