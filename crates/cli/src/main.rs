@@ -149,9 +149,10 @@ struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     threads: usize,
     /// Busy-poll while faults are outstanding and for 100 us after (never when idle; the
-    /// default mode polls too, but only for a fault's reply, up to 50 us): on a 2-core VM
-    /// about 25-29 us instead of 31-35 us per random operation, for a core kept busy while
-    /// faults stream in; worth it unless the program needs that core.
+    /// default mode polls too, but only for a fault's reply, up to 50 us). While one thread
+    /// faults, the handler runs on that thread's CPU in both modes and does not poll idle
+    /// there: then the two are about as fast (on a 2-core VM 19-30 us per random operation
+    /// either way); the hosts still poll for requests, so the flag still keeps a core busy.
     #[arg(long)]
     low_latency: bool,
     /// Eviction policy: s3fifo (keeps hot pages; default) or fifo.
