@@ -385,8 +385,6 @@ struct Core {
     /// it can leave its bookkeeping for later (see `DeferredInstall`).
     reply_source: Option<(usize, u64)>,
     deferred: Option<DeferredInstall>,
-    /// Whether installs defer their bookkeeping now (the handler shares its thread's CPU).
-    defer_installs: bool,
 }
 
 /// While the handler shares a CPU with the thread it serves (`colocate`), a fetched page is
@@ -524,6 +522,9 @@ pub(crate) struct Handler {
     last_redial: Vec<Option<Instant>>,
     commands: Receiver<Command>,
     wakeup: Arc<Wakeup>,
+    /// Where the handler runs while one thread faults (see `colocate`); None if its
+    /// affinity cannot be read.
+    colocation: Option<colocate::Colocation>,
 }
 
 impl Handler {
@@ -591,7 +592,6 @@ impl Handler {
                 flush_backlog: false,
                 reply_source: None,
                 deferred: None,
-                defer_installs: false,
             },
             readers,
             reconnects_in_a_row: vec![0; hosts],
@@ -601,6 +601,7 @@ impl Handler {
             last_redial: vec![None; hosts],
             commands,
             wakeup,
+            colocation: colocate::Colocation::new(),
         })
     }
 
@@ -609,12 +610,8 @@ impl Handler {
         let mut events = [Event::Other(0); 64];
         let mut last_fault = Instant::now() - SPIN_WINDOW;
         let mut last_flush = Instant::now();
-        let mut colocation = colocate::Colocation::new();
         loop {
             let mut progress = false;
-            // Installs defer their bookkeeping only while the handler shares its thread's CPU
-            // (elsewhere the thread runs meanwhile, and replies would wait a round each).
-            self.core.defer_installs = colocation.as_ref().is_some_and(colocate::Colocation::pinned);
             // No write-back while an install waits for its bookkeeping: its page is dirty,
             // and may be on the dirty list from before its last eviction, without its twin.
             if self.core.deferred.is_none() {
@@ -638,7 +635,7 @@ impl Handler {
             match self.core.uffd.read_events(&mut events) {
                 Ok(n) => {
                     for ev in &events[..n] {
-                        if let (Some(c), Event::PageFault { tid, .. }) = (colocation.as_mut(), ev) {
+                        if let (Some(c), Event::PageFault { tid, .. }) = (self.colocation.as_mut(), ev) {
                             c.on_fault(*tid);
                         }
                         self.core.on_event(*ev);
@@ -686,7 +683,7 @@ impl Handler {
                 continue;
             }
             if let Some(c) =
-                colocation.as_mut().filter(|_| self.core.links.iter().all(|l| l.demand_reads == 0))
+                self.colocation.as_mut().filter(|_| self.core.links.iter().all(|l| l.demand_reads == 0))
             {
                 let stats = &self.core.stats;
                 c.follow(stats.remote_faults.load(Relaxed), stats.prefetch_issued.load(Relaxed));
@@ -714,9 +711,9 @@ impl Handler {
             let fetching = self.core.links.iter().any(|l| !l.pending.is_empty() && l.dead.is_none());
             // On its thread's CPU the handler never spins idle: the thread's next fault wakes
             // it there without an interrupt, and spinning would only take the thread's turns.
-            let pinned = colocation.as_ref().is_some_and(colocate::Colocation::pinned);
-            let low_latency =
-                self.core.config.low_latency && !pinned && (fetching || last_fault.elapsed() < SPIN_WINDOW);
+            let low_latency = self.core.config.low_latency
+                && !self.colocated()
+                && (fetching || last_fault.elapsed() < SPIN_WINDOW);
             let awaited = last_fault.elapsed() < REPLY_SPIN
                 && self.core.links.iter().any(|l| l.demand_reads > 0 && l.dead.is_none());
             if low_latency || awaited {
@@ -733,6 +730,11 @@ impl Handler {
             }
             self.sleep();
         }
+    }
+
+    /// Whether the handler runs on the CPU of the one thread that faults (see `colocate`).
+    fn colocated(&self) -> bool {
+        self.colocation.as_ref().is_some_and(colocate::Colocation::pinned)
     }
 
     /// Finishes a deferred install (see `DeferredInstall`). Its twin is the reply's page,
@@ -939,6 +941,9 @@ impl Handler {
     /// Applies every reply already received. Returns whether any was.
     fn poll_replies(&mut self) -> bool {
         let mut any = false;
+        // Installs defer their bookkeeping only while the handler shares its thread's CPU
+        // (elsewhere the thread runs meanwhile, and replies would wait a round each).
+        let defer = self.colocated();
         for h in 0..self.readers.len() {
             while !self.core.links[h].pending.is_empty() && self.core.links[h].dead.is_none() {
                 let past = Some(Instant::now() - Duration::from_nanos(1));
@@ -948,7 +953,7 @@ impl Handler {
                     Ok((id, msg)) => {
                         any = true;
                         self.reconnects_in_a_row[h] = 0;
-                        self.core.reply_source = self.core.defer_installs.then_some((h, frame));
+                        self.core.reply_source = defer.then_some((h, frame));
                         self.core.on_reply(h, id, &msg);
                         self.core.reply_source = None;
                         if self.core.deferred.is_some() {
