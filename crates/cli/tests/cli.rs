@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::{json, require_userfaultfd, run_with_timeout, stderr, HostProcess};
+use common::{json, process_state, require_userfaultfd, run_with_timeout, stderr, HostProcess};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -69,7 +69,7 @@ fn the_embedded_host_is_a_child_that_dies_with_bench() {
     // reaper (a container's first process may not reap).
     let alive = || {
         std::fs::read_to_string(format!("/proc/{host}/stat"))
-            .is_ok_and(|stat| stat.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+            .is_ok_and(|stat| process_state(&stat) != Some('Z'))
     };
     let killed = std::time::Instant::now();
     while alive() {

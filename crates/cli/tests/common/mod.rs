@@ -8,6 +8,12 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// The state letter of a `/proc/.../stat` line (R, S, T, Z...): it follows the command
+/// name's closing parenthesis (the name itself may hold parentheses).
+pub fn process_state(stat: &str) -> Option<char> {
+    stat.rsplit(')').next()?.trim_start().chars().next()
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_clustermem")
 }
@@ -86,8 +92,7 @@ impl HostProcess {
             std::fs::read_dir(&tasks).expect("the host's tasks").all(|task| {
                 let stat =
                     std::fs::read_to_string(task.expect("a task").path().join("stat")).unwrap_or_default();
-                // The state follows the command name's closing parenthesis.
-                stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+                process_state(&stat) == Some('T')
             })
         };
         while !stopped() {
