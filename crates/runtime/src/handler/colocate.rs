@@ -63,8 +63,8 @@ impl Colocation {
     /// prefetched pages so far: at most every [`CHECK_EVERY`], moves the handler to its
     /// thread's CPU, or back to its original set when several threads fault or when more
     /// pages came by prefetch than by fault. (A prefetched stream keeps the handler busy
-    /// while its thread computes: on one CPU they took turns, and a sequential scan ran
-    /// 25-35% slower.)
+    /// while its thread computes: on one CPU they took turns, and `bench seq-read` of 1 GiB
+    /// at 25% took 0.91 s against 0.68 s, `seq-write` 2.19 s against 1.85 s.)
     pub(super) fn follow(&mut self, remote_faults: u64, prefetched: u64) {
         if self.last_check.elapsed() < CHECK_EVERY {
             return;
