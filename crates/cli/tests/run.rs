@@ -268,6 +268,38 @@ print("calloc ok")
     assert_eq!(String::from_utf8_lossy(&out.stdout), "calloc ok\n");
 }
 
+/// A program with an allocator of its own (jemalloc, as redis has) gets its `malloc` calls
+/// forwarded, and that allocator's blocks lie in cluster memory. std allocates a thread's
+/// parking state through `malloc`, and the fault handler unparks threads waiting on it: were
+/// that state in cluster memory and evicted, the handler would fault on it and wait for
+/// itself (redis under `run` hung so). Without the local heap this run hung in 4 runs of 4.
+#[test]
+fn a_program_with_its_own_allocator_never_hangs_the_fault_handler() {
+    require_userfaultfd();
+    require_preload_library();
+    let jemalloc = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
+    assert!(
+        Path::new(jemalloc).exists(),
+        "{jemalloc} is missing: install libjemalloc2 (redis-server depends on it; .ci/run installs it)"
+    );
+    let script = program("own_allocator.py");
+    let ordinary = Command::new(python()).args([&script, "60000"]).output().expect("running python");
+    assert!(ordinary.status.success(), "{}", stderr(&ordinary));
+    let mut cmd = Command::new(bin());
+    cmd.args(["run", "--local-mem", "4M", "--", python(), &script, "60000"])
+        .env("LD_PRELOAD", jemalloc)
+        // Freed memory is purged at once, by jemalloc's own background thread too.
+        .env("MALLOC_CONF", "background_thread:true,dirty_decay_ms:0,muzzy_decay_ms:0");
+    let out = output_with_timeout(cmd, Duration::from_secs(90));
+    assert!(
+        out.status.success(),
+        "{:?} (killed after 90 s: the fault handler waits for itself?) {}",
+        out.status,
+        stderr(&out)
+    );
+    assert_eq!(out.stdout, ordinary.stdout, "the same digest as an ordinary run");
+}
+
 /// The program's exit status is ours; a signal death is 128+N; a missing program is 127.
 #[test]
 fn exit_statuses_pass_through() {

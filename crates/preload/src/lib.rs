@@ -28,6 +28,7 @@
 
 mod arena;
 mod hooks;
+mod local_heap;
 mod malloc;
 mod small;
 mod state;
@@ -40,7 +41,7 @@ use clustermem_runtime::{
     DirtyTracking, PrefetchMode, Redundancy, Runtime, RuntimeConfig, WritebackMode, PAGE_SIZE,
 };
 
-use state::{set_bypass, State, ARENA_BASE, ARENA_LEN, FORKED, SHARED_WITH_CHILD, STATE};
+use state::{bypassed, set_bypass, State, ARENA_BASE, ARENA_LEN, FORKED, SHARED_WITH_CHILD, STATE};
 
 /// Exit status of a process this library could not set up (as `env` and `timeout` use 125).
 pub const SETUP_FAILED: i32 = 125;
@@ -58,7 +59,8 @@ extern "C" {
 /// This library's own allocations (the runtime's tables, its messages) go straight to
 /// glibc's allocator, never to the program's malloc: the fault handler must not take a lock
 /// of the program's allocator that a thread waiting on a fault may hold, and its memory must
-/// not be routed into the region it serves.
+/// not be routed into the region it serves. (std allocates a few things, such as a thread's
+/// parking state, through `System`, that is `malloc`, past this: see `local_heap`.)
 struct LibcAllocator;
 
 // SAFETY: glibc's allocator returns blocks of at least the size asked, aligned to 16 bytes
@@ -215,11 +217,13 @@ fn arena_to_children(share: bool) -> std::io::Result<()> {
 /// complete (and then evicts nothing until the fork is over).
 extern "C" fn before_fork() {
     let Some(st) = state::active() else { return };
-    if st.runtime.pause_eviction_for_fork() {
+    // Bypassed: the call waits for the handler, which then touches this thread's parking
+    // state (see `local_heap`).
+    if bypassed(|| st.runtime.pause_eviction_for_fork()) {
         match arena_to_children(true) {
             Ok(()) => SHARED_WITH_CHILD.store(true, Relaxed),
             // The child goes without, as when its copy would be incomplete.
-            Err(_) => st.runtime.resume_eviction(),
+            Err(_) => bypassed(|| st.runtime.resume_eviction()),
         }
     }
 }
@@ -236,7 +240,7 @@ extern "C" fn after_fork_in_parent() {
             die(&format!("madvise(MADV_DONTFORK) on the arena after a fork: {e}"));
         }
         if let Some(st) = state::active() {
-            st.runtime.resume_eviction();
+            bypassed(|| st.runtime.resume_eviction());
         }
     }
 }

@@ -17,6 +17,7 @@ use std::sync::OnceLock;
 
 use libc::{c_int, c_void};
 
+use crate::local_heap::{self, LocalHeap};
 use crate::small::SMALL_MAX;
 use crate::state::{active, page_round, PlaceError, State};
 use clustermem_runtime::PAGE_SIZE;
@@ -114,6 +115,16 @@ fn is_boot(p: *mut c_void) -> bool {
     (base..base + (1 << 16)).contains(&(p as usize))
 }
 
+/// The local heap, for a thread whose memory stays ordinary under an allocator of the
+/// program's own, whose blocks may lie in cluster memory (see `local_heap`).
+fn local() -> Option<&'static LocalHeap> {
+    next().filter(|n| !n.glibc)?;
+    if !crate::state::bypassing() {
+        return None;
+    }
+    local_heap::heap()
+}
+
 /// The arena state when large blocks are ours to place (glibc's allocator, routing active).
 fn placing() -> Option<&'static State> {
     next().filter(|n| n.glibc).and(active())
@@ -201,6 +212,9 @@ fn free_block(st: &State, p: *mut c_void, block: Block) {
 /// `malloc(3)`.
 #[no_mangle]
 pub extern "C" fn malloc(size: usize) -> *mut c_void {
+    if let Some(h) = local() {
+        return h.alloc(size, 16);
+    }
     if let Some(p) = placing().and_then(|st| place(st, size, 16)) {
         return p;
     }
@@ -218,6 +232,10 @@ pub extern "C" fn malloc(size: usize) -> *mut c_void {
 #[no_mangle]
 pub unsafe extern "C" fn free(p: *mut c_void) {
     if p.is_null() || is_boot(p) {
+        return;
+    }
+    if let Some(h) = local_heap::holding(p) {
+        h.free(p);
         return;
     }
     if let Some((st, block)) = block_of(p) {
@@ -238,6 +256,15 @@ pub extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
         unsafe { *libc::__errno_location() = libc::ENOMEM };
         return std::ptr::null_mut();
     };
+    if let Some(h) = local() {
+        let p = h.alloc(total, 16);
+        if !p.is_null() {
+            // A freed block reused holds what it held.
+            // SAFETY: `p` is a block of at least `total` bytes, ours until returned.
+            unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0, total) };
+        }
+        return p;
+    }
     if let Some(st) = placing() {
         if let Some(p) = place(st, total, 16) {
             if total < st.min_bytes && !p.is_null() {
@@ -277,6 +304,22 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
             let avail = (BOOT.0.get() as usize + (1 << 16)) - p as usize;
             // SAFETY: both ranges are valid for the lengths copied and do not overlap.
             unsafe { std::ptr::copy_nonoverlapping(p.cast::<u8>(), q.cast::<u8>(), size.min(avail)) };
+        }
+        return q;
+    }
+    if let Some(h) = local_heap::holding(p) {
+        if size == 0 {
+            h.free(p);
+            return std::ptr::null_mut();
+        }
+        // From wherever this thread's blocks come now.
+        let q = malloc(size);
+        if !q.is_null() {
+            // SAFETY: `p` holds `usable_size` bytes and `q` at least `size`; distinct blocks.
+            unsafe {
+                std::ptr::copy_nonoverlapping(p.cast::<u8>(), q.cast::<u8>(), h.usable_size(p).min(size));
+            };
+            h.free(p);
         }
         return q;
     }
@@ -378,6 +421,9 @@ pub unsafe extern "C" fn reallocarray(p: *mut c_void, n: usize, size: usize) -> 
 /// `memalign(3)`.
 #[no_mangle]
 pub extern "C" fn memalign(align: usize, size: usize) -> *mut c_void {
+    if let Some(h) = local().filter(|_| align.is_power_of_two()) {
+        return h.alloc(size, align);
+    }
     if align.is_power_of_two() {
         if let Some(p) = placing().and_then(|st| place(st, size, align)) {
             return p;
@@ -435,6 +481,9 @@ pub extern "C" fn pvalloc(size: usize) -> *mut c_void {
 pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
     if p.is_null() || is_boot(p) {
         return 0;
+    }
+    if let Some(h) = local_heap::holding(p) {
+        return h.usable_size(p);
     }
     if let Some((_, block)) = block_of(p) {
         return block.size();

@@ -35,6 +35,11 @@ pub(crate) fn set_bypass(on: bool) {
     BYPASS.with(|b| b.set(on));
 }
 
+/// Whether the calling thread's memory stays ordinary (see `set_bypass` and `bypassed`).
+pub(crate) fn bypassing() -> bool {
+    BYPASS.with(Cell::get)
+}
+
 /// Says why the hosts refused memory the program asked for (it gets ENOMEM): at most one
 /// line a second, with how many more were refused meanwhile, since a program may retry
 /// every allocation (python retried 229,267 mmaps when a host was lost).
@@ -56,7 +61,7 @@ pub(crate) fn say_refused(what: std::fmt::Arguments<'_>) {
 /// reply channel and the thread's parking state that std allocates for a blocking call are
 /// touched by the fault handler, which must never fault on region memory itself (it would
 /// wait for itself).
-fn bypassed<T>(f: impl FnOnce() -> T) -> T {
+pub(crate) fn bypassed<T>(f: impl FnOnce() -> T) -> T {
     let before = BYPASS.with(|b| b.replace(true));
     let result = f();
     BYPASS.with(|b| b.set(before));
