@@ -9,14 +9,17 @@
 #   python      crates/cli/tests/programs/structures.py PY_N: lists, dicts and bytes several
 #               times LOCAL, hashed; the three outputs must be identical
 #   redis       redis-server (--save ''), redis-benchmark -t set,get -n REDIS_N -r REDIS_N
-#               -d 256, then redis_check.py writes REDIS_KEYS keys of REDIS_VALUE bytes and
-#               reads every key back (its own and redis-benchmark's), which must verify
+#               -d 256 (at the defaults ~2.5x LOCAL of data, so its requests page: with
+#               200000 keys, the default until stop 20, the data fitted in LOCAL and the
+#               rows measured an unpaged server), then redis_check.py writes REDIS_KEYS keys
+#               of REDIS_VALUE bytes and reads every key back (its own and redis-benchmark's),
+#               which must verify
 # Prints a table (wall seconds or requests/s; swap/this > 1 means faster than Linux swap)
 # and writes raw JSON lines to RESULTS. Like bench/swap/run.sh it needs root, a cgroup memory
 # controller and a disk filesystem for the swap file.
 #
 # usage: bench/run/compare.sh [VAR=value ...]
-#   LOCAL=64M  PY_N=2000000  REDIS_N=200000  REDIS_KEYS=100000  REDIS_VALUE=1024
+#   LOCAL=64M  PY_N=2000000  REDIS_N=600000  REDIS_KEYS=100000  REDIS_VALUE=1024
 #   SWAP=4G  WORKDIR=/var/tmp  CGROUP=auto|v2|v1  CLUSTERMEM=<repo>/target/release/clustermem
 #   RESULTS=<repo>/bench/run/results-latest.jsonl  PYTHON=/usr/bin/python3
 #   RUN_ARGS="--dirty-tracking async"  (more flags for `clustermem run`, split on spaces)
@@ -38,7 +41,7 @@ for arg in "$@"; do
 done
 LOCAL=${LOCAL:-64M}
 PY_N=${PY_N:-2000000}
-REDIS_N=${REDIS_N:-200000}
+REDIS_N=${REDIS_N:-600000}
 REDIS_KEYS=${REDIS_KEYS:-100000}
 REDIS_VALUE=${REDIS_VALUE:-1024}
 SWAP=${SWAP:-4G}
