@@ -189,7 +189,8 @@ fn ring_for(capacity_pages: usize) -> usize {
 impl Core {
     /// Serves a fault on page `page` of region `id` from the ring of recent victims, if the
     /// page is there: moved back (no network trip) and resident again. Returns whether it was.
-    /// The page is clean (its write-back was queued when it left); its host copy is current.
+    /// The page is clean (its write-back was queued when it left); its host copy is current,
+    /// unless another thread stored into it between the move and its protection (below).
     pub(super) fn rescue(&mut self, id: u32, page: usize) -> bool {
         let k = key(id, page);
         let Some(tracker) = self.tracker.as_mut() else { return false };
@@ -200,6 +201,10 @@ impl Core {
         }
         tracker.slots[slot] = None;
         let from = tracker.slot_addr(slot);
+        // What its host holds: the bytes in the slot, which nothing else maps or writes.
+        // SAFETY: the slot holds the page moved there at its eviction, stable until moved.
+        tracker.before[..PAGE_SIZE]
+            .copy_from_slice(unsafe { std::slice::from_raw_parts(from as *const u8, PAGE_SIZE) });
         let region = self.regions.get_mut(&id).expect("caller checked");
         let addr = region.addr(page);
         // SAFETY: the slot holds the page moved there at its eviction (the slot and the map
@@ -226,6 +231,21 @@ impl Core {
                 eprintln!("clustermem: cannot protect page {addr:#x} moved back (said once): {}", chain(&e));
             }
         }
+        // Between the move and the protection the page was mapped writable and unprotected:
+        // a store by another thread then is in the page but would never be reported as a
+        // write, and its next eviction would drop it (`pages_moved_back_...` in data_path
+        // lost a store so, in 2 of 3 full runs of that test binary on a loaded machine).
+        // Every store from now on is reported, so a page that differs from its host copy
+        // now took one in that window: written back at once.
+        // SAFETY: the page is resident (moved just now) and readable; stores by program
+        // threads from here on leave it as a scan reports, whatever this copy sees.
+        let now = unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) };
+        let tracker = self.tracker.as_mut().expect("async tracking");
+        if now != &tracker.before[..PAGE_SIZE] {
+            let copy = now.to_vec();
+            self.write_back_data(id, page, &copy);
+        }
+        let region = self.regions.get_mut(&id).expect("caller checked");
         region.pages[page] |= PageState::RESIDENT;
         self.resident += 1;
         self.policy.insert(k);
