@@ -236,15 +236,20 @@ impl Core {
         // write, and its next eviction would drop it (`pages_moved_back_...` in data_path
         // lost a store so, in 2 of 3 full runs of that test binary on a loaded machine).
         // Every store from now on is reported, so a page that differs from its host copy
-        // now took one in that window: written back at once.
-        // SAFETY: the page is resident (moved just now) and readable; stores by program
-        // threads from here on leave it as a scan reports, whatever this copy sees.
-        let now = unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) };
-        let tracker = self.tracker.as_mut().expect("async tracking");
-        if now != &tracker.before[..PAGE_SIZE] {
-            let copy = now.to_vec();
-            self.write_back_data(id, page, &copy);
+        // now took one in that window: written back at once. Compared and sent from a copy
+        // in the eviction buffer's second page, as the sweep sends pages.
+        let mut buffer = std::mem::take(&mut self.tracker.as_mut().expect("async tracking").before);
+        // SAFETY: the page is resident (moved just now), mapped and readable. A store racing
+        // the copy may tear it, but comes after the protection: a scan reports it, and the
+        // page goes again.
+        unsafe {
+            std::ptr::copy_nonoverlapping(addr as *const u8, buffer[PAGE_SIZE..].as_mut_ptr(), PAGE_SIZE);
+        };
+        let (host, now) = buffer.split_at(PAGE_SIZE);
+        if now[..PAGE_SIZE] != *host {
+            self.write_back_data(id, page, &now[..PAGE_SIZE]);
         }
+        self.tracker.as_mut().expect("async tracking").before = buffer;
         let region = self.regions.get_mut(&id).expect("caller checked");
         region.pages[page] |= PageState::RESIDENT;
         self.resident += 1;
