@@ -659,7 +659,6 @@ impl Handler {
             match self.commands.try_recv() {
                 Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => return,
                 Ok(cmd) => {
-                    self.wakeup.drain();
                     self.on_command(cmd);
                     progress = true;
                 }
@@ -792,6 +791,13 @@ impl Handler {
         };
         // SAFETY: `fds` is a valid array of pollfds for the duration of the call.
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+        if fds[1].revents != 0 {
+            // Whatever it announced (a command, a redial's result) is taken from its channel
+            // by the next round. Left set, it would make every later `poll` return at once:
+            // the handler would never sleep again, and on its thread's CPU it would hold the
+            // woken thread off for a whole time slice per fault.
+            self.wakeup.drain();
+        }
         for (i, h) in idle {
             if fds[i].revents != 0 && self.core.links[h].pending.is_empty() {
                 // Nothing is due on it: an end of stream, a reset, or a frame nobody asked for.
