@@ -111,7 +111,6 @@ fn a_connection_cut_mid_request_is_resumed_and_nothing_is_lost() {
 /// decoded through parity and verified: a doubled update shows as a wrong page. (Four spans,
 /// so every host holds data of some and parity of others.)
 #[test]
-#[ignore = "hung now and then at stop 20 (the program killed by the watchdog): the same unexplained hang of erasure regions after a host loss as erasure_4_2_of_6_survives_two_killed_hosts_under_writes; see README Limits"]
 fn erasure_parity_stays_exact_across_cut_connections() {
     require_userfaultfd();
     let mut hosts: Vec<HostProcess> = (0..3).map(|_| HostProcess::start("512M")).collect();
@@ -163,7 +162,6 @@ fn host_at(addr: &str) -> std::process::Child {
 /// only surviving copy, so there is nowhere to rebuild until the killed host is restarted;
 /// it is then redialed and the rebuild goes onto it, before the run ends.
 #[test]
-#[ignore = "hung now and then at stop 20 (the program killed by the watchdog): the same unexplained hang of erasure regions after a host loss as erasure_4_2_of_6_survives_two_killed_hosts_under_writes; see README Limits"]
 fn a_killed_host_restarted_at_its_address_is_rebuilt_onto() {
     require_userfaultfd();
     let a = HostProcess::start("1G");

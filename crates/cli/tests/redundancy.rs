@@ -11,9 +11,11 @@ use std::time::{Duration, Instant};
 
 use common::{bin, json, require_userfaultfd, run_with_timeout, stderr, HostProcess};
 
-/// Watchdog for a run that must succeed (it includes the rebuild after the measured phase,
-/// which takes a few seconds here).
-const TIMEOUT: Duration = Duration::from_secs(30);
+/// Watchdog for a run that must succeed (it includes the rebuild after the measured phase).
+/// Only a hang should reach it: the erasure:4+2 runs below take 3 s on a quick day and
+/// 14-19 s on a slow one (when this VM wakes an idle CPU in ~80 us, every erasure fault
+/// waits for a host thread asleep since its last request, six hosts taking turns).
+const TIMEOUT: Duration = Duration::from_secs(120);
 /// Watchdog for a run that must fail: well above the time a lost page takes to be reported.
 const FAIL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -169,7 +171,6 @@ fn assert_not_rebuilt(r: &serde_json::Value, out: &Output) {
 /// Two hosts lost one after the other while random read-modify-writes keep writing back. On
 /// six hosts every host holds a shard of the span: nowhere to rebuild, the run goes on degraded.
 #[test]
-#[ignore = "hangs since stop 20 on this VM (3 runs of 3, at 179b62c's runtime too): after the second kill a thread stays in handle_userfault while the handler sleeps with requests pending; not yet understood, see README Limits"]
 fn erasure_4_2_of_6_survives_two_killed_hosts_under_writes() {
     let out = run_killing(
         6,
