@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use clustermem_runtime::{DirtyTracking, Runtime, RuntimeConfig, RuntimeError, WritebackMode, PAGE_SIZE};
-use common::{require_userfaultfd, HostProcess};
+use common::{require_userfaultfd, stat_fields, HostProcess};
 
 fn pattern(i: usize) -> u8 {
     (i.wrapping_mul(2_654_435_761) >> 7) as u8
@@ -191,8 +191,8 @@ fn handler_cpu_ticks() -> u64 {
             continue;
         }
         let stat = std::fs::read_to_string(task.path().join("stat")).expect("the handler's stat");
-        // Fields after the command's closing parenthesis: state is field 3, utime 14, stime 15.
-        let fields: Vec<&str> = stat[stat.rfind(')').expect("comm") + 2..].split(' ').collect();
+        // From the state (field 3) on: utime is field 14, stime 15.
+        let fields = stat_fields(&stat);
         return fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
     }
     panic!("no uffd-handler thread in this process");

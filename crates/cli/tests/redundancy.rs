@@ -13,8 +13,8 @@ use common::{bin, json, require_userfaultfd, run_with_timeout, stderr, HostProce
 
 /// Watchdog for a run that must succeed (it includes the rebuild after the measured phase).
 /// Only a hang should reach it: the erasure:4+2 runs below take 3 s on a quick day and
-/// 14-19 s on a slow one (when this VM wakes an idle CPU in ~80 us, every erasure fault
-/// waits for a host thread asleep since its last request, six hosts taking turns).
+/// 14-19 s on a slow one (when this VM wakes an idle CPU in ~80 us: a fault often waits for
+/// a host thread asleep since its last request, six hosts taking turns).
 const TIMEOUT: Duration = Duration::from_secs(120);
 /// Watchdog for a run that must fail: well above the time a lost page takes to be reported.
 const FAIL_TIMEOUT: Duration = Duration::from_secs(30);

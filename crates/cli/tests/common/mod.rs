@@ -8,10 +8,15 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// The state letter of a `/proc/.../stat` line (R, S, T, Z...): it follows the command
-/// name's closing parenthesis (the name itself may hold parentheses).
+/// The fields of a `/proc/.../stat` line after the command name, from the state (field 3)
+/// on: they follow the name's closing parenthesis (the name itself may hold parentheses).
+pub fn stat_fields(stat: &str) -> Vec<&str> {
+    stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect()
+}
+
+/// The state letter of a `/proc/.../stat` line (R, S, T, Z...).
 pub fn process_state(stat: &str) -> Option<char> {
-    stat.rsplit(')').next()?.trim_start().chars().next()
+    stat_fields(stat).first()?.chars().next()
 }
 
 pub fn bin() -> &'static str {
