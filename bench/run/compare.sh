@@ -9,16 +9,16 @@
 #   python      crates/cli/tests/programs/structures.py PY_N: lists, dicts and bytes several
 #               times LOCAL, hashed; the three outputs must be identical
 #   redis       redis-server (--save ''), redis-benchmark -t set,get -n REDIS_N -r REDIS_N
-#               -d 256 (at the defaults ~2.5x LOCAL of data, so its requests page: with
-#               200000 keys, the default until stop 20, the data fitted in LOCAL and the
-#               rows measured an unpaged server), then redis_check.py writes REDIS_KEYS keys
-#               of REDIS_VALUE bytes and reads every key back (its own and redis-benchmark's),
-#               which must verify
+#               -d 256 (at the defaults redis ends with used_memory ~277 MiB, ~4x LOCAL, so
+#               its requests page: with 200000 keys, the default until stop 20, the data
+#               fitted in LOCAL and the rows measured an unpaged server), then redis_check.py
+#               writes REDIS_KEYS keys of REDIS_VALUE bytes and reads every key back (its own
+#               and redis-benchmark's), which must verify
 # Prints a table (wall seconds or requests/s; swap/this > 1 means faster than Linux swap)
 # and writes raw JSON lines to RESULTS. A redis mode that fails (Linux swap under the cgroup
 # limit can have redis OOM-killed) shows "failed" and why; only a failed all-local or
-# clustermem run makes the script exit non-zero. Like bench/swap/run.sh it needs root, a cgroup memory
-# controller and a disk filesystem for the swap file.
+# clustermem run makes the script exit non-zero. Like bench/swap/run.sh it needs root, a
+# cgroup memory controller and a disk filesystem for the swap file.
 #
 # usage: bench/run/compare.sh [VAR=value ...]
 #   LOCAL=64M  PY_N=2000000  REDIS_N=600000  REDIS_KEYS=100000  REDIS_VALUE=1024
@@ -149,6 +149,7 @@ for mode in all-local linux-swap clustermem; do
   record "{\"program\": \"redis\", \"mode\": \"$mode\", \"set_rps\": $set_rps, \"get_rps\": $get_rps, \"check_s\": $(elapsed "$t0" "$t1"), \"used_memory\": $used, \"verified\": \"$(cat "$tmpdir/check.out")\"}"
 done
 
+# ---- table ---------------------------------------------------------------------------------
 "$PYTHON" - "$RESULTS" "$local_b" "$cgver" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
