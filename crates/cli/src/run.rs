@@ -3,6 +3,7 @@
 //! `clustermem-preload` crate); this process serves as its memory host when no `--hosts` are
 //! given, forwards termination signals, and exits with the program's status.
 
+use std::collections::HashMap;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -44,7 +45,9 @@ pub struct RunArgs {
     #[arg(long, value_delimiter = ',')]
     hosts: Vec<String>,
     /// Write figures (the fields of `bench --json`, summed over the program's processes) to
-    /// this file when the program exits.
+    /// this file when the program exits. A process killed by a signal runs no exit code: its
+    /// figures are those of its last snapshot (taken every second), and the file counts it in
+    /// processes_without_final_figures.
     #[arg(long)]
     stats_json: Option<PathBuf>,
     /// Mappings and malloc blocks at least this large go to cluster memory.
@@ -262,10 +265,11 @@ struct RunFacts<'a> {
     exit_code: u8,
 }
 
-/// Sums the figures the program's processes wrote at exit into one object with the fields of
-/// `bench --json`. Latency percentiles are those of the process that took the most faults.
+/// Sums the figures the program's processes wrote (at exit, or in their last snapshot if they
+/// were killed) into one object with the fields of `bench --json`. Latency percentiles are
+/// those of the process image that took the most faults.
 fn merge_stats(dir: &Path, args: &RunArgs, run: &RunFacts) -> Result<Value> {
-    const SUMMED: [&str; 19] = [
+    const SUMMED: [&str; 18] = [
         "size_bytes",
         "faults",
         "remote_faults",
@@ -284,17 +288,32 @@ fn merge_stats(dir: &Path, args: &RunArgs, run: &RunFacts) -> Result<Value> {
         "prefetch_issued",
         "prefetch_used",
         "prefetch_wasted",
-        "processes",
     ];
     let mut totals: Map<String, Value> = SUMMED.iter().map(|k| (k.to_string(), json!(0u64))).collect();
     let mut busiest: Option<Value> = None;
     let mut errors = Vec::new();
+    // Per process: its last program image (they exec'd one another) and whether that one
+    // wrote its final figures.
+    let mut last_image: HashMap<u64, (u128, bool)> = HashMap::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let path = entry?.path();
+        // `PID-IMAGE.json`; a `.json.part` is a write cut short by a kill.
+        let Some((pid, image)) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".json"))
+            .and_then(|n| n.split_once('-'))
+            .and_then(|(p, i)| Some((p.parse::<u64>().ok()?, i.parse::<u128>().ok()?)))
+        else {
+            continue;
+        };
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let mut one: Value =
+        let one: Value =
             serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        one["processes"] = json!(1u64);
+        let last = last_image.entry(pid).or_insert((image, false));
+        if image >= last.0 {
+            *last = (image, one["final"].as_bool().unwrap_or(false));
+        }
         for k in SUMMED {
             let sum = totals[k].as_u64().unwrap_or(0) + one[k].as_u64().unwrap_or(0);
             totals.insert(k.to_string(), json!(sum));
@@ -307,6 +326,16 @@ fn merge_stats(dir: &Path, args: &RunArgs, run: &RunFacts) -> Result<Value> {
         }
     }
     let busiest = busiest.unwrap_or(Value::Null);
+    totals.insert("processes".into(), json!(last_image.len()));
+    let cut_short = last_image.values().filter(|(_, last)| !last).count();
+    if cut_short > 0 {
+        eprintln!(
+            "clustermem run: {cut_short} process(es) ended without running exit handlers (killed by a \
+             signal, or _exit): their figures in --stats-json are as of their last snapshot, taken \
+             every second"
+        );
+    }
+    totals.insert("processes_without_final_figures".into(), json!(cut_short));
     totals.insert("workload".into(), json!("run"));
     totals.insert("command".into(), json!(args.command.join(" ")));
     totals.insert("backend".into(), json!("clustermem"));

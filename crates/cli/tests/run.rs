@@ -99,6 +99,35 @@ fn python_structures_larger_than_local_memory_match_an_ordinary_run() {
     for field in ["workload", "size_bytes", "local_mem_bytes", "ops", "wall_s", "faults", "fault_p50_us"] {
         assert!(s.get(field).is_some(), "stats lack {field}: {s}");
     }
+    assert_eq!(s["processes_without_final_figures"], 0, "{s}");
+}
+
+/// A program killed by a signal runs no exit code, so it cannot write its figures then:
+/// `--stats-json` still has them, from the snapshot each process writes every second, and
+/// says that they are a snapshot.
+#[test]
+fn a_program_killed_by_a_signal_still_reports_its_figures() {
+    require_userfaultfd();
+    require_preload_library();
+    let stats = stats_path("killed");
+    // 64 MiB written through 16 MiB of local memory, then a snapshot's time, then SIGKILL.
+    let script = "import os, signal, time\n\
+                  b = bytearray(64 << 20)\n\
+                  for i in range(0, len(b), 4096): b[i] = 1\n\
+                  time.sleep(1.5)\n\
+                  os.kill(os.getpid(), signal.SIGKILL)\n";
+    let out = run_with_timeout(
+        &["run", "--local-mem", "16M", "--stats-json", stats.to_str().unwrap(), "--", python(), "-c", script],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.status.code(), Some(128 + 9), "{}", stderr(&out));
+    assert!(stderr(&out).contains("last snapshot"), "the report says it is a snapshot: {}", stderr(&out));
+    let s = read_stats(&stats);
+    assert_eq!(s["exit_code"], 137, "{s}");
+    assert_eq!(s["processes"], 1, "{s}");
+    assert_eq!(s["processes_without_final_figures"], 1, "{s}");
+    assert!(s["size_bytes"].as_u64().unwrap() >= 64 << 20, "the bytearray is in cluster memory: {s}");
+    assert!(s["pages_evicted"].as_u64().unwrap() > 8192, "its paging is counted: {s}");
 }
 
 /// The same program under sync dirty tracking (the default is async where the kernel has

@@ -15,7 +15,7 @@
 //! `CLUSTERMEM_FLUSH_INTERVAL_MS`, `CLUSTERMEM_WRITEBACK` (`line|page`),
 //! `CLUSTERMEM_DIRTY_TRACKING` (`sync|async`), `CLUSTERMEM_PREFETCH`,
 //! `CLUSTERMEM_REDUNDANCY` (`none|replicate:N|erasure:K+M`),
-//! `CLUSTERMEM_STATS_DIR` (each process writes `PID.json` there at exit).
+//! `CLUSTERMEM_STATS_DIR` (each process writes its figures there: see `stats_file`).
 //!
 //! fork: the runtime's thread does not survive a fork. While every page of the arena that
 //! holds data is resident (none was ever evicted) and they are few (a quarter of
@@ -32,10 +32,11 @@ mod local_heap;
 mod malloc;
 mod small;
 mod state;
+mod stats_file;
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clustermem_runtime::{
     DirtyTracking, PrefetchMode, Redundancy, Runtime, RuntimeConfig, WritebackMode, PAGE_SIZE,
@@ -122,9 +123,6 @@ static ALLOCATOR: LibcAllocator = LibcAllocator;
 #[link_section = ".init_array"]
 static INIT: extern "C" fn() = init;
 
-/// When the process started routing, for `wall_s`.
-static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-
 fn env_bytes(name: &str, default: u64) -> Result<u64, String> {
     match std::env::var(name) {
         Ok(v) => v.trim().parse().map_err(|_| format!("{name}={v:?} is not a number of bytes")),
@@ -190,13 +188,12 @@ extern "C" fn init() {
     if STATE.set(State::new(runtime, region, min, span_bytes)).is_err() {
         die("initialised twice");
     }
-    STARTED.get_or_init(Instant::now);
     // SAFETY: registers plain functions with no captured state.
     unsafe {
         libc::pthread_atfork(Some(before_fork), Some(after_fork_in_parent), Some(after_fork_in_child));
-        if std::env::var_os("CLUSTERMEM_STATS_DIR").is_some() {
-            libc::atexit(write_stats);
-        }
+    }
+    if let Some(dir) = std::env::var_os("CLUSTERMEM_STATS_DIR") {
+        stats_file::start(dir);
     }
     set_bypass(false);
 }
@@ -276,50 +273,5 @@ under `clustermem run` a child may exec (subprocesses work) but not use the pare
             libc::write(2, msg.as_ptr().cast(), msg.len());
             libc::_exit(FORK_TOUCHED_ARENA);
         }
-    }
-}
-
-/// At exit: this process's figures, as `PID.json` in `CLUSTERMEM_STATS_DIR`.
-extern "C" fn write_stats() {
-    let (Some(st), Some(dir)) = (STATE.get(), std::env::var_os("CLUSTERMEM_STATS_DIR")) else { return };
-    if FORKED.load(Relaxed) {
-        return;
-    }
-    set_bypass(true);
-    let s = st.runtime.stats().snapshot();
-    let wall = STARTED.get().map_or(Duration::ZERO, Instant::elapsed);
-    let command = std::fs::read("/proc/self/cmdline")
-        .ok()
-        .and_then(|c| c.split(|&b| b == 0).next().map(|a| String::from_utf8_lossy(a).into_owned()))
-        .unwrap_or_default();
-    let report = serde_json::json!({
-        "pid": std::process::id(),
-        "command": command,
-        "wall_s": wall.as_secs_f64(),
-        "size_bytes": st.high_water(),
-        "faults": s.faults(),
-        "remote_faults": s.remote_faults,
-        "zero_faults": s.zero_faults,
-        "rescued_faults": s.rescued_faults,
-        "write_faults": s.write_faults,
-        "service_p50_us": s.service_p50_us,
-        "service_p99_us": s.service_p99_us,
-        "pages_fetched": s.pages_fetched,
-        "pages_evicted": s.pages_evicted,
-        "pages_written_back": s.pages_written_back,
-        "bytes_fetched": s.bytes_fetched,
-        "bytes_written_back": s.bytes_written_back,
-        "dirty_lines_written": s.dirty_lines_written,
-        "page_granular_bytes": s.page_granular_bytes,
-        "pages_flushed": s.pages_flushed,
-        "tracking_scans": s.tracking_scans,
-        "prefetch_issued": s.prefetch_issued,
-        "prefetch_used": s.prefetch_used,
-        "prefetch_wasted": s.prefetch_wasted,
-        "region_error": st.region_error(),
-    });
-    let path = std::path::Path::new(&dir).join(format!("{}.json", std::process::id()));
-    if let Err(e) = std::fs::write(&path, report.to_string()) {
-        eprintln!("clustermem: cannot write {}: {e}", path.display());
     }
 }
