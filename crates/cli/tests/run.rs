@@ -102,6 +102,31 @@ fn python_structures_larger_than_local_memory_match_an_ordinary_run() {
     assert_eq!(s["processes_without_final_figures"], 0, "{s}");
 }
 
+/// A signal the program blocks in its threads stays pending, as without clustermem: the
+/// runtime's own threads (the fault handler above all) block every signal, so none is
+/// delivered to them and no program handler runs on them.
+#[test]
+fn a_signal_the_program_blocks_stays_pending() {
+    require_userfaultfd();
+    require_preload_library();
+    let script = "import os, signal, time\n\
+                  ran = []\n\
+                  signal.signal(signal.SIGUSR1, lambda *a: ran.append(1))\n\
+                  signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})\n\
+                  b = bytearray(8 << 20)\n\
+                  os.kill(os.getpid(), signal.SIGUSR1)\n\
+                  time.sleep(0.3)\n\
+                  print('ran' if ran else 'pending' if signal.SIGUSR1 in signal.sigpending() else 'lost')\n";
+    let plain = Command::new(python()).args(["-c", script]).output().expect("running python3");
+    assert_eq!(String::from_utf8_lossy(&plain.stdout), "pending\n", "without clustermem");
+    let out = run_with_timeout(
+        &["run", "--local-mem", "4M", "--", python(), "-c", script],
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{:?} {}", out.status, stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "pending\n", "{}", stderr(&out));
+}
+
 /// A program killed by a signal runs no exit code, so it cannot write its figures then:
 /// `--stats-json` still has them, from the snapshot each process writes every second, and
 /// says that they are a snapshot.

@@ -32,7 +32,7 @@ pub(crate) fn start(dir: OsString) {
     let _ = PATH.set(PathBuf::from(dir).join(format!("{}-{image}.json", std::process::id())));
     // SAFETY: registers a plain function with no captured state.
     unsafe { libc::atexit(write_final) };
-    let spawned = std::thread::Builder::new().name("clustermem-stats".into()).spawn(|| {
+    let spawned = clustermem_runtime::quiet_thread::spawn("clustermem-stats", || {
         // Its allocations (the report's text) must not land in cluster memory.
         set_bypass(true);
         loop {

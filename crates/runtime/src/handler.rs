@@ -897,7 +897,7 @@ impl Handler {
             let (addr, low_latency) = (self.core.links[h].addr.to_string(), self.core.config.low_latency);
             let (results, wakeup) = (self.redials.0.clone(), Arc::clone(&self.wakeup));
             let on_start = self.core.config.on_thread_start;
-            let spawned = std::thread::Builder::new().name("redial".into()).spawn(move || {
+            let spawned = crate::quiet_thread::spawn("redial", move || {
                 if let Some(hook) = on_start {
                     hook();
                 }

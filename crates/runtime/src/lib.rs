@@ -22,6 +22,7 @@ mod drop_pages;
 mod handler;
 pub mod policy;
 mod prefetch;
+pub mod quiet_thread;
 mod redundancy;
 mod stats;
 mod transport;
@@ -277,15 +278,13 @@ impl Runtime {
             rx,
             Arc::clone(&wakeup),
         )?;
-        let thread = std::thread::Builder::new()
-            .name("uffd-handler".into())
-            .spawn(move || {
-                if let Some(hook) = on_handler_start {
-                    hook();
-                }
-                handler.run();
-            })
-            .map_err(|source| RuntimeError::Os { what: "spawning the fault handler", source })?;
+        let thread = quiet_thread::spawn("uffd-handler", move || {
+            if let Some(hook) = on_handler_start {
+                hook();
+            }
+            handler.run();
+        })
+        .map_err(|source| RuntimeError::Os { what: "spawning the fault handler", source })?;
         Ok(Self {
             commands: tx,
             wakeup,
