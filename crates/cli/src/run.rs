@@ -29,7 +29,8 @@ What is routed: private anonymous read-write mappings of at least --min-bytes (m
 malloc blocks of that size under glibc's allocator; other allocators such as jemalloc map \
 their memory with mmap, which is routed). Small allocations, files, shared memory and stacks \
 stay local. munmap, mremap and madvise(DONTNEED) behave as on anonymous memory; freed memory \
-is freed on the host. System calls that read into routed memory (read(2) and friends) work.\n\n\
+is freed on the host. System calls that read into routed memory (read(2) and friends) work. \
+mlock and mlockall lock the rest of the program's memory; routed memory stays paged.\n\n\
 fork: while all of the program's cluster memory that holds data is resident (none evicted \
 yet) and within a quarter of --local-mem, a child gets a copy of it (shell subshells and \
 pipelines, wrapper scripts). Otherwise a child may exec (subprocesses work, each with cluster \

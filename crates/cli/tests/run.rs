@@ -127,6 +127,34 @@ fn a_signal_the_program_blocks_stays_pending() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "pending\n", "{}", stderr(&out));
 }
 
+/// A program that locks all its memory (`mlockall`, as memcached -k or gpg do) keeps running:
+/// the kernel would fault in the arena's whole reservation to lock it, and evict none of it
+/// again. Its other memory is locked; its cluster memory stays paged, and says so.
+#[test]
+fn mlockall_locks_the_programs_memory_but_not_cluster_memory() {
+    require_userfaultfd();
+    require_preload_library();
+    let stats = stats_path("mlockall");
+    let script = "import ctypes\n\
+                  libc = ctypes.CDLL(None, use_errno=True)\n\
+                  a = bytearray(32 << 20)\n\
+                  for i in range(0, len(a), 4096): a[i] = 7\n\
+                  assert libc.mlockall(3) == 0, ctypes.get_errno()\n\
+                  b = bytearray(32 << 20)\n\
+                  for i in range(0, len(b), 4096): b[i] = 9\n\
+                  locked = [l for l in open('/proc/self/status') if l.startswith('VmLck')][0].split()[1]\n\
+                  print(sum(a[::4096]) + sum(b[::4096]), int(locked) > 0)\n";
+    let out = run_with_timeout(
+        &["run", "--local-mem", "8M", "--stats-json", stats.to_str().unwrap(), "--", python(), "-c", script],
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{:?} {}", out.status, stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{} True\n", 8192 * 7 + 8192 * 9));
+    assert!(stderr(&out).contains("not locked"), "{}", stderr(&out));
+    let s = read_stats(&stats);
+    assert!(s["pages_evicted"].as_u64().unwrap() > 8192, "cluster memory still paged: {s}");
+}
+
 /// A program killed by a signal runs no exit code, so it cannot write its figures then:
 /// `--stats-json` still has them, from the snapshot each process writes every second, and
 /// says that they are a snapshot.

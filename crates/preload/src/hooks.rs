@@ -14,6 +14,10 @@ fn set_errno(e: c_int) {
     unsafe { *libc::__errno_location() = e };
 }
 
+fn errno() -> c_int {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
 fn fail(e: c_int) -> *mut c_void {
     set_errno(e);
     libc::MAP_FAILED
@@ -256,4 +260,150 @@ pub unsafe extern "C" fn madvise(addr: *mut c_void, len: usize, advice: c_int) -
     }
     // SAFETY: the caller's arguments, unchanged.
     unsafe { libc::syscall(libc::SYS_madvise, addr, len, advice) as c_int }
+}
+
+/// Says once that locking leaves cluster memory out.
+fn not_locked_once() {
+    static SAID: AtomicBool = AtomicBool::new(false);
+    refuse_once(
+        &SAID,
+        "mlock/mlockall: cluster memory stays paged by clustermem (bounded by --local-mem), not locked; the rest of the program's memory is locked as asked",
+    );
+}
+
+unsafe fn sys_mlock2(addr: usize, len: usize, flags: c_int) -> c_int {
+    // SAFETY: the kernel checks the range; locking changes no contents.
+    unsafe { libc::syscall(libc::SYS_mlock2, addr, len, flags) as c_int }
+}
+
+/// Locks `addr..addr + len` but the arena's part of it (a locked page could not be evicted,
+/// and the kernel would fault the whole range in to lock it).
+fn lock_outside(st: &State, addr: usize, len: usize, flags: c_int) -> c_int {
+    let end = addr.saturating_add(len);
+    let (base, arena_end) = st.bounds();
+    let mut rc = 0;
+    for (s, e) in [(addr, end.min(base)), (addr.max(arena_end), end)] {
+        if s < e && rc == 0 {
+            // SAFETY: a part of the caller's range, which the kernel checks.
+            rc = unsafe { sys_mlock2(s, e - s, flags) };
+        }
+    }
+    rc
+}
+
+/// `mlock(2)`: cluster memory in the range is left out (see [`lock_outside`]).
+///
+/// # Safety
+/// As the C function.
+#[no_mangle]
+pub unsafe extern "C" fn mlock(addr: *const c_void, len: usize) -> c_int {
+    // SAFETY: the caller's arguments.
+    unsafe { mlock2(addr, len, 0) }
+}
+
+/// `mlock2(2)`: as `mlock`.
+///
+/// # Safety
+/// As the C function.
+#[no_mangle]
+pub unsafe extern "C" fn mlock2(addr: *const c_void, len: usize, flags: libc::c_uint) -> c_int {
+    let (a, flags) = (addr as usize, flags as c_int);
+    match active().filter(|st| st.overlaps(a, len)) {
+        Some(st) => {
+            not_locked_once();
+            lock_outside(st, a, len, flags)
+        }
+        // SAFETY: the caller's arguments, unchanged.
+        None => unsafe { sys_mlock2(a, len, flags) },
+    }
+}
+
+/// `mlockall(2)`: `MCL_FUTURE` as the kernel does it; `MCL_CURRENT` locks every mapping but
+/// the ones clustermem pages (those registered with its userfaultfd, `um` in smaps' VmFlags:
+/// the arena and the handler's staging area), which the kernel would otherwise fault in
+/// whole, all 256 GiB of the arena's reservation, and could never evict from again.
+///
+/// # Safety
+/// As the C function.
+#[no_mangle]
+pub unsafe extern "C" fn mlockall(flags: c_int) -> c_int {
+    let Some(_) = active() else {
+        // SAFETY: the caller's argument, unchanged.
+        return unsafe { libc::syscall(libc::SYS_mlockall, flags) as c_int };
+    };
+    if flags & !(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) != 0
+        || flags & (libc::MCL_CURRENT | libc::MCL_FUTURE) == 0
+    {
+        set_errno(libc::EINVAL);
+        return -1;
+    }
+    let ranges = if flags & libc::MCL_CURRENT != 0 {
+        match mappings_to_lock() {
+            Ok(r) => r,
+            Err(e) => {
+                set_errno(e);
+                return -1;
+            }
+        }
+    } else {
+        Vec::new()
+    };
+    if flags & libc::MCL_FUTURE != 0 {
+        // SAFETY: flags the kernel checks; future mappings are the program's own (arena
+        // memory is carved from the existing reservation, not mapped anew).
+        let rc = unsafe { libc::syscall(libc::SYS_mlockall, flags & !libc::MCL_CURRENT) as c_int };
+        if rc != 0 {
+            return rc;
+        }
+    }
+    if flags & libc::MCL_CURRENT == 0 {
+        return 0;
+    }
+    not_locked_once();
+    let lock_flags = if flags & libc::MCL_ONFAULT != 0 { libc::MLOCK_ONFAULT as c_int } else { 0 };
+    for (s, e) in ranges {
+        // SAFETY: a mapping of this process; locking changes no contents.
+        if unsafe { sys_mlock2(s, e - s, lock_flags) } != 0 && errno() == libc::EPERM {
+            return -1;
+        }
+        // Other failures are of faulting the range in (a PROT_NONE mapping, the vsyscall
+        // page), which `mlockall` ignores: the range is locked as far as it can be.
+    }
+    0
+}
+
+/// The mappings `mlockall(MCL_CURRENT)` locks: all but the ones registered with clustermem's
+/// userfaultfd. Err(errno) if they cannot be read, or exceed what the caller may lock.
+fn mappings_to_lock() -> Result<Vec<(usize, usize)>, c_int> {
+    let smaps = crate::state::bypassed(|| std::fs::read_to_string("/proc/self/smaps"))
+        .map_err(|e| e.raw_os_error().unwrap_or(libc::ENOMEM))?;
+    // Every mapping but ours, from each mapping's first line (`START-END perms ...`) and its
+    // VmFlags line.
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
+    let mut mapping = None;
+    for line in smaps.lines() {
+        if let Some(vm_flags) = line.strip_prefix("VmFlags:") {
+            let paged_by_us = vm_flags.split_whitespace().any(|f| f == "um");
+            if let (Some(range), false) = (mapping.take(), paged_by_us) {
+                ranges.push(range);
+            }
+        } else if let Some((s, e)) = line.split_whitespace().next().and_then(|r| r.split_once('-')) {
+            if let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16)) {
+                mapping = Some((s, e));
+            }
+        }
+    }
+    // The kernel's own check: more than RLIMIT_MEMLOCK without the privilege to exceed it
+    // (root's, as an approximation of CAP_IPC_LOCK) is refused.
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `limit` is a valid rlimit for the call to fill.
+    let limited = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } == 0
+        && limit.rlim_cur != libc::RLIM_INFINITY
+        // SAFETY: geteuid has no preconditions.
+        && unsafe { libc::geteuid() } != 0;
+    let total: usize = ranges.iter().map(|(s, e)| e - s).sum();
+    if limited && total as u64 > limit.rlim_cur {
+        return Err(if limit.rlim_cur == 0 { libc::EPERM } else { libc::ENOMEM });
+    }
+    Ok(ranges)
 }

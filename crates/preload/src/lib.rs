@@ -6,7 +6,8 @@
 //! memory committed per slab as allocations need it) and the hooks carve it up —
 //! `mmap` of private anonymous read-write memory of at least `CLUSTERMEM_MIN_BYTES`
 //! (`hooks.rs`) and, under glibc's allocator, malloc blocks of that size (`malloc.rs`).
-//! munmap / MADV_DONTNEED free memory locally and on the host. Everything else (small,
+//! munmap / MADV_DONTNEED free memory locally and on the host; mlock / mlockall lock all but
+//! the arena. Everything else (small,
 //! file-backed, shared, stack, executable mappings) stays as the kernel makes it.
 //!
 //! Configuration comes from the environment `clustermem run` sets:

@@ -146,6 +146,11 @@ impl State {
         self.book.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The arena's first and one-past-last addresses.
+    pub(crate) fn bounds(&self) -> (usize, usize) {
+        (self.base, self.base + self.len)
+    }
+
     /// Whether `addr..addr + len` overlaps the arena.
     pub(crate) fn overlaps(&self, addr: usize, len: usize) -> bool {
         addr < self.base + self.len && addr.saturating_add(len) > self.base
