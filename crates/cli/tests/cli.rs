@@ -144,6 +144,26 @@ fn unreachable_host_fails_fast_with_its_address() {
     assert!(err.contains("127.0.0.1:1") && err.contains("unreachable"), "{err}");
 }
 
+/// A wrong port that some other server answers on (here one speaking HTTP) is named as not a
+/// memory host, not as unreachable.
+#[test]
+fn a_server_that_is_not_a_memory_host_is_named_so() {
+    require_userfaultfd();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a loopback port");
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().expect("the client connects");
+        let mut request = [0u8; 64];
+        let _ = conn.read(&mut request);
+        let _ = conn.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+    });
+    let out = run_with_timeout(&["bench", "random", "--size", "8M", "--hosts", &addr], TIMEOUT);
+    server.join().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains(&addr) && err.contains("not as a clustermem memory host"), "{err}");
+}
+
 #[test]
 fn full_host_is_a_clear_error() {
     require_userfaultfd();

@@ -60,6 +60,14 @@ pub enum RuntimeError {
         /// Why it failed.
         why: String,
     },
+    /// Something answered at a host's address, but not the clustermem protocol.
+    #[error("{addr} answered, but not as a clustermem memory host (is it the right address and port? `clustermem host --listen ADDR` starts one): {why}")]
+    NotAHost {
+        /// The address tried.
+        addr: String,
+        /// What was wrong with its answer.
+        why: String,
+    },
     /// A memory host refused a request (e.g. it is full).
     #[error("memory host {addr} refused: {message}")]
     HostRefused {

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use clustermem_net::{FrameReader, FrameWriter};
+use clustermem_net::{FrameReader, FrameWriter, RecvError};
 use clustermem_proto::{
     ErrorCode, Message, FEATURE_CHASE_POINTERS, FEATURE_XOR_LINES, HELLO_ASKS_FEATURES, HELLO_LOW_LATENCY,
     MAX_VERSION, MIN_VERSION,
@@ -282,8 +282,13 @@ pub(crate) fn connect(
     writer.push(2, &Message::Resume { session });
     writer.flush_to(reader.stream()).map_err(|e| unreachable(e.to_string()))?;
     let deadline = Instant::now() + timeout;
-    let (_, reply) =
-        reader.recv(None, Some(deadline)).map_err(|e| unreachable(format!("handshake failed: {e}")))?;
+    let (_, reply) = reader.recv(None, Some(deadline)).map_err(|e| match e {
+        RecvError::Decode(d) => RuntimeError::NotAHost {
+            addr: addr.to_string(),
+            why: format!("its reply is no clustermem frame ({d})"),
+        },
+        e => unreachable(format!("handshake failed: {e}")),
+    })?;
     let (capacity_bytes, features) = match reply {
         Message::HelloOk { capacity_bytes, features, .. } => (capacity_bytes, features),
         Message::Error { code: ErrorCode::VersionMismatch, message } => {
