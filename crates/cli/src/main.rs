@@ -91,7 +91,7 @@ struct HostArgs {
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: String,
     /// Memory to donate (e.g. 8G, 512M); requests beyond it are refused.
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = parse_capacity)]
     capacity: u64,
     /// How long the slabs of a client whose connection ended are kept for it to reconnect and
     /// resume its session (Resume message) before they are freed; 0 frees them at once.
@@ -251,6 +251,13 @@ fn install_handler(signal: libc::c_int, handler: extern "C" fn(libc::c_int)) {
     unsafe { libc::signal(signal, handler as libc::sighandler_t) };
 }
 
+fn parse_capacity(s: &str) -> Result<u64, String> {
+    match parse_size(s)? {
+        0 => Err("a host of capacity 0 could serve nothing (e.g. --capacity 8G)".to_string()),
+        n => Ok(n),
+    }
+}
+
 fn run_host(args: &HostArgs) -> Result<()> {
     let mut host =
         MemoryHost::bind(args.listen.as_str(), args.capacity)?.with_orphan_grace(args.orphan_grace);
@@ -276,9 +283,29 @@ fn run_host(args: &HostArgs) -> Result<()> {
         human_bytes(args.capacity),
         host.local_addr()
     );
+    if let Some(memory) = machine_memory().filter(|&m| args.capacity > m) {
+        eprintln!(
+            "clustermem host: WARNING: --capacity {} is more than this machine's RAM and swap ({}): \
+             clients that fill it will get this host killed by the kernel's OOM killer, and lose \
+             what it holds",
+            human_bytes(args.capacity),
+            human_bytes(memory)
+        );
+    }
     host.serve()?;
     eprintln!("clustermem host: stopped");
     Ok(())
+}
+
+/// MemTotal plus SwapTotal from /proc/meminfo, in bytes, if readable.
+fn machine_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = |key: &str| {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+    };
+    Some((kib("MemTotal:")? + kib("SwapTotal:").unwrap_or(0)) * 1024)
 }
 
 /// The embedded memory host of `bench`: this binary's `host` command in a child process on

@@ -114,6 +114,28 @@ fn host_exits_cleanly_on_sigterm() {
     assert!(status.success(), "{status:?}");
 }
 
+/// A capacity of 0 is refused; one beyond the machine's RAM and swap is served with a warning
+/// that filling it would get the host OOM-killed.
+#[test]
+fn host_capacity_is_checked_against_the_machine() {
+    let out = run_with_timeout(&["host", "--listen", "127.0.0.1:0", "--capacity", "0"], TIMEOUT);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("capacity 0"), "{}", stderr(&out));
+
+    let mut host = std::process::Command::new(common::bin())
+        .args(["host", "--listen", "127.0.0.1:0", "--capacity", "1000T"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting a host");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(host.stderr.take().unwrap()));
+    let started = lines.next().expect("a first line").unwrap();
+    let warning = lines.next().expect("a second line").unwrap();
+    host.kill().unwrap();
+    host.wait().unwrap();
+    assert!(started.contains("serving 1000.0 TiB"), "{started}");
+    assert!(warning.contains("WARNING") && warning.contains("OOM"), "{warning}");
+}
+
 /// Garbage on one connection closes that connection with an error frame; the host keeps
 /// serving a well-behaved client.
 #[test]
