@@ -308,6 +308,14 @@ fn machine_memory() -> Option<u64> {
     Some((kib("MemTotal:")? + kib("SwapTotal:").unwrap_or(0)) * 1024)
 }
 
+/// The embedded hosts' capacity: the runtime's default (64 GiB), or this machine's RAM and
+/// swap if less, so that a run outgrowing the machine is refused memory ("host is full")
+/// rather than have its host OOM-killed.
+fn embedded_capacity() -> u64 {
+    let default = RuntimeConfig::default().embedded_capacity_bytes;
+    machine_memory().map_or(default, |m| default.min(m))
+}
+
 /// The embedded memory host of `bench`: this binary's `host` command in a child process on
 /// loopback, so that, like a real remote host, it shares no address space with the runtime
 /// (in-process, every eviction's TLB shootdown interrupted it too: ~5 us more per fault in
@@ -390,7 +398,7 @@ fn run_bench(args: &BenchArgs) -> Result<bool> {
         install_handler(libc::SIGBUS, on_sigbus);
     }
     let embedded = if args.backend == Backend::Clustermem && args.hosts.is_empty() {
-        Some(ChildHost::start(RuntimeConfig::default().embedded_capacity_bytes)?)
+        Some(ChildHost::start(embedded_capacity())?)
     } else {
         None
     };

@@ -58,9 +58,11 @@ pub struct RunArgs {
     /// for what the program allocates).
     #[arg(long, default_value = "256G", value_parser = parse_size)]
     arena: u64,
-    /// Capacity of the embedded host (when no --hosts are given).
-    #[arg(long, default_value = "64G", value_parser = parse_size)]
-    embedded_capacity: u64,
+    /// Capacity of the embedded host (when no --hosts are given) [default: 64G, or this
+    /// machine's RAM and swap if less: a program outgrowing it is refused memory (ENOMEM,
+    /// with a message) instead of having the host OOM-killed]
+    #[arg(long, value_parser = parse_size)]
+    embedded_capacity: Option<u64>,
     /// Busy-poll while faults are outstanding (see `clustermem bench --help`).
     #[arg(long)]
     low_latency: bool,
@@ -160,7 +162,8 @@ pub fn run(args: &RunArgs) -> Result<u8> {
         bail!("--local-mem {} is less than one page", args.local_mem);
     }
     let (_host, hosts) = if args.hosts.is_empty() {
-        let host = MemoryHost::bind("127.0.0.1:0", args.embedded_capacity)?.spawn();
+        let capacity = args.embedded_capacity.unwrap_or_else(crate::embedded_capacity);
+        let host = MemoryHost::bind("127.0.0.1:0", capacity)?.spawn();
         let addr = host.addr().to_string();
         (Some(host), addr)
     } else {

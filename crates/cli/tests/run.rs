@@ -155,6 +155,30 @@ fn mlockall_locks_the_programs_memory_but_not_cluster_memory() {
     assert!(s["pages_evicted"].as_u64().unwrap() > 8192, "cluster memory still paged: {s}");
 }
 
+/// The embedded host offers at most this machine's RAM and swap: a program asking for more
+/// gets ENOMEM (python: MemoryError), as it would without clustermem, instead of a host that
+/// accepts it and is OOM-killed once the program fills it.
+#[test]
+fn a_program_asking_for_more_than_the_machine_has_is_refused_memory() {
+    require_userfaultfd();
+    require_preload_library();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").expect("reading /proc/meminfo");
+    let kib: u64 = meminfo
+        .lines()
+        .filter(|l| l.starts_with("MemTotal:") || l.starts_with("SwapTotal:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum();
+    let gib = kib / (1 << 20) + 2;
+    let script = format!("try:\n    b = bytearray({gib} << 30)\n    print('allocated')\nexcept MemoryError:\n    print('refused')\n");
+    let out = run_with_timeout(
+        &["run", "--local-mem", "16M", "--", python(), "-c", &script],
+        Duration::from_secs(120),
+    );
+    assert!(out.status.success(), "{:?} {}", out.status, stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "refused\n", "{}", stderr(&out));
+    assert!(stderr(&out).contains("host is full"), "{}", stderr(&out));
+}
+
 /// A program killed by a signal runs no exit code, so it cannot write its figures then:
 /// `--stats-json` still has them, from the snapshot each process writes every second, and
 /// says that they are a snapshot.
