@@ -6,11 +6,7 @@ mod common;
 use std::time::Duration;
 
 use clustermem_runtime::{DirtyTracking, Runtime, RuntimeConfig, RuntimeError, WritebackMode, PAGE_SIZE};
-use common::{require_userfaultfd, HostProcess};
-
-fn pattern(i: usize) -> u8 {
-    (i.wrapping_mul(2_654_435_761) >> 7) as u8
-}
+use common::{pattern, require_userfaultfd, HostProcess};
 
 fn runtime(hosts: &[&HostProcess], local_mem: u64) -> Runtime {
     Runtime::start(RuntimeConfig {

@@ -8,11 +8,7 @@ mod common;
 use std::time::Duration;
 
 use clustermem_runtime::{Runtime, RuntimeConfig};
-use common::{require_userfaultfd, stat_fields, HostProcess};
-
-fn pattern(i: usize) -> u8 {
-    (i.wrapping_mul(2_654_435_761) >> 7) as u8
-}
+use common::{pattern, require_userfaultfd, stat_fields, HostProcess};
 
 /// The CPU time, in clock ticks, this process's fault handler thread has used (the only one:
 /// this binary's single test starts the only runtime).

@@ -56,6 +56,12 @@ fn read_stats(path: &Path) -> serde_json::Value {
     serde_json::from_str(&text).expect("stats are one JSON object")
 }
 
+/// Asserts that the program run to `out` succeeded and printed exactly `expected`.
+fn assert_printed(out: &Output, expected: &str) {
+    assert!(out.status.success(), "{:?} {}", out.status, stderr(out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), expected, "{}", stderr(out));
+}
+
 fn maxrss_kb(out: &Output) -> u64 {
     stderr(out)
         .lines()
@@ -123,8 +129,7 @@ fn a_signal_the_program_blocks_stays_pending() {
         &["run", "--local-mem", "4M", "--", python(), "-c", script],
         Duration::from_secs(60),
     );
-    assert!(out.status.success(), "{:?} {}", out.status, stderr(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "pending\n", "{}", stderr(&out));
+    assert_printed(&out, "pending\n");
 }
 
 /// A program that locks all its memory (`mlockall`, as memcached -k or gpg do) keeps running:
@@ -148,8 +153,7 @@ fn mlockall_locks_the_programs_memory_but_not_cluster_memory() {
         &["run", "--local-mem", "8M", "--stats-json", stats.to_str().unwrap(), "--", python(), "-c", script],
         Duration::from_secs(60),
     );
-    assert!(out.status.success(), "{:?} {}", out.status, stderr(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{} True\n", 8192 * 7 + 8192 * 9));
+    assert_printed(&out, &format!("{} True\n", 8192 * 7 + 8192 * 9));
     assert!(stderr(&out).contains("not locked"), "{}", stderr(&out));
     let s = read_stats(&stats);
     assert!(s["pages_evicted"].as_u64().unwrap() > 8192, "cluster memory still paged: {s}");
@@ -174,8 +178,7 @@ fn a_program_asking_for_more_than_the_machine_has_is_refused_memory() {
         &["run", "--local-mem", "16M", "--", python(), "-c", &script],
         Duration::from_secs(120),
     );
-    assert!(out.status.success(), "{:?} {}", out.status, stderr(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "refused\n", "{}", stderr(&out));
+    assert_printed(&out, "refused\n");
     assert!(stderr(&out).contains("host is full"), "{}", stderr(&out));
 }
 
@@ -341,8 +344,7 @@ fn fork_children_share_a_copy_while_everything_is_resident() {
         &["run", "--local-mem", "32M", "--", "/bin/bash", "-c", script],
         Duration::from_secs(60),
     );
-    assert!(out.status.success(), "{:?} {}", out.status, stderr(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "sub 1 2 3\npipe\n", "{}", stderr(&out));
+    assert_printed(&out, "sub 1 2 3\npipe\n");
 }
 
 /// calloc returns zeros whatever block it reuses: a block freed dirty and handed out again
@@ -370,8 +372,7 @@ for size in (16, 100, 4000, 4096, 8192, 65536, 200000, 262000):
 print("calloc ok")
 "#;
     let out = run_with_timeout(&["run", "--", python(), "-c", script], Duration::from_secs(60));
-    assert!(out.status.success(), "{:?} {}", out.status, stderr(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "calloc ok\n");
+    assert_printed(&out, "calloc ok\n");
 }
 
 /// A program with an allocator of its own (jemalloc, as redis has) gets its `malloc` calls

@@ -8,6 +8,12 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// The byte a test writes at offset `i` of a region (a hash of `i`, so a page read back from
+/// the wrong place or a stale copy shows).
+pub fn pattern(i: usize) -> u8 {
+    (i.wrapping_mul(2_654_435_761) >> 7) as u8
+}
+
 /// The fields of a `/proc/.../stat` line after the command name, from the state (field 3)
 /// on: they follow the name's closing parenthesis (the name itself may hold parentheses).
 pub fn stat_fields(stat: &str) -> Vec<&str> {
