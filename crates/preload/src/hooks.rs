@@ -327,10 +327,10 @@ pub unsafe extern "C" fn mlock2(addr: *const c_void, len: usize, flags: libc::c_
 /// As the C function.
 #[no_mangle]
 pub unsafe extern "C" fn mlockall(flags: c_int) -> c_int {
-    let Some(_) = active() else {
+    if active().is_none() {
         // SAFETY: the caller's argument, unchanged.
         return unsafe { libc::syscall(libc::SYS_mlockall, flags) as c_int };
-    };
+    }
     if flags & !(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) != 0
         || flags & (libc::MCL_CURRENT | libc::MCL_FUTURE) == 0
     {

@@ -20,6 +20,8 @@ const SNAPSHOT_EVERY: Duration = Duration::from_secs(1);
 static STARTED: OnceLock<Instant> = OnceLock::new();
 /// Where this image's figures go.
 static PATH: OnceLock<PathBuf> = OnceLock::new();
+/// This image's program (the first word of its command line).
+static COMMAND: OnceLock<String> = OnceLock::new();
 /// Held while a file is written; true once the final figures are, after which a snapshot
 /// must not replace them.
 static WRITING: Mutex<bool> = Mutex::new(false);
@@ -30,6 +32,11 @@ pub(crate) fn start(dir: OsString) {
     STARTED.get_or_init(Instant::now);
     let image = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     let _ = PATH.set(PathBuf::from(dir).join(format!("{}-{image}.json", std::process::id())));
+    let command = std::fs::read("/proc/self/cmdline")
+        .ok()
+        .and_then(|c| c.split(|&b| b == 0).next().map(|a| String::from_utf8_lossy(a).into_owned()))
+        .unwrap_or_default();
+    let _ = COMMAND.set(command);
     // SAFETY: registers a plain function with no captured state.
     unsafe { libc::atexit(write_final) };
     let spawned = clustermem_runtime::quiet_thread::spawn("clustermem-stats", || {
@@ -68,13 +75,9 @@ fn write(last: bool) -> bool {
     }
     let s = st.runtime.stats().snapshot();
     let wall = STARTED.get().map_or(Duration::ZERO, Instant::elapsed);
-    let command = std::fs::read("/proc/self/cmdline")
-        .ok()
-        .and_then(|c| c.split(|&b| b == 0).next().map(|a| String::from_utf8_lossy(a).into_owned()))
-        .unwrap_or_default();
     let report = serde_json::json!({
         "pid": std::process::id(),
-        "command": command,
+        "command": COMMAND.get(),
         "final": last,
         "wall_s": wall.as_secs_f64(),
         "size_bytes": st.high_water(),
