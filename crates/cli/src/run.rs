@@ -162,21 +162,16 @@ pub fn run(args: &RunArgs) -> Result<u8> {
         bail!("--local-mem {} is less than one page", args.local_mem);
     }
     let (_host, hosts) = if args.hosts.is_empty() {
-        let capacity = args.embedded_capacity.unwrap_or_else(crate::embedded_capacity);
+        let capacity = args
+            .embedded_capacity
+            .unwrap_or_else(|| clustermem_runtime::RuntimeConfig::default().embedded_capacity_bytes);
         let host = MemoryHost::bind("127.0.0.1:0", capacity)?.spawn();
         let addr = host.addr().to_string();
         (Some(host), addr)
     } else {
         (None, args.hosts.join(","))
     };
-    let stats_dir = match &args.stats_json {
-        Some(_) => {
-            let dir = std::env::temp_dir().join(format!("clustermem-run-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            Some(dir)
-        }
-        None => None,
-    };
+    let stats_dir = args.stats_json.as_ref().map(|_| StatsDir::create()).transpose()?;
     let preload = match std::env::var("LD_PRELOAD") {
         Ok(existing) if !existing.is_empty() => format!("{}:{existing}", lib.display()),
         _ => lib.display().to_string(),
@@ -201,7 +196,7 @@ pub fn run(args: &RunArgs) -> Result<u8> {
         .env("CLUSTERMEM_PREFETCH", &args.prefetch)
         .env("CLUSTERMEM_REDUNDANCY", &args.redundancy);
     if let Some(dir) = &stats_dir {
-        cmd.env("CLUSTERMEM_STATS_DIR", dir);
+        cmd.env("CLUSTERMEM_STATS_DIR", &dir.0);
     }
     // SAFETY: between fork and exec the child only resets signal dispositions and sets its
     // parent-death signal (async-signal safe), so the program starts with the defaults a
@@ -254,11 +249,44 @@ pub fn run(args: &RunArgs) -> Result<u8> {
     };
     if let (Some(path), Some(dir)) = (&args.stats_json, &stats_dir) {
         let facts = RunFacts { hosts: &hosts, tracking, wall_s: wall, exit_code: code };
-        let report = merge_stats(dir, args, &facts)?;
+        let report = merge_stats(&dir.0, args, &facts)?;
         std::fs::write(path, format!("{report}\n")).with_context(|| format!("writing {}", path.display()))?;
-        let _ = std::fs::remove_dir_all(dir);
     }
     Ok(code)
+}
+
+/// The folder the program's processes write their figures to (`--stats-json`), removed when
+/// the run ends, however it ends short of a kill.
+struct StatsDir(PathBuf);
+
+impl StatsDir {
+    const PREFIX: &'static str = "clustermem-run-";
+
+    /// Creates `clustermem-run-PID` in the temporary folder, empty. Folders left by runs that
+    /// were killed (whose process is gone) are removed first: one of them could carry this
+    /// run's PID, and its figures would be counted as this run's.
+    fn create() -> Result<Self> {
+        let tmp = std::env::temp_dir();
+        if let Ok(entries) = std::fs::read_dir(&tmp) {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(Self::PREFIX)) else { continue };
+                let ours = pid == std::process::id().to_string();
+                if pid.parse::<u32>().is_ok() && (ours || !Path::new("/proc").join(pid).exists()) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        let dir = tmp.join(format!("{}{}", Self::PREFIX, std::process::id()));
+        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for StatsDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// What `clustermem run` knows of the run besides its processes' figures.

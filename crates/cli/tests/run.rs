@@ -210,6 +210,38 @@ fn a_program_killed_by_a_signal_still_reports_its_figures() {
     assert!(s["pages_evicted"].as_u64().unwrap() > 8192, "its paging is counted: {s}");
 }
 
+/// `clustermem run` itself killed with SIGKILL leaves its figures folder behind; the next run
+/// with `--stats-json` removes it (its process is gone), so such folders do not pile up, and a
+/// later run given the same PID could not count their figures as its own.
+#[test]
+fn a_killed_runs_figures_folder_is_removed_by_the_next_run() {
+    require_userfaultfd();
+    require_preload_library();
+    let stats = stats_path("killed-run");
+    let mut killed = Command::new(bin())
+        .args(["run", "--stats-json", stats.to_str().unwrap(), "--", "sleep", "60"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let left = std::env::temp_dir().join(format!("clustermem-run-{}", killed.id()));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !left.exists() {
+        assert!(Instant::now() < deadline, "{} was never created", left.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    assert!(left.exists(), "a SIGKILLed run cannot clean up after itself");
+    let out = run_with_timeout(
+        &["run", "--stats-json", stats.to_str().unwrap(), "--", "true"],
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!left.exists(), "{} outlived the run that left it", left.display());
+    assert_eq!(read_stats(&stats)["exit_code"], 0);
+}
+
 /// The same program under sync dirty tracking (the default is async where the kernel has
 /// it) with the periodic flusher on: first stores fault to the handler, pages are written
 /// back while the program keeps writing them, and the output still matches an ordinary run.
