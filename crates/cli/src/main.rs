@@ -283,7 +283,7 @@ fn run_host(args: &HostArgs) -> Result<()> {
         human_bytes(args.capacity),
         host.local_addr()
     );
-    if let Some(memory) = machine_memory().filter(|&m| args.capacity > m) {
+    if let Some(memory) = clustermem_host::machine_memory().filter(|&m| args.capacity > m) {
         eprintln!(
             "clustermem host: WARNING: --capacity {} is more than this machine's RAM and swap ({}): \
              clients that fill it will get this host killed by the kernel's OOM killer, and lose \
@@ -295,25 +295,6 @@ fn run_host(args: &HostArgs) -> Result<()> {
     host.serve()?;
     eprintln!("clustermem host: stopped");
     Ok(())
-}
-
-/// MemTotal plus SwapTotal from /proc/meminfo, in bytes, if readable.
-fn machine_memory() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib = |key: &str| {
-        meminfo
-            .lines()
-            .find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
-    };
-    Some((kib("MemTotal:")? + kib("SwapTotal:").unwrap_or(0)) * 1024)
-}
-
-/// The embedded hosts' capacity: the runtime's default (64 GiB), or this machine's RAM and
-/// swap if less, so that a run outgrowing the machine is refused memory ("host is full")
-/// rather than have its host OOM-killed.
-fn embedded_capacity() -> u64 {
-    let default = RuntimeConfig::default().embedded_capacity_bytes;
-    machine_memory().map_or(default, |m| default.min(m))
 }
 
 /// The embedded memory host of `bench`: this binary's `host` command in a child process on
@@ -398,7 +379,7 @@ fn run_bench(args: &BenchArgs) -> Result<bool> {
         install_handler(libc::SIGBUS, on_sigbus);
     }
     let embedded = if args.backend == Backend::Clustermem && args.hosts.is_empty() {
-        Some(ChildHost::start(embedded_capacity())?)
+        Some(ChildHost::start(RuntimeConfig::default().embedded_capacity_bytes)?)
     } else {
         None
     };

@@ -60,6 +60,18 @@ use sessions::{Binding, Outcomes, Sessions};
 use store::{Refusal, Slab, Store};
 use thiserror::Error;
 
+/// MemTotal plus SwapTotal from /proc/meminfo, in bytes, if readable: the most a host on this
+/// machine can hold before the kernel's OOM killer takes it (slabs are `MAP_NORESERVE`).
+pub fn machine_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = |key: &str| {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+    };
+    Some((kib("MemTotal:")? + kib("SwapTotal:").unwrap_or(0)) * 1024)
+}
+
 /// Buffered replies this large (a page or more) are sent before the next request is read.
 const FLUSH_PAGES_AT: usize = PAGE_SIZE;
 

@@ -121,7 +121,8 @@ pub struct RuntimeConfig {
     /// A host silent this long while requests wait on it is declared dead (counted from its
     /// last answer, or from the oldest waiting request's send if that came later).
     pub request_timeout: Duration,
-    /// Capacity of the embedded host, when no hosts are given.
+    /// Capacity of the embedded host, when no hosts are given [default: 64 GiB, or the
+    /// machine's RAM and swap if less].
     pub embedded_capacity_bytes: u64,
     /// Write back changed 64-byte lines (default) or whole pages.
     pub writeback: WritebackMode,
@@ -156,7 +157,9 @@ impl Default for RuntimeConfig {
             policy: PolicyKind::default(),
             slab_bytes: 64 << 20,
             request_timeout: Duration::from_secs(10),
-            embedded_capacity_bytes: 64 << 30,
+            // 64 GiB, or the machine's RAM and swap if less: a program outgrowing the machine
+            // is then refused memory ("host is full") rather than have its host OOM-killed.
+            embedded_capacity_bytes: clustermem_host::machine_memory().map_or(64 << 30, |m| m.min(64 << 30)),
             writeback: WritebackMode::default(),
             dirty_tracking: DirtyTracking::default(),
             line_threshold: 48,
