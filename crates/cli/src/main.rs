@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use clustermem_bench::{Backend, BenchOptions, BenchReport, Workload};
 use clustermem_host::MemoryHost;
-use clustermem_runtime::{DirtyTracking, PolicyKind, PrefetchMode, Redundancy, RuntimeConfig, WritebackMode};
+use clustermem_runtime::{DirtyTracking, PolicyKind, PrefetchMode, Redundancy, WritebackMode};
 use size::{parse_size, parse_size_or_percent};
 
 #[derive(Parser, Debug)]
@@ -379,7 +379,7 @@ fn run_bench(args: &BenchArgs) -> Result<bool> {
         install_handler(libc::SIGBUS, on_sigbus);
     }
     let embedded = if args.backend == Backend::Clustermem && args.hosts.is_empty() {
-        Some(ChildHost::start(RuntimeConfig::default().embedded_capacity_bytes)?)
+        Some(ChildHost::start(clustermem_runtime::default_embedded_capacity())?)
     } else {
         None
     };

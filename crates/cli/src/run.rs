@@ -162,9 +162,7 @@ pub fn run(args: &RunArgs) -> Result<u8> {
         bail!("--local-mem {} is less than one page", args.local_mem);
     }
     let (_host, hosts) = if args.hosts.is_empty() {
-        let capacity = args
-            .embedded_capacity
-            .unwrap_or_else(|| clustermem_runtime::RuntimeConfig::default().embedded_capacity_bytes);
+        let capacity = args.embedded_capacity.unwrap_or_else(clustermem_runtime::default_embedded_capacity);
         let host = MemoryHost::bind("127.0.0.1:0", capacity)?.spawn();
         let addr = host.addr().to_string();
         (Some(host), addr)
@@ -266,18 +264,18 @@ impl StatsDir {
     /// were killed (whose process is gone) are removed first: one of them could carry this
     /// run's PID, and its figures would be counted as this run's.
     fn create() -> Result<Self> {
+        let own = std::process::id().to_string();
         let tmp = std::env::temp_dir();
         if let Ok(entries) = std::fs::read_dir(&tmp) {
             for entry in entries.flatten() {
                 let name = entry.file_name();
                 let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(Self::PREFIX)) else { continue };
-                let ours = pid == std::process::id().to_string();
-                if pid.parse::<u32>().is_ok() && (ours || !Path::new("/proc").join(pid).exists()) {
+                if pid.parse::<u32>().is_ok() && (pid == own || !Path::new("/proc").join(pid).exists()) {
                     let _ = std::fs::remove_dir_all(entry.path());
                 }
             }
         }
-        let dir = tmp.join(format!("{}{}", Self::PREFIX, std::process::id()));
+        let dir = tmp.join(format!("{}{own}", Self::PREFIX));
         std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(Self(dir))
     }

@@ -121,9 +121,9 @@ pub struct RuntimeConfig {
     /// A host silent this long while requests wait on it is declared dead (counted from its
     /// last answer, or from the oldest waiting request's send if that came later).
     pub request_timeout: Duration,
-    /// Capacity of the embedded host, when no hosts are given [default: 64 GiB, or the
-    /// machine's RAM and swap if less].
-    pub embedded_capacity_bytes: u64,
+    /// Capacity of the embedded host, when no hosts are given (None:
+    /// [`default_embedded_capacity`]).
+    pub embedded_capacity_bytes: Option<u64>,
     /// Write back changed 64-byte lines (default) or whole pages.
     pub writeback: WritebackMode,
     /// How written pages are found: write-protect faults (`Sync`, needed for line
@@ -148,6 +148,13 @@ pub struct RuntimeConfig {
     pub prefetch_deadline: Duration,
 }
 
+/// An embedded host's capacity unless told otherwise: 64 GiB, or the machine's RAM and swap if
+/// less, so that a program outgrowing the machine is refused memory ("host is full") rather
+/// than have its host OOM-killed. (Reads /proc/meminfo: asked only where a host is started.)
+pub fn default_embedded_capacity() -> u64 {
+    clustermem_host::machine_memory().map_or(64 << 30, |m| m.min(64 << 30))
+}
+
 impl Default for RuntimeConfig {
     fn default() -> Self {
         Self {
@@ -157,9 +164,7 @@ impl Default for RuntimeConfig {
             policy: PolicyKind::default(),
             slab_bytes: 64 << 20,
             request_timeout: Duration::from_secs(10),
-            // 64 GiB, or the machine's RAM and swap if less: a program outgrowing the machine
-            // is then refused memory ("host is full") rather than have its host OOM-killed.
-            embedded_capacity_bytes: clustermem_host::machine_memory().map_or(64 << 30, |m| m.min(64 << 30)),
+            embedded_capacity_bytes: None,
             writeback: WritebackMode::default(),
             dirty_tracking: DirtyTracking::default(),
             line_threshold: 48,
@@ -243,7 +248,8 @@ impl Runtime {
             )));
         }
         let (embedded, hosts) = if config.hosts.is_empty() {
-            let host = MemoryHost::bind("127.0.0.1:0", config.embedded_capacity_bytes)?.spawn();
+            let capacity = config.embedded_capacity_bytes.unwrap_or_else(default_embedded_capacity);
+            let host = MemoryHost::bind("127.0.0.1:0", capacity)?.spawn();
             let addr = host.addr().to_string();
             (Some(host), vec![addr])
         } else {
