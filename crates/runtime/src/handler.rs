@@ -100,12 +100,19 @@ const ZERO_STREAMS: usize = 4;
 
 /// A new connection to host (index) that was found dead.
 type RedialResult = (usize, Result<(Link, FrameReader), RuntimeError>);
-/// A new connection to host (index) whose connection failed, resuming our session, and how
-/// many of our slabs the host held (see `transport::connect`).
-type ReconnectResult = (usize, Result<(Link, FrameReader, u64), RuntimeError>);
+/// A new connection to host (index) whose connection failed, resuming our session (the
+/// token), and how many of our slabs the host held (see `transport::connect`).
+type ReconnectResult = (usize, u64, Result<(Link, FrameReader, u64), RuntimeError>);
 
 /// How long a reconnection to a host whose connection dropped may take.
 const RECONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A reconnection this old has failed to report (its connect and its handshake each time
+/// out after `RECONNECT_TIMEOUT`): the host is given up.
+const RECONNECT_DEADLINE: Duration = Duration::from_secs(15);
+/// Requests queued for a host being reconnected to are held in memory (evictions to it
+/// keep coming while faults on other hosts are served), and copied once more when they are
+/// replayed: past this, the handler waits for the reconnection.
+const RECONNECT_QUEUE_CAP: usize = 32 << 20;
 /// A connection that fails again this many times in a row without a single answer between
 /// is given up: the host is dead.
 const MAX_RECONNECTS_IN_A_ROW: u32 = 3;
@@ -709,6 +716,12 @@ impl Handler {
             }
             if self.core.links.iter().any(|l| l.reconnecting.is_some()) {
                 self.finish_reconnects();
+                let links = &self.core.links;
+                if let Some(h) = (0..links.len()).find(|&h| {
+                    links[h].reconnecting.is_some() && links[h].queued_bytes() > RECONNECT_QUEUE_CAP
+                }) {
+                    self.wait_for_reconnection(h);
+                }
             }
             if self.core.links.iter().any(|l| l.dead.is_some()) {
                 self.redial_dead_hosts();
@@ -860,13 +873,14 @@ impl Handler {
                 hook();
             }
             let result = transport::connect(&addr, low_latency, session, RECONNECT_TIMEOUT);
-            let _ = results.send((h, result));
+            let _ = results.send((h, session, result));
             wakeup.wake();
         });
         match spawned {
             Ok(_) => {
                 let slabs = self.core.slabs_on(h);
-                self.core.links[h].reconnecting = Some(Reconnection { why: why.to_string(), slabs });
+                let started = Instant::now();
+                self.core.links[h].reconnecting = Some(Reconnection { why: why.to_string(), slabs, started });
             }
             Err(e) => self.core.host_died(h, &format!("{why}; cannot start a thread to reconnect: {e}")),
         }
@@ -874,20 +888,41 @@ impl Handler {
 
     /// Takes up the reconnections that finished (see `link_failed`).
     fn finish_reconnects(&mut self) {
-        while let Ok((h, result)) = self.reconnects.1.try_recv() {
-            self.reconnected(h, result);
+        while let Ok((h, session, result)) = self.reconnects.1.try_recv() {
+            self.reconnected(h, session, result);
         }
     }
 
-    /// Resumes host `h`'s link on the new connection `result`, or gives the host up.
-    fn reconnected(&mut self, h: usize, result: Result<(Link, FrameReader, u64), RuntimeError>) {
-        // Given up meanwhile (`host_died`), the new connection is dropped: it closes.
-        let Some(Reconnection { why, slabs: expected }) = self.core.links[h].reconnecting.take() else {
-            return;
-        };
-        if self.core.links[h].dead.is_some() {
+    /// Waits for the reconnection of host `h` to end (taking up any others that end first).
+    fn wait_for_reconnection(&mut self, h: usize) {
+        while let Some(r) = &self.core.links[h].reconnecting {
+            let left = (r.started + RECONNECT_DEADLINE).saturating_duration_since(Instant::now());
+            match self.reconnects.1.recv_timeout(left) {
+                Ok((r, session, result)) => self.reconnected(r, session, result),
+                Err(_) => {
+                    let why = format!("reconnecting to host {} never ended", self.core.links[h].addr);
+                    self.core.host_died(h, &why);
+                }
+            }
+        }
+    }
+
+    /// Resumes host `h`'s link (bound to `session`) on the new connection `result`, or gives
+    /// the host up.
+    fn reconnected(
+        &mut self,
+        h: usize,
+        session: u64,
+        result: Result<(Link, FrameReader, u64), RuntimeError>,
+    ) {
+        // A result for a link given up meanwhile (`host_died`), or replaced since by a redial
+        // (a new session), is dropped: its connection closes.
+        if self.core.links[h].session != session {
             return;
         }
+        let Some(Reconnection { why, slabs: expected, .. }) = self.core.links[h].reconnecting.take() else {
+            return;
+        };
         match result {
             Ok((fresh, reader, adopted)) if adopted >= expected => {
                 let link = &mut self.core.links[h];
@@ -1033,8 +1068,17 @@ impl Handler {
         let timeout = self.core.config.request_timeout;
         for h in 0..self.core.links.len() {
             let link = &self.core.links[h];
-            // A reconnection has a timeout of its own, and resets the clock when it succeeds.
-            if !link.up() {
+            if let Some(r) = &link.reconnecting {
+                // Its connect and handshake time out on their own; a thread that never
+                // reports (it cannot, short of a bug) must not leave the host's requests
+                // queued forever.
+                if r.started.elapsed() > RECONNECT_DEADLINE {
+                    let why = format!("reconnecting to host {} never ended", link.addr);
+                    self.core.host_died(h, &why);
+                }
+                continue;
+            }
+            if link.dead.is_some() {
                 continue;
             }
             // Silence this long with requests waiting (a prefetch or a write-back too) means
@@ -1065,15 +1109,8 @@ impl Handler {
                 return Err(why.clone());
             }
             if self.core.links[h].reconnecting.is_some() {
-                // Nothing to do but wait for it (the connection attempt has its own timeout).
-                match self.reconnects.1.recv_timeout(3 * RECONNECT_TIMEOUT) {
-                    Ok((r, result)) => self.reconnected(r, result),
-                    Err(_) => {
-                        let why = format!("reconnecting to host {} never ended", self.core.links[h].addr);
-                        self.core.links[h].reconnecting = None;
-                        self.core.host_died(h, &why);
-                    }
-                }
+                // Nothing to do but wait for it.
+                self.wait_for_reconnection(h);
                 sent = Instant::now();
                 continue;
             }
@@ -2215,8 +2252,11 @@ impl Core {
         let free = |l: &Link| l.capacity_bytes.saturating_sub(l.allocated_bytes);
         let live: Vec<usize> =
             (0..self.links.len()).filter(|h| !exclude.contains(h) && self.links[*h].dead.is_none()).collect();
-        let candidates: Vec<usize> =
-            live.iter().copied().filter(|&h| free(&self.links[h]) >= bytes).collect();
+        let fits: Vec<usize> = live.iter().copied().filter(|&h| free(&self.links[h]) >= bytes).collect();
+        // A host being reconnected to only if no other fits: allocating there (`call`) waits
+        // for the reconnection, and every fault with it.
+        let up: Vec<usize> = fits.iter().copied().filter(|&h| self.links[h].up()).collect();
+        let candidates = if up.is_empty() { fits } else { up };
         if candidates.is_empty() {
             // None has room by our count: ask the freest, whose refusal says how full it is.
             return live.into_iter().max_by_key(|&h| free(&self.links[h]));

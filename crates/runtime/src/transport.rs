@@ -170,6 +170,8 @@ pub(crate) struct Reconnection {
     pub(crate) why: String,
     /// How many of our slabs the host should still hold.
     pub(crate) slabs: u64,
+    /// When the attempt started.
+    pub(crate) started: Instant,
 }
 
 impl Link {
@@ -204,6 +206,16 @@ impl Link {
     fn journal(&mut self, start: usize) {
         self.journal.extend_from_slice(&self.writer.queued()[start..]);
         self.journal_ends.push_back(self.journal.len());
+        if self.reconnecting.is_some() {
+            // Nothing is sent before the new connection, which replays the journal: one
+            // copy of what queues meanwhile is enough.
+            self.writer.payload().truncate(start);
+        }
+    }
+
+    /// Bytes of requests not yet answered (or not yet sent).
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.journal.len() - self.journal_head
     }
 
     /// The oldest pending request was answered: forgets it.
@@ -254,6 +266,7 @@ impl Link {
         self.journal_head = 0;
         self.journal_ends.clear();
         self.demand_reads = 0;
+        self.reconnecting = None;
         std::mem::take(&mut self.pending)
     }
 
