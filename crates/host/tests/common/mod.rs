@@ -85,6 +85,7 @@ impl Client {
         self.call_raw(msg).expect("a reply")
     }
 
+    #[allow(dead_code)] // Not every test binary allocates.
     pub fn alloc(&mut self, bytes: u64) -> u64 {
         match self.call(&Message::AllocSlab { bytes, region: 1 }) {
             Reply::Slab(id) => id,
