@@ -108,8 +108,8 @@ struct HostArgs {
     /// busy (its last request came within that long of the one before): a request then needs
     /// no wake-up of a sleeping thread (on a VM, of a halted CPU: ~33 us). The price is a CPU
     /// kept busy while a client is (yielded to any other thread that wants it). 0: poll 50 us
-    /// after each request (200 us for a --low-latency client), then sleep.
-    #[arg(long, default_value = "1ms", value_parser = duration::parse_duration)]
+    /// after each request (200 us for a --low-latency client), then sleep. At most 100ms.
+    #[arg(long, default_value = "1ms", value_parser = parse_busy_poll)]
     busy_poll: Duration,
     /// For a parent that started this host (bench's embedded host): print the address
     /// listened on as the first line of stdout instead of the banner on stderr.
@@ -263,6 +263,17 @@ fn parse_capacity(s: &str) -> Result<u64, String> {
         0 => Err("a host of capacity 0 could serve nothing (e.g. --capacity 8G)".to_string()),
         n => Ok(n),
     }
+}
+
+fn parse_busy_poll(s: &str) -> Result<Duration, String> {
+    let window = duration::parse_duration(s)?;
+    if window > clustermem_host::MAX_BUSY_POLL {
+        return Err(format!(
+            "at most {:?}: a polling connection looks at shutdown only between polls (e.g. --busy-poll 1ms)",
+            clustermem_host::MAX_BUSY_POLL
+        ));
+    }
+    Ok(window)
 }
 
 fn run_host(args: &HostArgs) -> Result<()> {

@@ -251,6 +251,9 @@ fn bad_flags_are_explained() {
     assert!(stderr(&out).contains("list-walk runs on one thread"), "{}", stderr(&out));
     let out = run_with_timeout(&["host", "--capacity", "lots"], TIMEOUT);
     assert!(stderr(&out).contains("has no number"), "{}", stderr(&out));
+    let out = run_with_timeout(&["host", "--capacity", "1G", "--busy-poll", "1s"], TIMEOUT);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("at most 100ms"), "{}", stderr(&out));
 }
 
 /// Line write-back sends the changed lines plus a small header per page, far less than

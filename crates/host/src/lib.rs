@@ -93,6 +93,9 @@ const SHORT_SPIN_WINDOW: Duration = Duration::from_micros(50);
 /// alternated runs each). The price: a busy client's connection thread keeps a CPU busy
 /// (it yields it every microsecond, `clustermem_net::YIELD_EVERY`) until its client pauses.
 pub const DEFAULT_BUSY_POLL: Duration = Duration::from_millis(1);
+/// The longest busy-poll window: a polling thread looks at the shutdown flag and its
+/// session only between polls.
+pub const MAX_BUSY_POLL: Duration = SHUTDOWN_POLL;
 /// How often blocked threads look at the shutdown flag (and connections at their session's
 /// generation, and the accept loop at orphans).
 const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
@@ -164,10 +167,10 @@ impl MemoryHost {
     /// is busy (its last request came within that long of the one before): requests are read
     /// without a wake-up, at the price of a CPU kept busy while the client is (yielded to
     /// any other thread that wants it). Zero: 50 us after each request (200 us for a
-    /// low-latency client), then sleep.
+    /// low-latency client), then sleep. At most [`MAX_BUSY_POLL`] (longer is taken as that).
     #[must_use]
     pub fn with_busy_poll(mut self, window: Duration) -> Self {
-        self.options.busy_poll = window;
+        self.options.busy_poll = window.min(MAX_BUSY_POLL);
         self
     }
 
@@ -559,6 +562,10 @@ fn serve_client(
     // Replies to prefetches are batches of 256 KiB frames: keep a buffer that fits a few.
     let mut out = FrameWriter::new().keep_after_flush(8 << 20);
     let mut last_request = Instant::now();
+    // When the last request that was not already waiting behind another arrived: a burst of
+    // pipelined requests is one arrival, so a client that sends bursts now and then is not
+    // taken for a busy one.
+    let mut last_arrival: Option<Instant> = None;
     let mut busy_client = false;
     loop {
         // Send replies once the requests already here are answered (one send for a batch of
@@ -579,11 +586,15 @@ fn serve_client(
         }
         let after_any = if session.low_latency { SPIN_WINDOW } else { SHORT_SPIN_WINDOW };
         let window = if busy_client { options.busy_poll.max(after_any) } else { after_any };
+        let queued = reader.has_buffered_frame();
         let outcome = reader.recv(Some(last_request + window), Some(Instant::now() + SHUTDOWN_POLL));
         match outcome {
             Ok((id, msg)) => {
                 let now = Instant::now();
-                busy_client = now - last_request <= options.busy_poll;
+                if !queued {
+                    busy_client = last_arrival.is_some_and(|t| now - t <= options.busy_poll);
+                    last_arrival = Some(now);
+                }
                 last_request = now;
                 if !session.handle(id, &msg, &mut out) {
                     let _ = out.flush_to(reader.stream());
