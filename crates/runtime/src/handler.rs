@@ -46,7 +46,7 @@ use crate::policy::{EvictionPolicy, PageKey, PageMap};
 use crate::prefetch::{PrefetchMode, StreamKey, Streams};
 use crate::redundancy::{Coder, Redundancy};
 use crate::stats::RuntimeStats;
-use crate::transport::{self, Link, Pending, Reconnection};
+use crate::transport::{self, Link, Pending};
 use crate::wakeup::Wakeup;
 use crate::RuntimeError;
 
@@ -100,19 +100,9 @@ const ZERO_STREAMS: usize = 4;
 
 /// A new connection to host (index) that was found dead.
 type RedialResult = (usize, Result<(Link, FrameReader), RuntimeError>);
-/// A new connection to host (index) whose connection failed, resuming our session (the
-/// token), and how many of our slabs the host held (see `transport::connect`).
-type ReconnectResult = (usize, u64, Result<(Link, FrameReader, u64), RuntimeError>);
 
 /// How long a reconnection to a host whose connection dropped may take.
 const RECONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// A reconnection this old has failed to report (its connect and its handshake each time
-/// out after `RECONNECT_TIMEOUT`): the host is given up.
-const RECONNECT_DEADLINE: Duration = Duration::from_secs(15);
-/// Requests queued for a host being reconnected to are held in memory (evictions to it
-/// keep coming while faults on other hosts are served), and copied once more when they are
-/// replayed: past this, the handler waits for the reconnection.
-const RECONNECT_QUEUE_CAP: usize = 32 << 20;
 /// A connection that fails again this many times in a row without a single answer between
 /// is given up: the host is dead.
 const MAX_RECONNECTS_IN_A_ROW: u32 = 3;
@@ -526,8 +516,6 @@ pub(crate) struct Handler {
     reconnects_in_a_row: Vec<u32>,
     /// When each link last failed: one that then stayed up a while starts a fresh count.
     last_link_failure: Vec<Option<Instant>>,
-    /// Results of background reconnections of failed links (see `link_failed`).
-    reconnects: (Sender<ReconnectResult>, Receiver<ReconnectResult>),
     /// Results of background connection attempts to dead hosts.
     redials: (Sender<RedialResult>, Receiver<RedialResult>),
     redialing: Vec<bool>,
@@ -608,7 +596,6 @@ impl Handler {
             readers,
             reconnects_in_a_row: vec![0; hosts],
             last_link_failure: vec![None; hosts],
-            reconnects: std::sync::mpsc::channel(),
             redials: std::sync::mpsc::channel(),
             redialing: vec![false; hosts],
             last_redial: vec![None; hosts],
@@ -714,29 +701,20 @@ impl Handler {
             if rebuilding == 0 {
                 self.core.stats.rebuild_waiting_for_host.store(0, Relaxed);
             }
-            if self.core.links.iter().any(|l| l.reconnecting.is_some()) {
-                self.finish_reconnects();
-                let links = &self.core.links;
-                if let Some(h) = (0..links.len()).find(|&h| {
-                    links[h].reconnecting.is_some() && links[h].queued_bytes() > RECONNECT_QUEUE_CAP
-                }) {
-                    self.wait_for_reconnection(h);
-                }
-            }
             if self.core.links.iter().any(|l| l.dead.is_some()) {
                 self.redial_dead_hosts();
             }
             if progress {
                 continue;
             }
-            let fetching = self.core.links.iter().any(|l| !l.pending.is_empty() && l.up());
+            let fetching = self.core.links.iter().any(|l| !l.pending.is_empty() && l.dead.is_none());
             // On its thread's CPU the handler never spins idle: the thread's next fault wakes
             // it there without an interrupt, and spinning would only take the thread's turns.
             let low_latency = self.core.config.low_latency
                 && !self.colocated()
                 && (fetching || last_fault.elapsed() < SPIN_WINDOW);
             let awaited = last_fault.elapsed() < REPLY_SPIN
-                && self.core.links.iter().any(|l| l.demand_reads > 0 && l.up());
+                && self.core.links.iter().any(|l| l.demand_reads > 0 && l.dead.is_none());
             if low_latency || awaited {
                 std::hint::spin_loop();
                 continue;
@@ -792,8 +770,7 @@ impl Handler {
         // rather than at the next request (when a copy or shard it held may be needed).
         let (mut busy, mut idle) = (false, Vec::new());
         for (h, (link, reader)) in self.core.links.iter().zip(&self.readers).enumerate() {
-            // (A reconnection's end wakes us through `wakeup`.)
-            if !link.up() {
+            if link.dead.is_some() {
                 continue;
             }
             if link.pending.is_empty() {
@@ -843,15 +820,11 @@ impl Handler {
     /// order. A host that refuses, or that no longer holds our slabs (it restarted), is dead.
     /// (It may hold one more than we count: a slab allocation in flight when the connection
     /// dropped; its replay allocates another, and the first stays with the session.)
-    ///
-    /// The connection is made on a thread of its own: a host whose machine stopped answering
-    /// takes up to `RECONNECT_TIMEOUT` to give up on, and faults served by other hosts (or
-    /// needing none) must not wait that long. Requests to `h` queue meanwhile.
     fn link_failed(&mut self, h: usize, why: &str) {
         // Its reader may be replaced below: a deferred install's reply is read first.
         self.finish_install();
         let link = &self.core.links[h];
-        if !link.up() {
+        if link.dead.is_some() {
             return;
         }
         // An idle connection dropped by the network now and then (a NAT's idle timeout)
@@ -864,66 +837,9 @@ impl Handler {
             return self.core.host_died(h, &why);
         }
         self.reconnects_in_a_row[h] += 1;
-        let (addr, session) = (link.addr.to_string(), link.session);
-        let low_latency = self.core.config.low_latency;
-        let (results, wakeup) = (self.reconnects.0.clone(), Arc::clone(&self.wakeup));
-        let on_start = self.core.config.on_thread_start;
-        let spawned = crate::quiet_thread::spawn("reconnect", move || {
-            if let Some(hook) = on_start {
-                hook();
-            }
-            let result = transport::connect(&addr, low_latency, session, RECONNECT_TIMEOUT);
-            let _ = results.send((h, session, result));
-            wakeup.wake();
-        });
-        match spawned {
-            Ok(_) => {
-                let slabs = self.core.slabs_on(h);
-                let started = Instant::now();
-                self.core.links[h].reconnecting = Some(Reconnection { why: why.to_string(), slabs, started });
-            }
-            Err(e) => self.core.host_died(h, &format!("{why}; cannot start a thread to reconnect: {e}")),
-        }
-    }
-
-    /// Takes up the reconnections that finished (see `link_failed`).
-    fn finish_reconnects(&mut self) {
-        while let Ok((h, session, result)) = self.reconnects.1.try_recv() {
-            self.reconnected(h, session, result);
-        }
-    }
-
-    /// Waits for the reconnection of host `h` to end (taking up any others that end first).
-    fn wait_for_reconnection(&mut self, h: usize) {
-        while let Some(r) = &self.core.links[h].reconnecting {
-            let left = (r.started + RECONNECT_DEADLINE).saturating_duration_since(Instant::now());
-            match self.reconnects.1.recv_timeout(left) {
-                Ok((r, session, result)) => self.reconnected(r, session, result),
-                Err(_) => {
-                    let why = format!("reconnecting to host {} never ended", self.core.links[h].addr);
-                    self.core.host_died(h, &why);
-                }
-            }
-        }
-    }
-
-    /// Resumes host `h`'s link (bound to `session`) on the new connection `result`, or gives
-    /// the host up.
-    fn reconnected(
-        &mut self,
-        h: usize,
-        session: u64,
-        result: Result<(Link, FrameReader, u64), RuntimeError>,
-    ) {
-        // A result for a link given up meanwhile (`host_died`), or replaced since by a redial
-        // (a new session), is dropped: its connection closes.
-        if self.core.links[h].session != session {
-            return;
-        }
-        let Some(Reconnection { why, slabs: expected, .. }) = self.core.links[h].reconnecting.take() else {
-            return;
-        };
-        match result {
+        let expected = self.core.slabs_on(h);
+        let addr = link.addr.to_string();
+        match transport::connect(&addr, self.core.config.low_latency, link.session, RECONNECT_TIMEOUT) {
             Ok((fresh, reader, adopted)) if adopted >= expected => {
                 let link = &mut self.core.links[h];
                 // What the host offers now (it may have been upgraded or restarted).
@@ -946,7 +862,6 @@ impl Handler {
                 }
                 self.core.stats.reconnects.fetch_add(1, Relaxed);
                 eprintln!("clustermem: {why}; reconnected, {replayed} unanswered request(s) sent again");
-                self.flush_links();
             }
             Ok((_, _, adopted)) => {
                 let why = format!(
@@ -955,14 +870,13 @@ impl Handler {
                 self.core.host_died(h, &why);
             }
             // The host answered but would not resume yet (it has not noticed the old
-            // connection is gone): try again, which counts towards giving up.
+            // connection is gone): the next failure on this link tries again.
             Err(RuntimeError::HostRefused { message, .. })
                 if self.reconnects_in_a_row[h] < MAX_RECONNECTS_IN_A_ROW =>
             {
                 eprintln!(
                     "clustermem: {why}; the host would not resume our session yet ({message}); retrying"
                 );
-                self.link_failed(h, &why);
             }
             Err(e) => self.core.host_died(h, &format!("{why}; reconnecting failed: {e}")),
         }
@@ -1017,7 +931,7 @@ impl Handler {
         for h in 0..self.core.links.len() {
             // After a reconnection the replay is queued: send it now (a caller such as
             // `call` waits for a reply to it). Each failure counts towards giving up.
-            while !self.core.links[h].writer.is_empty() && self.core.links[h].up() {
+            while !self.core.links[h].writer.is_empty() && self.core.links[h].dead.is_none() {
                 let link = &mut self.core.links[h];
                 match link.writer.flush_to(self.readers[h].stream()) {
                     Ok(()) => break,
@@ -1037,7 +951,7 @@ impl Handler {
         // (elsewhere the thread runs meanwhile, and replies would wait a round each).
         let defer = self.colocated();
         for h in 0..self.readers.len() {
-            while !self.core.links[h].pending.is_empty() && self.core.links[h].up() {
+            while !self.core.links[h].pending.is_empty() && self.core.links[h].dead.is_none() {
                 let past = Some(Instant::now() - Duration::from_nanos(1));
                 // The number this frame will have if one arrives.
                 let frame = self.readers[h].frames_received() + 1;
@@ -1068,16 +982,6 @@ impl Handler {
         let timeout = self.core.config.request_timeout;
         for h in 0..self.core.links.len() {
             let link = &self.core.links[h];
-            if let Some(r) = &link.reconnecting {
-                // Its connect and handshake time out on their own; a thread that never
-                // reports (it cannot, short of a bug) must not leave the host's requests
-                // queued forever.
-                if r.started.elapsed() > RECONNECT_DEADLINE {
-                    let why = format!("reconnecting to host {} never ended", link.addr);
-                    self.core.host_died(h, &why);
-                }
-                continue;
-            }
             if link.dead.is_some() {
                 continue;
             }
@@ -1103,16 +1007,10 @@ impl Handler {
         self.core.links[h].send(msg, Pending::Ignore);
         let want = self.core.links[h].pending.back().map(|(id, _, _)| *id).expect("just sent");
         self.flush_links();
-        let (timeout, mut sent) = (self.core.config.request_timeout, Instant::now());
+        let (timeout, sent) = (self.core.config.request_timeout, Instant::now());
         loop {
             if let Some(why) = &self.core.links[h].dead {
                 return Err(why.clone());
-            }
-            if self.core.links[h].reconnecting.is_some() {
-                // Nothing to do but wait for it.
-                self.wait_for_reconnection(h);
-                sent = Instant::now();
-                continue;
             }
             // As in `check_timeouts`: the host is dead once it is silent this long, however
             // many replies to earlier requests come before ours.
@@ -2252,11 +2150,8 @@ impl Core {
         let free = |l: &Link| l.capacity_bytes.saturating_sub(l.allocated_bytes);
         let live: Vec<usize> =
             (0..self.links.len()).filter(|h| !exclude.contains(h) && self.links[*h].dead.is_none()).collect();
-        let fits: Vec<usize> = live.iter().copied().filter(|&h| free(&self.links[h]) >= bytes).collect();
-        // A host being reconnected to only if no other fits: allocating there (`call`) waits
-        // for the reconnection, and every fault with it.
-        let up: Vec<usize> = fits.iter().copied().filter(|&h| self.links[h].up()).collect();
-        let candidates = if up.is_empty() { fits } else { up };
+        let candidates: Vec<usize> =
+            live.iter().copied().filter(|&h| free(&self.links[h]) >= bytes).collect();
         if candidates.is_empty() {
             // None has room by our count: ask the freest, whose refusal says how full it is.
             return live.into_iter().max_by_key(|&h| free(&self.links[h]));

@@ -143,9 +143,6 @@ pub(crate) struct Link {
     pub(crate) xors_lines: bool,
     /// Set when the host stopped answering; no request is sent after that.
     pub(crate) dead: Option<String>,
-    /// Set while a new connection is made in the background after this one failed: requests
-    /// queue (in the journal) meanwhile, and nothing is sent or read.
-    pub(crate) reconnecting: Option<Reconnection>,
     /// When the host last answered anything: one that keeps answering is alive, however
     /// long the requests queued behind a slow link wait.
     pub(crate) last_heard: Instant,
@@ -163,24 +160,7 @@ pub(crate) struct Link {
     journal_ends: VecDeque<usize>,
 }
 
-/// A reconnection under way (see [`Link::reconnecting`]).
-#[derive(Debug)]
-pub(crate) struct Reconnection {
-    /// Why the connection failed.
-    pub(crate) why: String,
-    /// How many of our slabs the host should still hold.
-    pub(crate) slabs: u64,
-    /// When the attempt started.
-    pub(crate) started: Instant,
-}
-
 impl Link {
-    /// Whether requests can be sent and replies read now: the host is neither dead nor
-    /// being reconnected to.
-    pub(crate) fn up(&self) -> bool {
-        self.dead.is_none() && self.reconnecting.is_none()
-    }
-
     /// Queues `msg`, remembering what its reply is for.
     pub(crate) fn send(&mut self, msg: &Message<'_>, pending: Pending) {
         let id = self.take_id();
@@ -206,16 +186,6 @@ impl Link {
     fn journal(&mut self, start: usize) {
         self.journal.extend_from_slice(&self.writer.queued()[start..]);
         self.journal_ends.push_back(self.journal.len());
-        if self.reconnecting.is_some() {
-            // Nothing is sent before the new connection, which replays the journal: one
-            // copy of what queues meanwhile is enough.
-            self.writer.payload().truncate(start);
-        }
-    }
-
-    /// Bytes of requests not yet answered (or not yet sent).
-    pub(crate) fn queued_bytes(&self) -> usize {
-        self.journal.len() - self.journal_head
     }
 
     /// The oldest pending request was answered: forgets it.
@@ -266,7 +236,6 @@ impl Link {
         self.journal_head = 0;
         self.journal_ends.clear();
         self.demand_reads = 0;
-        self.reconnecting = None;
         std::mem::take(&mut self.pending)
     }
 
@@ -348,7 +317,6 @@ pub(crate) fn connect(
         chases_pointers: features & FEATURE_CHASE_POINTERS != 0,
         xors_lines: features & FEATURE_XOR_LINES != 0,
         dead: None,
-        reconnecting: None,
         last_heard: Instant::now(),
         session,
         journal: Vec::new(),
