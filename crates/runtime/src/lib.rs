@@ -152,7 +152,8 @@ pub struct RuntimeConfig {
 /// less, so that a program outgrowing the machine is refused memory ("host is full") rather
 /// than have its host OOM-killed. (Reads /proc/meminfo: asked only where a host is started.)
 pub fn default_embedded_capacity() -> u64 {
-    clustermem_host::machine_memory().map_or(64 << 30, |m| m.min(64 << 30))
+    const MOST: u64 = 64 << 30;
+    clustermem_host::machine_memory().map_or(MOST, |m| m.min(MOST))
 }
 
 impl Default for RuntimeConfig {
